@@ -1,3 +1,8 @@
 """prism-vfm: PRISM multi-teacher distillation into a dual-stream conditioned-MoE ViT."""
 
+from prism_vfm.compat.official import export_official, load_official, read_official
+from prism_vfm.models.prism_vit import PrismViT
+
 __version__ = "0.1.0"
+
+__all__ = ["PrismViT", "export_official", "load_official", "read_official", "__version__"]

@@ -1,0 +1,58 @@
+"""The dual-stream block: attention, then a dense anchor MLP and a conditioned MoE mixed per token (SPEC §3)."""
+
+from __future__ import annotations
+
+import torch
+from timm.layers import Mlp
+from timm.models.vision_transformer import Block
+from torch import Tensor, nn
+
+from prism_vfm.layers.moe import ConditionedMoE, MoEConfig
+from prism_vfm.layers.router import Routing
+
+
+class DualStreamBlock(nn.Module):
+    """``y = x_a + λ·Anchor(u) + (1 − λ)·MoE(u, c)`` with ``u = LN2(x_a)``, ``x_a = x + Attn(LN1(x))``.
+
+    λ is one scalar per token, ``lo + (hi − lo)·σ(w·u + b)``, not conditioned on the context.
+    """
+
+    def __init__(
+        self,
+        block: Block,
+        moe: MoEConfig,
+        lambda_range: tuple[float, float] = (0.5, 1.0),
+        lambda_bias_init: float = 2.0,
+    ) -> None:
+        super().__init__()
+        for name in ("ls1", "ls2", "drop_path1", "drop_path2"):
+            if not isinstance(getattr(block, name, nn.Identity()), nn.Identity):
+                raise ValueError(f"dual-stream blocks take no LayerScale or drop-path, but the block has {name}")
+        dim = block.norm1.normalized_shape[0]
+        self.norm1 = block.norm1
+        self.attn = block.attn
+        self.norm2 = block.norm2
+        self.anchor: Mlp = block.mlp
+        self.moe = ConditionedMoE(dim, moe)
+        self.moe.init_from_mlp(self.anchor)
+        self.lambda_gate = nn.Linear(dim, 1)
+        nn.init.constant_(self.lambda_gate.bias, lambda_bias_init)
+        self.lambda_range = tuple(lambda_range)
+        self.last_routing: Routing | None = None
+        self.last_lambda: Tensor | None = None
+
+    def mixing_weight(self, u: Tensor) -> Tensor:
+        """Per-token λ (B, N, 1) in [lo, hi]."""
+        lo, hi = self.lambda_range
+        return lo + (hi - lo) * torch.sigmoid(self.lambda_gate(u))
+
+    def forward(self, x: Tensor, cond: Tensor, lb_groups: int = 1) -> tuple[Tensor, Tensor]:
+        """Returns the block output and this layer's load-balancing loss."""
+        x = x + self.attn(self.norm1(x))
+        u = self.norm2(x)
+        lam = self.mixing_weight(u)
+        moe_out, routing, aux = self.moe(u, cond, lb_groups)
+        # Kept (detached) for tracing and routing statistics without a second forward.
+        self.last_routing = Routing(routing.logits.detach(), routing.indices, routing.weights.detach())
+        self.last_lambda = lam.detach()
+        return x + torch.lerp(moe_out, self.anchor(u), lam), aux

@@ -1,0 +1,131 @@
+"""Routed experts stored stacked, and the dropless sort-by-expert dispatch with interchangeable backends.
+
+Dispatch: the (token, slot) pairs chosen by the router are sorted by expert, the tokens are gathered
+into one contiguous buffer in that order, every expert's MLP runs on its contiguous segment, and the
+results are put back in (token, slot) order and summed over the k slots. No token is ever dropped.
+
+Backends for the per-segment MLP (all compute the same function, see ``tests/test_moe_dispatch.py``):
+
+* ``grouped`` — ``torch.nn.functional.grouped_mm`` over the segments: no host synchronisation, the
+  default on CUDA where the installed PyTorch supports it for the tensors' dtype.
+* ``padded`` — segments scattered into an (E, capacity, D) buffer and two batched matmuls; the
+  capacity is the largest segment (one host synchronisation) unless given.
+* ``loop`` — one matmul per expert on its segment; the plain reference, and fast on the CPU.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+BACKENDS = ("auto", "grouped", "padded", "loop")
+
+
+class GroupedExperts(nn.Module):
+    """``num_experts`` MLPs D → H → D with exact GELU, weights stacked as (E, D, H) and (E, H, D)."""
+
+    def __init__(self, num_experts: int, dim: int, hidden: int, backend: str = "auto") -> None:
+        super().__init__()
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown expert backend {backend!r}; expected one of {BACKENDS}")
+        self.num_experts = num_experts
+        self.backend = backend
+        self.w1 = nn.Parameter(torch.empty(num_experts, dim, hidden))
+        self.b1 = nn.Parameter(torch.empty(num_experts, hidden))
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden, dim))
+        self.b2 = nn.Parameter(torch.empty(num_experts, dim))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The initialisation of ``nn.Linear`` applied to every expert."""
+        for w, b in ((self.w1, self.b1), (self.w2, self.b2)):
+            bound = 1.0 / math.sqrt(w.shape[1])
+            nn.init.uniform_(w, -bound, bound)
+            nn.init.uniform_(b, -bound, bound)
+
+    @torch.no_grad()
+    def copy_from_mlp(self, fc1: nn.Linear, fc2: nn.Linear) -> None:
+        """Make every expert an exact copy of a dense MLP (``fc1``, ``fc2`` in ``nn.Linear`` layout)."""
+        self.w1.copy_(fc1.weight.t().unsqueeze(0).expand_as(self.w1))
+        self.b1.copy_(fc1.bias.unsqueeze(0).expand_as(self.b1))
+        self.w2.copy_(fc2.weight.t().unsqueeze(0).expand_as(self.w2))
+        self.b2.copy_(fc2.bias.unsqueeze(0).expand_as(self.b2))
+
+    def forward(self, x: Tensor, expert_ids: Tensor, counts: Tensor) -> Tensor:
+        """Run each expert on its contiguous segment of ``x``.
+
+        Args:
+            x: (M, D) rows sorted by expert.
+            expert_ids: (M,) the expert of every row (non-decreasing).
+            counts: (E,) int64 number of rows per expert, on ``x``'s device.
+        """
+        backend = self.backend if self.backend != "auto" else default_backend(x, self.w1)
+        if backend == "grouped":
+            return self._grouped(x, expert_ids, counts)
+        if backend == "padded":
+            return self._padded(x, expert_ids, counts)
+        return self._loop(x, counts)
+
+    def _grouped(self, x: Tensor, expert_ids: Tensor, counts: Tensor) -> Tensor:
+        offs = torch.cumsum(counts, 0).to(torch.int32)
+        w1, w2 = self.w1, self.w2
+        if torch.is_autocast_enabled(x.device.type):
+            # grouped_mm is not on autocast's op list: cast explicitly to the autocast dtype.
+            dtype = torch.get_autocast_dtype(x.device.type)
+            x, w1, w2 = x.to(dtype), w1.to(dtype), w2.to(dtype)
+        h = F.grouped_mm(x, w1, offs=offs) + self.b1.index_select(0, expert_ids).to(x.dtype)
+        h = F.gelu(h)
+        return F.grouped_mm(h, w2, offs=offs) + self.b2.index_select(0, expert_ids).to(x.dtype)
+
+    def _padded(self, x: Tensor, expert_ids: Tensor, counts: Tensor, capacity: int | None = None) -> Tensor:
+        starts = torch.cumsum(counts, 0) - counts
+        slot = torch.arange(x.shape[0], device=x.device) - starts.index_select(0, expert_ids)
+        cap = int(counts.max()) if capacity is None else capacity
+        buf = x.new_zeros(self.num_experts, cap, x.shape[1])
+        buf = buf.index_put((expert_ids, slot), x)
+        h = F.gelu(torch.baddbmm(self.b1.unsqueeze(1).to(x.dtype), buf, self.w1.to(x.dtype)))
+        y = torch.baddbmm(self.b2.unsqueeze(1).to(x.dtype), h, self.w2.to(x.dtype))
+        return y[expert_ids, slot]
+
+    def _loop(self, x: Tensor, counts: Tensor) -> Tensor:
+        outs = []
+        for e, rows in enumerate(x.split(counts.tolist())):
+            # Empty segments still run so that every expert's parameters take part in the graph.
+            h = F.gelu(torch.addmm(self.b1[e], rows, self.w1[e]))
+            outs.append(torch.addmm(self.b2[e], h, self.w2[e]))
+        return torch.cat(outs)
+
+
+def grouped_mm_supported(x: Tensor, w: Tensor) -> bool:
+    """Whether ``torch.nn.functional.grouped_mm`` runs for these operands on this PyTorch build."""
+    if not hasattr(F, "grouped_mm"):
+        return False
+    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    if x.device.type == "cuda":
+        major, _ = torch.cuda.get_device_capability(x.device)
+        return dtype == torch.bfloat16 and major >= 8
+    # The CPU kernel needs 16-byte aligned row strides.
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return all(s * itemsize % 16 == 0 for s in (w.shape[1], w.shape[2]))
+
+
+def default_backend(x: Tensor, w: Tensor) -> str:
+    """``loop`` on the CPU; ``grouped`` on accelerators where supported, else ``padded``."""
+    if x.device.type == "cpu":
+        return "loop"
+    return "grouped" if grouped_mm_supported(x, w) else "padded"
+
+
+def sort_by_expert(indices: Tensor, num_experts: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Order of the flattened (token, slot) pairs by expert, the sorted expert ids and per-expert counts.
+
+    Uses no host synchronisation (``bincount`` would, to size its output).
+    """
+    flat = indices.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.zeros(num_experts, dtype=torch.long, device=flat.device)
+    counts.scatter_add_(0, flat, torch.ones_like(flat))
+    return order, flat.index_select(0, order), counts

@@ -1,0 +1,84 @@
+"""The conditioned Mixture-of-Experts FFN: router, routed experts, shared expert, load balancing (SPEC §4)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from timm.layers import Mlp
+from torch import Tensor, nn
+
+from prism_vfm.layers.experts import GroupedExperts, sort_by_expert
+from prism_vfm.layers.router import ConditionedRouter, Routing, load_balancing_loss
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """Arguments of one conditioned MoE layer; the defaults are the released PRISM models'."""
+
+    num_experts: int = 15
+    top_k: int = 3
+    expert_mlp_ratio: float = 4.0
+    shared_expert: bool = True
+    expert_dropout: float = 0.1
+    noisy_gating: bool = True
+    # Official: each selected expert sees its input scaled by its routing weight as well as having its
+    # output scaled ("double weighting"); the released checkpoints were trained that way.
+    double_weighting: bool = True
+    lb_coef: float = 0.01
+    backend: str = "auto"
+
+
+class ConditionedMoE(nn.Module):
+    """``M(u, c) = Shared(u) + Σ_j w_j · E_{i_j}(w_j · u)`` with a context-conditioned top-k router."""
+
+    def __init__(self, dim: int, cfg: MoEConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        hidden = int(dim * cfg.expert_mlp_ratio)
+        self.router = ConditionedRouter(
+            dim, cfg.num_experts, cfg.top_k, expert_dropout=cfg.expert_dropout, noisy_gating=cfg.noisy_gating
+        )
+        self.experts = GroupedExperts(cfg.num_experts, dim, hidden, backend=cfg.backend)
+        self.shared = Mlp(dim, hidden) if cfg.shared_expert else None
+
+    def forward(self, u: Tensor, cond: Tensor, lb_groups: int = 1) -> tuple[Tensor, Routing, Tensor]:
+        """Mix tokens ``u`` (B, N, D) under per-sample contexts ``cond`` (B, D).
+
+        Returns the output (B, N, D), the routing decisions, and the load-balancing loss (already
+        multiplied by ``lb_coef``; zero in eval mode).
+        """
+        routing = self.router(u, cond)
+        out = self.routed(u, routing.indices, routing.weights)
+        if self.shared is not None:
+            out = out + self.shared(u)
+        if self.training and self.cfg.lb_coef:
+            aux = self.cfg.lb_coef * load_balancing_loss(
+                routing.logits, routing.indices, routing.weights, groups=lb_groups
+            )
+        else:
+            aux = u.new_zeros(())
+        return out, routing, aux
+
+    def routed(self, u: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
+        """Weighted sum of the selected experts for every token (dropless, sorted by expert)."""
+        shape = u.shape
+        k = indices.shape[-1]
+        tokens = u.reshape(-1, shape[-1])
+        order, expert_ids, counts = sort_by_expert(indices, self.cfg.num_experts)
+        x = tokens.index_select(0, torch.div(order, k, rounding_mode="floor"))
+        w = weights.reshape(-1).index_select(0, order).unsqueeze(-1)
+        if self.cfg.double_weighting:
+            x = x * w.to(x.dtype)
+        y = self.experts(x, expert_ids, counts)
+        y = y * w.to(y.dtype)
+        # Back to (token, slot) order with a permutation (deterministic, no atomics), then sum the slots.
+        y = torch.empty_like(y).index_copy(0, order, y)
+        return y.view(-1, k, shape[-1]).sum(dim=1).view(shape)
+
+    @torch.no_grad()
+    def init_from_mlp(self, mlp: Mlp) -> None:
+        """Start the shared and every routed expert as exact copies of a pretrained dense MLP."""
+        self.experts.copy_from_mlp(mlp.fc1, mlp.fc2)
+        if self.shared is not None:
+            self.shared.load_state_dict(mlp.state_dict())

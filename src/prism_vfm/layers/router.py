@@ -1,0 +1,109 @@
+"""Context-conditioned top-k router of the PRISM dual-stream block (SPEC §4)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass
+class Routing:
+    """What the router decided for a (B, N) grid of tokens.
+
+    ``logits`` are the values top-k was taken of (clean in eval mode; after expert dropout and noise
+    in training mode), ``indices`` are in ``torch.topk`` order and ``weights`` are the softmax over the
+    k selected logits (0 for a selected expert whose logit was dropped to -inf).
+    """
+
+    logits: Tensor  # (B, N, E)
+    indices: Tensor  # (B, N, k) int64
+    weights: Tensor  # (B, N, k)
+
+
+class ConditionedRouter(nn.Module):
+    """FiLM-conditioned router with a sigmoid-gated fusion, expert dropout and noisy gating.
+
+    For tokens ``u`` (B, N, D) and one context embedding ``c`` (B, D) per sample:
+    ``[γ, β] = W_f c + b_f``; ``f = (1 + γ)·u + β``; ``s = σ(W_s u + b_s)``; ``h = u + s·(f − u)``;
+    logits ``z = W_g h + b_g``. γ and β depend only on the sample, so they are computed once per sample
+    rather than once per token (the released code does the latter; the result is the same).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_experts: int,
+        top_k: int,
+        *,
+        expert_dropout: float = 0.1,
+        noisy_gating: bool = True,
+    ) -> None:
+        super().__init__()
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.expert_dropout = expert_dropout
+        self.film = nn.Linear(dim, 2 * dim)
+        self.input_gate = nn.Linear(dim, dim)
+        self.gate = nn.Linear(dim, num_experts)
+        self.noise = nn.Linear(dim, num_experts) if noisy_gating else None
+        # FiLM starts as the identity so that a pretrained router input is unchanged at initialisation.
+        nn.init.zeros_(self.film.weight)
+        nn.init.zeros_(self.film.bias)
+
+    def fused_input(self, u: Tensor, cond: Tensor) -> Tensor:
+        """The conditioned router input ``h`` (B, N, D) for tokens (B, N, D) and contexts (B, D)."""
+        gamma, beta = self.film(cond).unsqueeze(1).chunk(2, dim=-1)
+        s = torch.sigmoid(self.input_gate(u))
+        # u + s·(f − u) with f − u = γ·u + β.
+        return torch.addcmul(u, s, torch.addcmul(beta, gamma, u))
+
+    def forward(self, u: Tensor, cond: Tensor) -> Routing:
+        h = self.fused_input(u, cond)
+        z = self.gate(h)
+        if self.training:
+            if self.expert_dropout > 0:
+                drop = torch.rand_like(z) < self.expert_dropout
+                z = z.masked_fill(drop, float("-inf"))
+            if self.noise is not None:
+                z = z + torch.randn_like(z) * F.softplus(self.noise(h))
+        values, indices = torch.topk(z, self.top_k, dim=-1)
+        return Routing(logits=z, indices=indices, weights=topk_softmax(values))
+
+
+def topk_softmax(values: Tensor) -> Tensor:
+    """Softmax over the selected logits; selected logits at -inf get weight 0.
+
+    A token whose every selected logit was dropped (possible only when expert dropout removes all but
+    fewer than k experts) gets all-zero weights instead of NaN, so it passes through the shared expert
+    and the anchor only.
+    """
+    dead = torch.isinf(values[..., :1]) & (values[..., :1] < 0)
+    weights = torch.softmax(values.masked_fill(dead, 0.0), dim=-1)
+    return weights.masked_fill(torch.isneginf(values), 0.0)
+
+
+def load_balancing_loss(logits: Tensor, indices: Tensor, weights: Tensor, groups: int = 1) -> Tensor:
+    """Switch-style balance term ``E · Σ_e f_e · P̄_e`` (without the 0.01 coefficient), mean over groups.
+
+    ``f_e`` is the fraction of tokens whose top-k holds expert ``e`` with a positive weight and ``P̄_e``
+    the mean full softmax over the E logits (-inf gives probability 0). ``groups`` splits the batch
+    into equal consecutive parts that are balanced separately, as if each had been its own forward pass.
+    """
+    num_experts = logits.shape[-1]
+    batch = logits.shape[0]
+    if batch % groups:
+        raise ValueError(f"batch of {batch} cannot be split into {groups} equal load-balancing groups")
+    z = logits.reshape(groups, -1, num_experts)
+    dead = torch.isneginf(z).all(dim=-1, keepdim=True)
+    probs = torch.softmax(z.masked_fill(dead, 0.0), dim=-1).masked_fill(dead, 0.0)
+    tokens = z.shape[1]
+    idx = indices.reshape(groups, -1)
+    used = (weights.reshape(groups, -1) > 0).to(probs.dtype)
+    counts = probs.new_zeros(groups, num_experts).scatter_add_(1, idx, used)
+    frac = counts / tokens
+    return (num_experts * (frac * probs.mean(dim=1)).sum(dim=-1)).mean()

@@ -1,0 +1,360 @@
+"""The PRISM student: a timm ViT whose FFNs in a few blocks are dual-stream conditioned-MoE blocks (SPEC §2–§5)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+from huggingface_hub import PyTorchModelHubMixin, hf_hub_download
+from huggingface_hub.constants import SAFETENSORS_SINGLE_FILE
+from safetensors.torch import load_file
+from timm.layers import resample_abs_pos_embed, trunc_normal_
+from timm.models.vision_transformer import VisionTransformer
+from torch import Tensor, nn
+
+from prism_vfm.layers.dual_stream import DualStreamBlock
+from prism_vfm.layers.moe import MoEConfig
+
+ContextKind = Literal["teacher", "task"]
+
+
+class ProjectorHead(nn.Sequential):
+    """Linear(D→D) → GELU → Linear(D→C): maps a student tap to one teacher's feature space (SPEC §5)."""
+
+    def __init__(self, dim: int, out_dim: int) -> None:
+        super().__init__(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, out_dim))
+        for layer in (self[0], self[2]):
+            trunc_normal_(layer.weight, std=0.02)
+            nn.init.zeros_(layer.bias)
+
+
+class PrismViT(
+    VisionTransformer,
+    PyTorchModelHubMixin,
+    library_name="prism-vfm",
+    tags=["prism", "vision-transformer", "mixture-of-experts", "distillation"],
+    license="mit",
+):
+    """ViT student with dual-stream blocks, context tables and per-(teacher, tap) projector heads.
+
+    ``model(x, context)`` returns the feature taps (each block output at ``tap_layers`` passed through
+    the final norm), with ``context`` a LongTensor (B,) indexing the teacher table (``kind="teacher"``,
+    Stage 1) or the task table (``kind="task"``, Stage 2). All constructor arguments are plain values so
+    the model round-trips through ``save_pretrained`` / ``from_pretrained`` (``config.json`` +
+    ``model.safetensors``).
+    """
+
+    def __init__(
+        self,
+        img_size: int | Sequence[int] = 384,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        moe_layers: Sequence[int] = (2, 5, 8, 11),
+        tap_layers: Sequence[int] | None = None,
+        teacher_dims: Sequence[int] = (1024, 1024, 1024),
+        num_tasks: int = 0,
+        projectors: bool = True,
+        num_experts: int = 15,
+        top_k: int = 3,
+        expert_mlp_ratio: float | None = None,
+        shared_expert: bool = True,
+        expert_dropout: float = 0.1,
+        noisy_gating: bool = True,
+        double_weighting: bool = True,
+        lb_coef: float = 0.01,
+        dispatch: str = "auto",
+        lambda_range: Sequence[float] = (0.5, 1.0),
+        lambda_bias_init: float = 2.0,
+        dynamic_img_size: bool = False,
+        num_classes: int = 0,
+    ) -> None:
+        img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        super().__init__(
+            img_size=img_size,
+            patch_size=patch_size,
+            in_chans=in_chans,
+            num_classes=num_classes,
+            embed_dim=embed_dim,
+            depth=depth,
+            num_heads=num_heads,
+            mlp_ratio=mlp_ratio,
+            qkv_bias=True,
+            dynamic_img_size=dynamic_img_size,
+        )
+        self.moe_layers = tuple(sorted(int(i) for i in moe_layers))
+        self.tap_layers = tuple(sorted(int(i) for i in (self.moe_layers if tap_layers is None else tap_layers)))
+        for name, idx in (("moe_layers", self.moe_layers), ("tap_layers", self.tap_layers)):
+            bad = [i for i in idx if not 0 <= i < depth]
+            if bad:
+                raise ValueError(f"{name} {list(idx)} has indices outside the {depth} blocks: {bad}")
+        if not self.tap_layers:
+            raise ValueError("tap_layers must name at least one block")
+        self.teacher_dims = tuple(int(c) for c in teacher_dims)
+        self.num_teachers = len(self.teacher_dims)
+        self.num_tasks = int(num_tasks)
+        self.moe_config = MoEConfig(
+            num_experts=num_experts,
+            top_k=top_k,
+            expert_mlp_ratio=mlp_ratio if expert_mlp_ratio is None else expert_mlp_ratio,
+            shared_expert=shared_expert,
+            expert_dropout=expert_dropout,
+            noisy_gating=noisy_gating,
+            double_weighting=double_weighting,
+            lb_coef=lb_coef,
+            backend=dispatch,
+        )
+        for i in self.moe_layers:
+            self.blocks[i] = DualStreamBlock(
+                self.blocks[i], self.moe_config, tuple(lambda_range), lambda_bias_init
+            )
+        self.teacher_embed = nn.Embedding(self.num_teachers, embed_dim)
+        self.task_embed = nn.Embedding(self.num_tasks, embed_dim)
+        for table in (self.teacher_embed, self.task_embed):
+            trunc_normal_(table.weight, std=0.02)
+        self.projectors = nn.ModuleList(
+            nn.ModuleList(ProjectorHead(embed_dim, c) for _ in self.tap_layers) for c in self.teacher_dims
+        ) if projectors else None
+        self._last_context: tuple[Tensor, ContextKind] | None = None
+
+    # ------------------------------------------------------------------ inputs
+    def context_table(self, kind: ContextKind) -> nn.Embedding:
+        """The embedding table that ``kind`` ids index."""
+        if kind == "teacher":
+            return self.teacher_embed
+        if kind == "task":
+            return self.task_embed
+        raise ValueError(f"context kind must be 'teacher' or 'task', got {kind!r}")
+
+    def _check_inputs(self, x: Tensor, context: Tensor | int, kind: ContextKind) -> Tensor:
+        if x.ndim != 4:
+            raise ValueError(f"expected images of shape (B, C, H, W), got a tensor of shape {tuple(x.shape)}")
+        b, c, h, w = x.shape
+        if c != self.patch_embed.proj.in_channels:
+            raise ValueError(f"expected {self.patch_embed.proj.in_channels} input channels, got {c}")
+        if not self.dynamic_img_size and (h, w) != tuple(self.patch_embed.img_size):
+            exp_h, exp_w = self.patch_embed.img_size
+            raise ValueError(
+                f"expected {exp_h}x{exp_w} images (the model's img_size), got {h}x{w}; build the model with "
+                f"img_size=({h}, {w}) (position embeddings are resampled when weights are loaded) "
+                "or with dynamic_img_size=True"
+            )
+        table = self.context_table(kind)
+        if isinstance(context, int):
+            context = torch.full((b,), context, dtype=torch.long, device=x.device)
+        if context.dtype not in (torch.int64, torch.int32) or context.shape != (b,):
+            raise ValueError(
+                f"context must be an integer tensor of shape ({b},) (one {kind} id per sample), "
+                f"got dtype {context.dtype} and shape {tuple(context.shape)}"
+            )
+        n = table.num_embeddings
+        if not torch.compiler.is_compiling() and bool(((context < 0) | (context >= n)).any()):
+            raise ValueError(
+                f"{kind} context ids must be in [0, {n}) for this model, got {context.tolist()}"
+            )
+        return context.to(device=x.device, dtype=torch.long)
+
+    # ------------------------------------------------------------------ forward
+    def forward_taps(
+        self, x: Tensor, context: Tensor | int, kind: ContextKind = "teacher", lb_groups: int = 1
+    ) -> tuple[list[Tensor], Tensor]:
+        """Taps (list of (B, N, D), final norm applied) and the summed load-balancing loss of the MoE layers.
+
+        ``lb_groups`` balances equal consecutive parts of the batch separately, as if each were its own
+        forward pass (batched Stage-2 task passes).
+        """
+        context = self._check_inputs(x, context, kind)
+        cond = self.context_table(kind)(context)
+        self._last_context = (context.detach(), kind)
+        x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
+        taps: list[Tensor] = []
+        aux = x.new_zeros((), dtype=torch.float32)
+        for i, block in enumerate(self.blocks[: self.tap_layers[-1] + 1]):
+            if isinstance(block, DualStreamBlock):
+                x, layer_aux = block(x, cond, lb_groups)
+                aux = aux + layer_aux
+            else:
+                x = block(x)
+            if i in self.tap_layers:
+                taps.append(self.norm(x))
+        return taps, aux
+
+    def forward(  # type: ignore[override]
+        self, x: Tensor, context: Tensor | int, kind: ContextKind = "teacher", return_aux: bool = False
+    ) -> list[Tensor] | tuple[list[Tensor], Tensor]:
+        """The feature taps for images ``x`` under per-sample ``context`` ids; with the aux loss if asked."""
+        taps, aux = self.forward_taps(x, context, kind)
+        return (taps, aux) if return_aux else taps
+
+    # ------------------------------------------------------------------ projections
+    def grid_size(self, x_or_hw: Tensor | tuple[int, int]) -> tuple[int, int]:
+        """Patch grid (h, w) for an input tensor or an (H, W) size."""
+        hw = tuple(x_or_hw.shape[-2:]) if isinstance(x_or_hw, Tensor) else tuple(x_or_hw)
+        return self.patch_embed.dynamic_feat_size(hw) if self.dynamic_img_size else self.patch_embed.grid_size
+
+    def to_maps(self, tokens: Tensor, grid: tuple[int, int]) -> Tensor:
+        """(B, N, C) tokens → (B, C, h, w) map of the patch tokens (prefix tokens dropped)."""
+        patches = tokens[:, self.num_prefix_tokens :]
+        return patches.transpose(1, 2).reshape(tokens.shape[0], -1, *grid)
+
+    def project(self, taps: Sequence[Tensor], teacher: int, grid: tuple[int, int]) -> list[Tensor]:
+        """Project every tap into teacher ``teacher``'s feature space: per tap (B, C_teacher, h, w)."""
+        if self.projectors is None:
+            raise RuntimeError("this model was built with projectors=False")
+        heads = self.projectors[teacher]
+        return [self.to_maps(head(t), grid) for head, t in zip(heads, taps)]
+
+    def project_by_teacher(
+        self, taps: Sequence[Tensor], teacher_ids: Tensor, grid: tuple[int, int]
+    ) -> dict[int, list[Tensor]]:
+        """Each sample projected for its own teacher: {teacher id (ascending): per tap (B_t, C, h, w)}."""
+        out: dict[int, list[Tensor]] = {}
+        for t in torch.unique(teacher_ids).tolist():
+            rows = (teacher_ids == t).nonzero().squeeze(1)
+            out[int(t)] = self.project([tap.index_select(0, rows) for tap in taps], int(t), grid)
+        return out
+
+    # ------------------------------------------------------------------ introspection
+    @property
+    def dual_stream_blocks(self) -> list[DualStreamBlock]:
+        return [self.blocks[i] for i in self.moe_layers]
+
+    @torch.no_grad()
+    def trace(self, x: Tensor, context: Tensor | int, kind: ContextKind = "teacher") -> dict[str, Any]:
+        """One forward pass with everything the analysis tools and conformance tests read.
+
+        Returns ``taps`` (list of (B, N, D)); per MoE layer ``router_logits`` (B, N, E, the values top-k
+        was taken of), ``topk`` (B, N, k, ``torch.topk`` order), ``topk_weights`` (B, N, k) and ``lambda``
+        (B, N, 1); ``aux_loss``; and, for teacher contexts on a model with projector heads,
+        ``projections`` {teacher id: per tap (B_t, C, h, w)} computed on each sample's own teacher.
+        """
+        taps, aux = self.forward_taps(x, context, kind)
+        blocks = self.dual_stream_blocks
+        out: dict[str, Any] = {
+            "taps": taps,
+            "router_logits": [b.last_routing.logits for b in blocks],
+            "topk": [b.last_routing.indices for b in blocks],
+            "topk_weights": [b.last_routing.weights for b in blocks],
+            "lambda": [b.last_lambda for b in blocks],
+            "aux_loss": aux,
+        }
+        if kind == "teacher" and self.projectors is not None:
+            ids, _ = self._last_context
+            out["projections"] = self.project_by_teacher(taps, ids, self.grid_size(x))
+        return out
+
+    @torch.no_grad()
+    def routing_stats(self) -> dict[str, Any]:
+        """Statistics of the last forward pass, from what it kept (no recomputation, no host sync).
+
+        ``expert_counts``: per MoE layer (n_contexts, E) number of (token, expert) assignments with a
+        positive weight per context id; ``lambda_mean``: per MoE layer (n_contexts,) mean λ over the
+        tokens of each context (NaN for contexts absent from the batch); ``kind``: the context kind.
+        """
+        if self._last_context is None:
+            raise RuntimeError("routing_stats() needs a forward pass first")
+        ids, kind = self._last_context
+        n_ctx = self.context_table(kind).num_embeddings
+        counts, lambdas = [], []
+        for block in self.dual_stream_blocks:
+            r = block.last_routing
+            b, n, k = r.indices.shape
+            e = self.moe_config.num_experts
+            bins = (ids.view(b, 1, 1) * e + r.indices).reshape(-1)
+            used = (r.weights > 0).reshape(-1).to(torch.float32)
+            counts.append(torch.zeros(n_ctx * e, device=ids.device).index_add_(0, bins, used).view(n_ctx, e))
+            lam_sum = torch.zeros(n_ctx, device=ids.device).index_add_(0, ids, block.last_lambda.float().sum((1, 2)))
+            tokens = torch.zeros(n_ctx, device=ids.device).index_add_(0, ids, torch.full_like(ids, n, dtype=torch.float32))
+            lambdas.append(lam_sum / tokens)
+        return {"kind": kind, "expert_counts": counts, "lambda_mean": lambdas}
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Parameters split by origin for the Stage-1 learning rates (SPEC §6).
+
+        ``new``: routed and shared experts, router, FiLM, λ gates, context tables, projector heads.
+        ``pretrained``: patch/position embedding, attention, norms, dense MLPs and the anchors.
+        """
+        new_prefixes = ("teacher_embed", "task_embed", "projectors")
+        groups: dict[str, list[nn.Parameter]] = {"new": [], "pretrained": []}
+        for name, p in self.named_parameters():
+            is_new = name.startswith(new_prefixes) or ".moe." in name or ".lambda_gate." in name
+            groups["new" if is_new else "pretrained"].append(p)
+        return groups
+
+    def count_parameters(self, active: bool = False, backbone_only: bool = False) -> int:
+        """Parameters in total, or active for one token (only top-k of the routed experts run).
+
+        ``backbone_only`` leaves out the projector heads and the context tables.
+        """
+        extras = ("projectors", "teacher_embed", "task_embed")
+        total = sum(p.numel() for name, p in self.named_parameters() if not (backbone_only and name.startswith(extras)))
+        if active:
+            cfg = self.moe_config
+            for block in self.dual_stream_blocks:
+                per_expert = sum(p[0].numel() for p in block.moe.experts.parameters())
+                total -= (cfg.num_experts - cfg.top_k) * per_expert
+        return total
+
+    # ------------------------------------------------------------------ loading
+    def load_state_dict_resampled(
+        self, state_dict: dict[str, Tensor], strict: bool = True, assign: bool = False
+    ) -> Any:
+        """``load_state_dict`` that first resamples ``pos_embed`` (bicubic) to this model's patch grid."""
+        state_dict = dict(state_dict)
+        pos = state_dict.get("pos_embed")
+        if pos is not None and pos.shape != self.pos_embed.shape:
+            state_dict["pos_embed"] = resample_pos_embed(pos, self.patch_embed.grid_size, self.num_prefix_tokens)
+        return self.load_state_dict(state_dict, strict=strict, assign=assign)
+
+    @classmethod
+    def _from_pretrained(
+        cls,
+        *,
+        model_id: str,
+        revision: str | None,
+        cache_dir: str | None,
+        force_download: bool,
+        local_files_only: bool,
+        token: str | bool | None,
+        map_location: str = "cpu",
+        strict: bool = True,
+        **model_kwargs: Any,
+    ) -> PrismViT:
+        # Overridden to load strictly and to let ``img_size`` differ from the saved one (pos_embed is
+        # resampled) — the mixin's default loads non-strictly.
+        if os.path.isdir(model_id):
+            path = os.path.join(model_id, SAFETENSORS_SINGLE_FILE)
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"{model_id} has no {SAFETENSORS_SINGLE_FILE}; expected a save_pretrained folder")
+        else:
+            path = hf_hub_download(
+                repo_id=model_id,
+                filename=SAFETENSORS_SINGLE_FILE,
+                revision=revision,
+                cache_dir=cache_dir,
+                force_download=force_download,
+                token=token,
+                local_files_only=local_files_only,
+            )
+        model = cls(**model_kwargs)
+        model.load_state_dict_resampled(load_file(path, device=str(map_location)), strict=strict)
+        return model.eval()
+
+
+def resample_pos_embed(pos_embed: Tensor, grid: Sequence[int], num_prefix_tokens: int = 1) -> Tensor:
+    """Bicubic resampling (timm's) of a (1, prefix + h·w, D) position embedding to a new patch grid.
+
+    The stored grid is taken as square, as in every released checkpoint.
+    """
+    n = pos_embed.shape[1] - num_prefix_tokens
+    side = int(round(n**0.5))
+    if side * side != n:
+        raise ValueError(f"cannot infer the patch grid of a position embedding with {n} patch positions")
+    return resample_abs_pos_embed(
+        pos_embed, new_size=list(grid), old_size=[side, side], num_prefix_tokens=num_prefix_tokens
+    )
