@@ -2,7 +2,12 @@
 
 from prism_vfm.compat.official import export_official, load_official, read_official
 from prism_vfm.models.prism_vit import PrismViT
+from prism_vfm.models.registry import STUDENT_PRESETS, create_student
 
 __version__ = "0.1.0"
 
-__all__ = ["PrismViT", "export_official", "load_official", "read_official", "__version__"]
+__all__ = [
+    "STUDENT_PRESETS",
+    "PrismViT",
+    "create_student",
+    "export_official", "load_official", "read_official", "__version__"]

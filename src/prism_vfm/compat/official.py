@@ -103,8 +103,13 @@ def read_official(source: str | os.PathLike | Mapping[str, Any]) -> OfficialChec
     return ckpt
 
 
-def infer_config(student: Mapping[str, Tensor], img_size: tuple[int, int] | None = None) -> dict[str, Any]:
-    """Constructor arguments of :class:`PrismViT` that reproduce an official student's architecture."""
+def infer_config(
+    student: Mapping[str, Tensor], img_size: tuple[int, int] | None = None, num_heads: int | None = None
+) -> dict[str, Any]:
+    """Constructor arguments of :class:`PrismViT` that reproduce an official student's architecture.
+
+    The head count is not stored in a checkpoint: it follows the standard ViT sizes unless given.
+    """
     try:
         pos = student["backbone.pos_embed"]
         proj = student["backbone.patch_embed.proj.weight"]
@@ -132,19 +137,21 @@ def infer_config(student: Mapping[str, Tensor], img_size: tuple[int, int] | None
     if img_size is None:
         side = int(round((pos.shape[1] - 1) ** 0.5)) * patch
         img_size = (side, side)
-    if dim not in HEADS_BY_WIDTH:
-        raise OfficialCheckpointError(f"unknown ViT width {dim}: cannot infer the number of attention heads")
+    if num_heads is None and dim not in HEADS_BY_WIDTH:
+        raise OfficialCheckpointError(
+            f"ViT width {dim} is not a standard size: pass num_heads= to say how many attention heads it has"
+        )
     return dict(
         img_size=tuple(img_size),
         patch_size=patch,
         embed_dim=dim,
         depth=max(blocks) + 1,
-        num_heads=HEADS_BY_WIDTH[dim],
+        num_heads=num_heads or HEADS_BY_WIDTH[dim],
         mlp_ratio=mlp.shape[0] / dim,
         moe_layers=tuple(moe_layers),
         teacher_dims=tuple(proj_dims[t] for t in range(n_teachers)) if proj_dims else (dim,) * n_teachers,
         projectors=bool(proj_dims),
-        num_tasks=tasks.shape[0] if tasks is not None else 0,
+        num_tasks=tasks.shape[0] if tasks is not None else 0,  # 0 rows in Stage-1 files
         num_experts=len(experts),
         expert_mlp_ratio=fc1.shape[0] / dim,
         shared_expert=f"backbone.blocks.{first}.moe_ffn_layer.shared_expert.fc1.weight" in student,
@@ -160,7 +167,8 @@ def official_to_ours(student: Mapping[str, Tensor]) -> dict[str, Tensor]:
         if key == "vfm_condition_embeddings.weight":
             out["teacher_embed.weight"] = value
         elif key == "task_condition_embeddings.weight":
-            out["task_embed.weight"] = value
+            if value.numel():  # Stage-1 files carry an empty (0, D) task table
+                out["task_embed.weight"] = value
         elif m := _PROJ_KEY.match(key):
             out[f"projectors.{m.group(1)}.{m.group(2)}.{m.group(3)}.{m.group(4)}"] = value
         elif key.startswith("backbone."):
@@ -180,7 +188,7 @@ def official_to_ours(student: Mapping[str, Tensor]) -> dict[str, Tensor]:
         name = {"fc1": "1", "fc2": "2"}[fc]
         # nn.Linear stores (out, in); our stacked experts are (E, in, out).
         out[f"blocks.{block}.moe.experts.{'w' if kind == 'weight' else 'b'}{name}"] = (
-            stacked.transpose(1, 2) if kind == "weight" else stacked
+            stacked.transpose(1, 2).contiguous() if kind == "weight" else stacked
         )
     return out
 
@@ -210,6 +218,7 @@ def ours_to_official(model: PrismViT) -> dict[str, Tensor]:
     for i in model.moe_layers:
         out[f"backbone.blocks.{i}.moe_ffn_layer.ortho_loss_weight"] = torch.tensor(0.01)
         out[f"backbone.blocks.{i}.moe_ffn_layer.variance_loss_weight"] = torch.tensor(1.0)
+    out.setdefault("task_condition_embeddings.weight", torch.zeros(0, model.embed_dim))
     out["task_free_condition_embeddings.weight"] = torch.zeros(1, model.embed_dim)
     out["task_composer_weights"] = torch.zeros(model.num_tasks, 3)
     return out
@@ -235,7 +244,7 @@ def load_official(
     ckpt = read_official(source)
     if isinstance(img_size, int):
         img_size = (img_size, img_size)
-    config = infer_config(ckpt.student, img_size)
+    config = infer_config(ckpt.student, img_size, overrides.pop("num_heads", None))
     config.update(overrides)
     # Built on the meta device: every value comes from the checkpoint, so random init would be wasted work.
     with torch.device("meta"):

@@ -114,9 +114,12 @@ class PrismViT(
                 self.blocks[i], self.moe_config, tuple(lambda_range), lambda_bias_init
             )
         self.teacher_embed = nn.Embedding(self.num_teachers, embed_dim)
-        self.task_embed = nn.Embedding(self.num_tasks, embed_dim)
+        # No empty task table in Stage 1: a parameter that never receives a gradient would force DDP's
+        # find_unused_parameters.
+        self.task_embed = nn.Embedding(self.num_tasks, embed_dim) if self.num_tasks else None
         for table in (self.teacher_embed, self.task_embed):
-            trunc_normal_(table.weight, std=0.02)
+            if table is not None:
+                trunc_normal_(table.weight, std=0.02)
         self.projectors = nn.ModuleList(
             nn.ModuleList(ProjectorHead(embed_dim, c) for _ in self.tap_layers) for c in self.teacher_dims
         ) if projectors else None
@@ -128,6 +131,8 @@ class PrismViT(
         if kind == "teacher":
             return self.teacher_embed
         if kind == "task":
+            if self.task_embed is None:
+                raise ValueError("this model has no task contexts (num_tasks=0); build it with num_tasks=T for Stage 2")
             return self.task_embed
         raise ValueError(f"context kind must be 'teacher' or 'task', got {kind!r}")
 
