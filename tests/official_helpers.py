@@ -10,8 +10,11 @@ import torch
 
 from tests.conftest import load_json
 
-_KEEP = {"num_batches_tracked": torch.tensor(0), "ortho_loss_weight": torch.tensor(0.01),
-         "variance_loss_weight": torch.tensor(1.0)}
+_KEEP = {
+    "num_batches_tracked": torch.tensor(0),
+    "ortho_loss_weight": torch.tensor(0.01),
+    "variance_loss_weight": torch.tensor(1.0),
+}
 
 
 def _recipe_module(folder: Path):

@@ -26,8 +26,12 @@ def naive_mixture(u, experts: GroupedExperts, indices, weights, double: bool):
 
 def make_moe(backend: str, double: bool = True, dim: int = 32, experts: int = 5, k: int = 2):
     torch.manual_seed(0)
-    moe = ConditionedMoE(dim, MoEConfig(num_experts=experts, top_k=k, double_weighting=double, backend=backend,
-                                        expert_mlp_ratio=2.0))
+    moe = ConditionedMoE(
+        dim,
+        MoEConfig(
+            num_experts=experts, top_k=k, double_weighting=double, backend=backend, expert_mlp_ratio=2.0
+        ),
+    )
     with torch.no_grad():  # distinct experts, so a mix-up between them cannot go unnoticed
         for p in moe.experts.parameters():
             p.normal_(0, 0.2)
@@ -59,7 +63,7 @@ def test_backends_match_naive_oracle_forward_and_backward(backend, double):
     ref = naive_mixture(u, moe.experts, indices, weights, double)
     ref_grads = torch.autograd.grad(ref.square().sum(), [u, weights, *moe.experts.parameters()])
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
-    for g, r in zip(grads, ref_grads):
+    for g, r in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(g, r, atol=1e-4, rtol=1e-4)
 
 
@@ -112,4 +116,6 @@ def test_no_token_is_dropped_under_heavy_imbalance():
     indices[:, 1] = 1  # every token to experts 0 and 1
     weights = torch.full((50, 2), 0.5)
     got = moe.routed(u, indices, weights)
-    torch.testing.assert_close(got, naive_mixture(u, moe.experts, indices, weights, False), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        got, naive_mixture(u, moe.experts, indices, weights, False), atol=1e-5, rtol=1e-5
+    )

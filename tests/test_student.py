@@ -19,8 +19,12 @@ def _ids(*ids):
 
 
 def test_registered_with_timm_at_any_image_size():
-    assert {"prism_vit_tiny_patch16_384", "prism_vit_small_patch16_384", "prism_vit_base_patch16_384",
-            "prism_vit_large_patch16_384"} <= set(timm.list_models("prism_vit_*"))
+    assert {
+        "prism_vit_tiny_patch16_384",
+        "prism_vit_small_patch16_384",
+        "prism_vit_base_patch16_384",
+        "prism_vit_large_patch16_384",
+    } <= set(timm.list_models("prism_vit_*"))
     with torch.device("meta"):
         base = timm.create_model("prism_vit_base_patch16_384", pretrained=False, img_size=224)
         large = timm.create_model("prism_vit_large_patch16_384", pretrained=False)
@@ -140,8 +144,13 @@ def test_parameter_groups_split_new_from_pretrained():
     new = {names[id(p)] for p in groups["new"]}
     old = {names[id(p)] for p in groups["pretrained"]}
     assert "blocks.1.anchor.fc1.weight" in old and "pos_embed" in old and "blocks.0.mlp.fc1.weight" in old
-    assert {"blocks.1.moe.experts.w1", "blocks.1.moe.router.film.weight", "blocks.1.lambda_gate.bias",
-            "teacher_embed.weight", "projectors.0.0.0.weight"} <= new
+    assert {
+        "blocks.1.moe.experts.w1",
+        "blocks.1.moe.router.film.weight",
+        "blocks.1.lambda_gate.bias",
+        "teacher_embed.weight",
+        "projectors.0.0.0.weight",
+    } <= new
     assert len(new) + len(old) == len(list(model.parameters()))
 
 
@@ -169,8 +178,16 @@ def test_from_pretrained_missing_file_is_clear(tmp_path):
 def test_timm_vit_weights_initialise_every_ffn_of_a_dual_stream_block():
     from prism_vfm.models.registry import checkpoint_filter_fn
 
-    dense = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=32,
-                              depth=4, num_heads=2, num_classes=7)
+    dense = timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        img_size=32,
+        patch_size=8,
+        embed_dim=32,
+        depth=4,
+        num_heads=2,
+        num_classes=7,
+    )
     model = tiny_student(img_size=48)
     model.load_state_dict(checkpoint_filter_fn(dense.state_dict(), model))
     u = torch.randn(5, 32)
@@ -229,7 +246,10 @@ def test_load_official_rejects_bad_checkpoints(tmp_path):
     broken = dict(state)
     del broken["backbone.blocks.1.gate_linear.bias"]
     broken["backbone.blocks.1.extra_thing"] = torch.zeros(1)
-    with pytest.raises(OfficialCheckpointError, match=r"missing blocks\.1\.lambda_gate\.bias.*unexpected blocks\.1\.extra_thing"):
+    with pytest.raises(
+        OfficialCheckpointError,
+        match=r"missing blocks\.1\.lambda_gate\.bias.*unexpected blocks\.1\.extra_thing",
+    ):
         load_official(broken, num_heads=2)
 
 

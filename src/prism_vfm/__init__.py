@@ -10,4 +10,8 @@ __all__ = [
     "STUDENT_PRESETS",
     "PrismViT",
     "create_student",
-    "export_official", "load_official", "read_official", "__version__"]
+    "export_official",
+    "load_official",
+    "read_official",
+    "__version__",
+]

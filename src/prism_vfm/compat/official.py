@@ -72,13 +72,15 @@ def read_official(source: str | os.PathLike | Mapping[str, Any]) -> OfficialChec
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # torch raises several types for truncated or foreign files
             raise OfficialCheckpointError(
-                f"could not read {path} as a PyTorch checkpoint with weights_only=True ({exc}); the file may be "
-                "truncated (download it again) or not an official PRISM .pth"
+                f"could not read {path} as a PyTorch checkpoint with weights_only=True ({exc}); the file "
+                "may be truncated (download it again) or not an official PRISM .pth"
             ) from exc
     if "model" in state and isinstance(state["model"], Mapping):
         state = state["model"]
     if not state or not all(isinstance(v, Tensor) for v in state.values()):
-        raise OfficialCheckpointError(f"{where} is not a state dict of tensors (or a {{'model': state_dict}})")
+        raise OfficialCheckpointError(
+            f"{where} is not a state dict of tensors (or a {{'model': state_dict}})"
+        )
     state = dict(state)
     stage2 = any(k.startswith("backbone.backbone.") for k in state)
     prefix = "backbone." if stage2 else ""
@@ -117,13 +119,19 @@ def infer_config(
         raise OfficialCheckpointError(f"official student is missing {exc.args[0]!r}") from None
     dim, patch = proj.shape[0], proj.shape[-1]
     blocks = {int(m.group(1)) for k in student if (m := re.match(r"backbone\.blocks\.(\d+)\.", k))}
-    moe_layers = sorted({int(m.group(1)) for k in student if (m := re.match(r"backbone\.blocks\.(\d+)\.moe_ffn", k))})
+    moe_layers = sorted(
+        {int(m.group(1)) for k in student if (m := re.match(r"backbone\.blocks\.(\d+)\.moe_ffn", k))}
+    )
     if not moe_layers:
-        raise OfficialCheckpointError("official student has no dual-stream block (no 'moe_ffn_layer' entries)")
+        raise OfficialCheckpointError(
+            "official student has no dual-stream block (no 'moe_ffn_layer' entries)"
+        )
     first = moe_layers[0]
     experts = {int(m.group(2)) for k in student if (m := _EXPERT_KEY.match(k.removeprefix("backbone.")))}
     fc1 = student[f"backbone.blocks.{first}.moe_ffn_layer.experts.0.fc1.weight"]
-    mlp = student.get("backbone.blocks.0.mlp.fc1.weight", student[f"backbone.blocks.{first}.standard_ffn.fc1.weight"])
+    mlp = student.get(
+        "backbone.blocks.0.mlp.fc1.weight", student[f"backbone.blocks.{first}.standard_ffn.fc1.weight"]
+    )
     teachers = student.get("vfm_condition_embeddings.weight")
     tasks = student.get("task_condition_embeddings.weight")
     proj_dims: dict[int, int] = {}
@@ -133,7 +141,9 @@ def infer_config(
             proj_dims[int(m.group(1))] = v.shape[0]
     n_teachers = teachers.shape[0] if teachers is not None else len(proj_dims)
     if proj_dims and sorted(proj_dims) != list(range(n_teachers)):
-        raise OfficialCheckpointError(f"projector heads cover teachers {sorted(proj_dims)}, expected 0..{n_teachers - 1}")
+        raise OfficialCheckpointError(
+            f"projector heads cover teachers {sorted(proj_dims)}, expected 0..{n_teachers - 1}"
+        )
     if img_size is None:
         side = int(round((pos.shape[1] - 1) ** 0.5)) * patch
         img_size = (side, side)
@@ -183,7 +193,9 @@ def official_to_ours(student: Mapping[str, Tensor]) -> dict[str, Tensor]:
             out[key] = value  # reported as unexpected by the strict load
     for (block, fc, kind), per_expert in experts.items():
         if sorted(per_expert) != list(range(len(per_expert))):
-            raise OfficialCheckpointError(f"block {block}: experts {sorted(per_expert)} are not numbered 0..E-1")
+            raise OfficialCheckpointError(
+                f"block {block}: experts {sorted(per_expert)} are not numbered 0..E-1"
+            )
         stacked = torch.stack([per_expert[e] for e in range(len(per_expert))])
         name = {"fc1": "1", "fc2": "2"}[fc]
         # nn.Linear stores (out, in); our stacked experts are (E, in, out).
@@ -262,12 +274,16 @@ def load_official(
     for key, value in state.items():
         target = targets[key]
         if key != "pos_embed" and value.shape != target.shape:
-            raise OfficialCheckpointError(f"{key}: shape {tuple(value.shape)} does not match {tuple(target.shape)}")
+            raise OfficialCheckpointError(
+                f"{key}: shape {tuple(value.shape)} does not match {tuple(target.shape)}"
+            )
     model.load_state_dict_resampled(state, strict=True, assign=True)
     ignored = sorted(ckpt.unused)
     if ckpt.heads:
         ignored.append(f"heads of tasks {sorted({k.split('.')[1] for k in ckpt.heads})}")
-    logger.info("loaded official Stage-%d checkpoint; entries not used by the student: %s", ckpt.stage, ignored)
+    logger.info(
+        "loaded official Stage-%d checkpoint; entries not used by the student: %s", ckpt.stage, ignored
+    )
     return model.eval()
 
 

@@ -1,4 +1,4 @@
-"""The PRISM student: a timm ViT whose FFNs in a few blocks are dual-stream conditioned-MoE blocks (SPEC §2–§5)."""
+"""The PRISM student: a timm ViT with dual-stream conditioned-MoE blocks (SPEC §2–§5)."""
 
 from __future__ import annotations
 
@@ -88,7 +88,9 @@ class PrismViT(
             dynamic_img_size=dynamic_img_size,
         )
         self.moe_layers = tuple(sorted(int(i) for i in moe_layers))
-        self.tap_layers = tuple(sorted(int(i) for i in (self.moe_layers if tap_layers is None else tap_layers)))
+        self.tap_layers = tuple(
+            sorted(int(i) for i in (self.moe_layers if tap_layers is None else tap_layers))
+        )
         for name, idx in (("moe_layers", self.moe_layers), ("tap_layers", self.tap_layers)):
             bad = [i for i in idx if not 0 <= i < depth]
             if bad:
@@ -120,9 +122,13 @@ class PrismViT(
         for table in (self.teacher_embed, self.task_embed):
             if table is not None:
                 trunc_normal_(table.weight, std=0.02)
-        self.projectors = nn.ModuleList(
-            nn.ModuleList(ProjectorHead(embed_dim, c) for _ in self.tap_layers) for c in self.teacher_dims
-        ) if projectors else None
+        self.projectors = (
+            nn.ModuleList(
+                nn.ModuleList(ProjectorHead(embed_dim, c) for _ in self.tap_layers) for c in self.teacher_dims
+            )
+            if projectors
+            else None
+        )
         self._last_context: tuple[Tensor, ContextKind] | None = None
 
     # ------------------------------------------------------------------ inputs
@@ -132,7 +138,9 @@ class PrismViT(
             return self.teacher_embed
         if kind == "task":
             if self.task_embed is None:
-                raise ValueError("this model has no task contexts (num_tasks=0); build it with num_tasks=T for Stage 2")
+                raise ValueError(
+                    "this model has no task contexts (num_tasks=0); build it with num_tasks=T for Stage 2"
+                )
             return self.task_embed
         raise ValueError(f"context kind must be 'teacher' or 'task', got {kind!r}")
 
@@ -159,9 +167,7 @@ class PrismViT(
             )
         n = table.num_embeddings
         if not torch.compiler.is_compiling() and bool(((context < 0) | (context >= n)).any()):
-            raise ValueError(
-                f"{kind} context ids must be in [0, {n}) for this model, got {context.tolist()}"
-            )
+            raise ValueError(f"{kind} context ids must be in [0, {n}) for this model, got {context.tolist()}")
         return context.to(device=x.device, dtype=torch.long)
 
     # ------------------------------------------------------------------ forward
@@ -212,7 +218,7 @@ class PrismViT(
         if self.projectors is None:
             raise RuntimeError("this model was built with projectors=False")
         heads = self.projectors[teacher]
-        return [self.to_maps(head(t), grid) for head, t in zip(heads, taps)]
+        return [self.to_maps(head(t), grid) for head, t in zip(heads, taps, strict=True)]
 
     def project_by_teacher(
         self, taps: Sequence[Tensor], teacher_ids: Tensor, grid: tuple[int, int]
@@ -273,8 +279,12 @@ class PrismViT(
             bins = (ids.view(b, 1, 1) * e + r.indices).reshape(-1)
             used = (r.weights > 0).reshape(-1).to(torch.float32)
             counts.append(torch.zeros(n_ctx * e, device=ids.device).index_add_(0, bins, used).view(n_ctx, e))
-            lam_sum = torch.zeros(n_ctx, device=ids.device).index_add_(0, ids, block.last_lambda.float().sum((1, 2)))
-            tokens = torch.zeros(n_ctx, device=ids.device).index_add_(0, ids, torch.full_like(ids, n, dtype=torch.float32))
+            lam_sum = torch.zeros(n_ctx, device=ids.device).index_add_(
+                0, ids, block.last_lambda.float().sum((1, 2))
+            )
+            tokens = torch.zeros(n_ctx, device=ids.device).index_add_(
+                0, ids, torch.full_like(ids, n, dtype=torch.float32)
+            )
             lambdas.append(lam_sum / tokens)
         return {"kind": kind, "expert_counts": counts, "lambda_mean": lambdas}
 
@@ -297,7 +307,11 @@ class PrismViT(
         ``backbone_only`` leaves out the projector heads and the context tables.
         """
         extras = ("projectors", "teacher_embed", "task_embed")
-        total = sum(p.numel() for name, p in self.named_parameters() if not (backbone_only and name.startswith(extras)))
+        total = sum(
+            p.numel()
+            for name, p in self.named_parameters()
+            if not (backbone_only and name.startswith(extras))
+        )
         if active:
             cfg = self.moe_config
             for block in self.dual_stream_blocks:
@@ -313,7 +327,9 @@ class PrismViT(
         state_dict = dict(state_dict)
         pos = state_dict.get("pos_embed")
         if pos is not None and pos.shape != self.pos_embed.shape:
-            state_dict["pos_embed"] = resample_pos_embed(pos, self.patch_embed.grid_size, self.num_prefix_tokens)
+            state_dict["pos_embed"] = resample_pos_embed(
+                pos, self.patch_embed.grid_size, self.num_prefix_tokens
+            )
         return self.load_state_dict(state_dict, strict=strict, assign=assign)
 
     @classmethod
@@ -335,7 +351,9 @@ class PrismViT(
         if os.path.isdir(model_id):
             path = os.path.join(model_id, SAFETENSORS_SINGLE_FILE)
             if not os.path.isfile(path):
-                raise FileNotFoundError(f"{model_id} has no {SAFETENSORS_SINGLE_FILE}; expected a save_pretrained folder")
+                raise FileNotFoundError(
+                    f"{model_id} has no {SAFETENSORS_SINGLE_FILE}; expected a save_pretrained folder"
+                )
         else:
             path = hf_hub_download(
                 repo_id=model_id,

@@ -87,7 +87,9 @@ def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: PrismViT) -> dict
         elif key in own:
             out[key] = value
     if "pos_embed" in out and out["pos_embed"].shape != own["pos_embed"].shape:
-        out["pos_embed"] = resample_pos_embed(out["pos_embed"], model.patch_embed.grid_size, model.num_prefix_tokens)
+        out["pos_embed"] = resample_pos_embed(
+            out["pos_embed"], model.patch_embed.grid_size, model.num_prefix_tokens
+        )
     for key, value in own.items():
         out.setdefault(key, value)
     return out
@@ -133,4 +135,3 @@ def create_student(preset: str, pretrained: bool = False, **kwargs: Any) -> Pris
     spec = dict(STUDENT_PRESETS[preset])
     name = spec.pop("model")
     return timm.create_model(name, pretrained=pretrained, **{**spec, **kwargs})
-

@@ -36,7 +36,9 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     return atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
-def atomic_save_safetensors(tensors: dict[str, Tensor], path: str | os.PathLike, metadata: dict | None = None) -> Path:
+def atomic_save_safetensors(
+    tensors: dict[str, Tensor], path: str | os.PathLike, metadata: dict | None = None
+) -> Path:
     """``safetensors.torch.save_file`` written atomically (tensors made contiguous)."""
     tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))

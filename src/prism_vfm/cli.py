@@ -1,0 +1,109 @@
+"""The ``prism`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+
+def _load_any(source: str, img_size: Sequence[int] | None) -> torch.nn.Module:
+    """A student from a timm model name, a ``save_pretrained`` folder or an official ``.pth``."""
+    import timm
+
+    from prism_vfm import PrismViT, load_official
+
+    size = tuple(img_size) if img_size else None
+    path = Path(source)
+    if path.is_dir():
+        return PrismViT.from_pretrained(path, **({"img_size": size} if size else {}))
+    if path.suffix in (".pth", ".pt", ".bin") or path.exists():
+        return load_official(path, img_size=size)
+    if source in timm.list_models("prism_vit_*"):
+        with torch.device("meta"):  # parameter counts need no storage
+            return timm.create_model(source, pretrained=False, **({"img_size": size} if size else {}))
+    raise SystemExit(
+        f"prism: {source!r} is neither a folder, an official .pth nor a registered prism_vit_* model"
+    )
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    model = _load_any(args.model, args.img_size)
+    info = {
+        "image_size": list(model.patch_embed.img_size),
+        "width": model.embed_dim,
+        "depth": len(model.blocks),
+        "dual_stream_blocks": list(model.moe_layers),
+        "taps": list(model.tap_layers),
+        "experts": model.moe_config.num_experts,
+        "top_k": model.moe_config.top_k,
+        "teachers": len(model.teacher_dims),
+        "tasks": model.num_tasks,
+        "parameters": model.count_parameters(),
+        "backbone_parameters": model.count_parameters(backbone_only=True),
+        "active_backbone_parameters": model.count_parameters(active=True, backbone_only=True),
+    }
+    print(json.dumps(info, indent=2))
+
+
+def cmd_convert(args: argparse.Namespace) -> None:
+    from prism_vfm import PrismViT, export_official, load_official
+
+    src, out = Path(args.source), Path(args.output)
+    if src.is_dir():
+        export_official(PrismViT.from_pretrained(src), out)
+        print(f"wrote official-layout checkpoint {out}")
+    else:
+        model = load_official(src, img_size=tuple(args.img_size) if args.img_size else None)
+        model.save_pretrained(out)
+        print(f"wrote {out}/config.json and {out}/model.safetensors")
+
+
+def cmd_smoke(args: argparse.Namespace) -> None:
+    from prism_vfm.smoke import run_smoke
+
+    summary = run_smoke(steps=args.steps, out_dir=Path(args.out), seed=args.seed)
+    print(json.dumps(summary, indent=2))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="prism",
+        description="PRISM: distil vision foundation models into a "
+        "dual-stream conditioned-MoE ViT and recombine it for dense prediction.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("smoke", help="train a tiny student on a CPU for a few steps (checks an installation)")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--out", default="runs/smoke", help="folder for the trained tiny student")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_smoke)
+
+    p = sub.add_parser("info", help="architecture and parameter counts of a student")
+    p.add_argument("model", help="prism_vit_* model name, save_pretrained folder, or official .pth")
+    p.add_argument("--img-size", type=int, nargs=2, metavar=("H", "W"))
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("convert", help="official .pth → save_pretrained folder, or folder → official .pth")
+    p.add_argument("source")
+    p.add_argument("output")
+    p.add_argument(
+        "--img-size", type=int, nargs=2, metavar=("H", "W"), help="resample pos_embed to this size"
+    )
+    p.set_defaults(func=cmd_convert)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of the ``prism`` console command."""
+    args = build_parser().parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
