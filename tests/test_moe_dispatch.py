@@ -119,3 +119,21 @@ def test_no_token_is_dropped_under_heavy_imbalance():
     torch.testing.assert_close(
         got, naive_mixture(u, moe.experts, indices, weights, False), atol=1e-5, rtol=1e-5
     )
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="needs a CUDA GPU: the grouped_mm bf16 kernel and the "
+    "sync-free default path exist only there; the CPU backends above are tested here",
+)
+def test_cuda_default_backend_matches_loop_in_bf16():
+    moe = make_moe("auto").cuda()
+    ref = make_moe("loop").cuda()
+    ref.load_state_dict(moe.state_dict())
+    u = torch.randn(257, 32, device="cuda")
+    indices, weights = routing(257, 5, 2)
+    indices, weights = indices.cuda(), weights.cuda()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        got = moe.routed(u, indices, weights)
+        want = ref.routed(u, indices, weights)
+    torch.testing.assert_close(got.float(), want.float(), atol=3e-2, rtol=3e-2)

@@ -280,3 +280,25 @@ def test_bad_construction_is_a_clear_error():
         tiny_student(dispatch="fast")
     with pytest.raises(ValueError, match="unknown preset"):
         create_student("XL")
+
+
+def test_from_pretrained_fetches_from_the_hub_when_not_a_folder(tmp_path, monkeypatch):
+    import prism_vfm.models.prism_vit as prism_vit
+
+    model = tiny_student().eval()
+    model.save_pretrained(tmp_path / "snapshot")
+    asked = {}
+
+    def fake_download(repo_id, filename, **kwargs):
+        asked.update(repo_id=repo_id, filename=filename)
+        return str(tmp_path / "snapshot" / filename)
+
+    monkeypatch.setattr(prism_vit, "hf_hub_download", fake_download)
+    # The mixin reads config.json through its own hub download, so hand it the local config too.
+    import huggingface_hub.hub_mixin as hub_mixin
+
+    monkeypatch.setattr(hub_mixin, "hf_hub_download", fake_download)
+    loaded = PrismViT.from_pretrained("someone/prism-tiny")
+    assert asked == {"repo_id": "someone/prism-tiny", "filename": "model.safetensors"}
+    x = torch.randn(1, 3, 32, 32)
+    torch.testing.assert_close(loaded(x, 0), model(x, 0), rtol=0, atol=0)
