@@ -1,0 +1,141 @@
+"""Multi-task evaluation: head outputs to meter inputs, per-task routing, and Δm (SPEC §9).
+
+The same ``MultiTaskMeter`` serves training-time validation and standalone evaluation. Its edge entry is
+the official edge loss meter (``EdgeLossMeter``); boundary odsF comes from the separate boundary
+evaluation and is merged into the scores before ``delta_m``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from prism_vfm.losses.tasks import dataset_tasks
+from prism_vfm.metrics.dense import (
+    DepthMeter,
+    EdgeLossMeter,
+    NormalsMeter,
+    SaliencyMeter,
+    SegmentationMeter,
+)
+
+Meter = SegmentationMeter | SaliencyMeter | NormalsMeter | DepthMeter | EdgeLossMeter
+
+HEADLINE_METRICS: dict[str, str] = {
+    "semseg": "mIoU",
+    "human_parts": "mIoU",
+    "sal": "maxF",
+    "normals": "mErr",
+    "depth": "RMSE",
+    "edge": "odsF",
+}
+"""The score of each task that enters Δm and the results tables."""
+
+LOWER_IS_BETTER = frozenset({"normals", "depth"})
+
+SINGLE_TASK_BASELINES: dict[str, dict[str, dict[str, float]]] = {
+    "pascalcontext": {
+        "vit_b": {"semseg": 80.25, "human_parts": 70.54, "sal": 84.54, "normals": 13.57, "edge": 74.22},
+        "vit_l": {"semseg": 81.61, "human_parts": 72.77, "sal": 83.80, "normals": 13.87, "edge": 75.24},
+    },
+    "nyud": {
+        "vit_b": {"semseg": 51.15, "depth": 0.5792, "normals": 19.77, "edge": 77.35},
+    },
+}
+"""Single-task baselines for Δm: ``SINGLE_TASK_BASELINES[dataset][backbone][task]`` (SPEC §9)."""
+
+EDGE_LOSS_METER_POS_WEIGHT: dict[str, float] = {"pascalcontext": 0.95, "nyud": 0.8}
+"""Positive weight of the official edge loss meter, which differs from the training loss's on NYUD."""
+
+
+@torch.no_grad()
+def prediction_for_metric(task: str, raw: Tensor) -> Tensor:
+    """Turn a raw head output ``(B, C, H, W)`` into what the task's meter consumes, ``(B, C', H, W)``.
+
+    semseg / human_parts: argmax class index (int64, one channel); normals: L2-normalised and mapped from
+    ``[-1, 1]`` to ``[0, 255]``; sal: foreground softmax probability x 255; edge: sigmoid x 255;
+    depth: clamped at 0.
+    """
+    if task in ("semseg", "human_parts"):
+        return raw.argmax(dim=1, keepdim=True)
+    if task == "normals":
+        return (F.normalize(raw, p=2, dim=1) + 1.0) * 255.0 / 2.0
+    if task == "sal":
+        return F.softmax(raw, dim=1)[:, 1:2] * 255.0
+    if task == "edge":
+        return torch.sigmoid(raw) * 255.0
+    if task == "depth":
+        return raw.clamp_min(0.0)
+    raise ValueError(f"unknown task {task!r}")
+
+
+class MultiTaskMeter:
+    """One meter per task of ``dataset``; ``update`` takes raw head outputs, ``compute`` all scores.
+
+    Args:
+        dataset: ``"pascalcontext"`` or ``"nyud"``.
+        tasks: the tasks to evaluate (default: all tasks of the dataset).
+    """
+
+    def __init__(self, dataset: str, tasks: Sequence[str] | None = None) -> None:
+        channels = dataset_tasks(dataset)
+        self.dataset = dataset
+        self.tasks = list(channels if tasks is None else tasks)
+        unknown = [t for t in self.tasks if t not in channels]
+        if unknown:
+            raise ValueError(f"tasks {unknown} are not tasks of {dataset!r} ({sorted(channels)})")
+        self.meters: dict[str, Meter] = {}
+        for t in self.tasks:
+            if t in ("semseg", "human_parts"):
+                self.meters[t] = SegmentationMeter(channels[t], task=t)
+            elif t == "sal":
+                self.meters[t] = SaliencyMeter()
+            elif t == "normals":
+                self.meters[t] = NormalsMeter()
+            elif t == "depth":
+                self.meters[t] = DepthMeter()
+            else:
+                self.meters[t] = EdgeLossMeter(EDGE_LOSS_METER_POS_WEIGHT[dataset])
+
+    def reset(self) -> None:
+        """Forget all updates of every meter."""
+        for meter in self.meters.values():
+            meter.reset()
+
+    @torch.no_grad()
+    def update(self, outputs: Mapping[str, Tensor], labels: Mapping[str, Tensor]) -> None:
+        """Add one batch; ``outputs`` are raw head outputs and ``labels`` pipeline labels, keyed by task."""
+        for t, meter in self.meters.items():
+            if t not in outputs or t not in labels:
+                raise ValueError(f"{t}: missing from the {'outputs' if t not in outputs else 'labels'}")
+            meter.update(prediction_for_metric(t, outputs[t]), labels[t])
+
+    def compute(self) -> dict[str, dict[str, float]]:
+        """``{task: {score name: value}}``, e.g. ``{"semseg": {"mIoU": 62.1}, "sal": {"maxF": ..., ...}}``."""
+        return {t: meter.compute() for t, meter in self.meters.items()}
+
+
+def delta_m(scores: Mapping[str, float | Mapping[str, float]], baselines: Mapping[str, float]) -> float:
+    """Δm in percent: mean over the tasks of ``scores`` of the signed relative gain over ``baselines``.
+
+    ``Δm = (1/T) sum_t (-1)^{l_t} (M_t - M_single,t) / M_single,t x 100`` with ``l_t = 1`` for normals mErr
+    and depth RMSE. A score is a number or a task's score dict (``MultiTaskMeter.compute`` style), from
+    which the headline metric (``HEADLINE_METRICS``; edge needs ``odsF``) is taken.
+    """
+    if not scores:
+        raise ValueError("delta_m needs at least one task score")
+    total = 0.0
+    for task, score in scores.items():
+        if task not in baselines:
+            raise ValueError(f"{task}: no single-task baseline (baselines cover {sorted(baselines)})")
+        if isinstance(score, Mapping):
+            metric = HEADLINE_METRICS[task]
+            if metric not in score:
+                raise ValueError(f"{task}: score {metric!r} needed for delta_m, got {sorted(score)}")
+            score = score[metric]
+        sign = -1.0 if task in LOWER_IS_BETTER else 1.0
+        total += sign * (score - baselines[task]) / baselines[task]
+    return 100.0 * total / len(scores)
