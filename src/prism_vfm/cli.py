@@ -70,6 +70,22 @@ def cmd_smoke(args: argparse.Namespace) -> None:
     print(json.dumps(summary, indent=2))
 
 
+def cmd_distill(args: argparse.Namespace) -> None:
+    from prism_vfm.config import apply_overrides, load_yaml
+    from prism_vfm.distill.config import Stage1Config, preset
+    from prism_vfm.distill.trainer import train_stage1
+
+    cfg = preset(args.preset)
+    if args.config:
+        cfg = load_yaml(Stage1Config, args.config, base=cfg)
+    direct = [("data", args.data), ("out", args.out), ("teachers.weights", args.teachers_dir)]
+    cfg = apply_overrides(cfg, [(k, v) for k, v in direct if v is not None] + list(args.set))
+    if not cfg.data:
+        raise SystemExit("prism distill: no image folder given (--data PATH or data: in the config file)")
+    run = train_stage1(cfg, resume=args.resume)
+    print(f"run saved in {run}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="prism",
@@ -83,6 +99,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/smoke", help="folder for the trained tiny student")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_smoke)
+
+    p = sub.add_parser(
+        "distill", help="Stage 1: distil the teachers into a student (torchrun for several GPUs)"
+    )
+    p.add_argument("--preset", default="LB", help="BB, BS, LB, LL (SPEC presets) or tiny (CPU, seconds)")
+    p.add_argument("--data", help="image folder: ImageNet train layout or a flat folder")
+    p.add_argument(
+        "--teachers-dir", help="folder with the teachers' official weight files (default: the Hub)"
+    )
+    p.add_argument("--out", help="run folder (checkpoints, config.yaml, metrics.jsonl, tensorboard/)")
+    p.add_argument("--config", help="YAML file of configuration keys (applied over the preset)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a key, e.g. --set optim.lr=5e-4 (repeatable)",
+    )
+    p.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
+    p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser("info", help="architecture and parameter counts of a student")
     p.add_argument("model", help="prism_vit_* model name, save_pretrained folder, or official .pth")
@@ -101,8 +137,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``prism`` console command."""
+    from prism_vfm.config import ConfigError
+
     args = build_parser().parse_args(argv)
-    args.func(args)
+    try:
+        args.func(args)
+    except (ConfigError, FileNotFoundError) as exc:
+        print(f"prism {args.command}: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -226,7 +226,7 @@ class PrismViT(
         """Each sample projected for its own teacher: {teacher id (ascending): per tap (B_t, C, h, w)}."""
         out: dict[int, list[Tensor]] = {}
         for t in torch.unique(teacher_ids).tolist():
-            rows = (teacher_ids == t).nonzero().squeeze(1)
+            rows = (teacher_ids == t).nonzero().squeeze(1).to(taps[0].device)
             out[int(t)] = self.project([tap.index_select(0, rows) for tap in taps], int(t), grid)
         return out
 

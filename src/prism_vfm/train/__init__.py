@@ -1,0 +1,1 @@
+"""Training machinery shared by both stages: distributed setup, schedules, checkpoints, logging."""

@@ -1,0 +1,86 @@
+"""Run checkpoints: atomic, keep-last-k, and everything an exact resume needs.
+
+A checkpoint is a folder ``<run>/checkpoints/step_XXXXXXXX/`` holding ``model.safetensors`` (the weights,
+loadable with ``PrismViT.from_pretrained`` together with ``config.json``) and ``state.pt`` (optimizer,
+scheduler, step, RNG states; read back with ``weights_only=True``). The folder is written under a
+temporary name and renamed into place, so a crash mid-save never leaves a half-written checkpoint under a
+final name; ``latest`` names the newest complete one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from prism_vfm.utils.io import atomic_write
+
+
+def checkpoint_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def save_checkpoint(
+    run_dir: Path, step: int, model: torch.nn.Module, state: dict[str, Any], keep_last: int = 3
+) -> Path:
+    """Write checkpoint ``step`` atomically, point ``latest`` at it, keep only the last ``keep_last``."""
+    root = checkpoint_dir(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:08d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
+    try:
+        tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        save_file(tensors, tmp / "model.safetensors")
+        config = getattr(model, "_hub_mixin_config", None)
+        if config:
+            (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        torch.save(state, tmp / "state.pt")
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if final.exists():  # a re-save of the same step (e.g. epoch end == periodic) replaces it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    atomic_write(root / "latest", lambda p: Path(p).write_text(final.name + "\n"))
+    for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint of a run, or None."""
+    pointer = checkpoint_dir(run_dir) / "latest"
+    if not pointer.is_file():
+        return None
+    path = checkpoint_dir(run_dir) / pointer.read_text().strip()
+    if not (path / "model.safetensors").is_file() or not (path / "state.pt").is_file():
+        raise FileNotFoundError(f"{pointer} names {path.name}, which is incomplete or missing")
+    return path
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module) -> dict[str, Any]:
+    """Load the weights into ``model`` (strict) and return the saved training state."""
+    model.load_state_dict(load_file(path / "model.safetensors"), strict=True)
+    return torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

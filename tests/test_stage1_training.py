@@ -1,0 +1,145 @@
+"""Stage-1 training on tiny teachers and a tiny generated image folder."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+
+from prism_vfm.config import apply_overrides
+from prism_vfm.data.synthetic import write_tiny_image_folder
+from prism_vfm.distill.config import preset
+from prism_vfm.distill.trainer import train_stage1
+from prism_vfm.train.checkpoint import latest_checkpoint
+from prism_vfm.train.logging import read_scalars
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    root = tmp_path_factory.mktemp("images")
+    write_tiny_image_folder(root, n_classes=3, per_class=8, size=(40, 48), seed=0, odd_formats=True)
+    return root
+
+
+def tiny_cfg(images: Path, out: Path, *overrides):
+    return apply_overrides(preset("tiny"), [("data", str(images)), ("out", str(out)), *overrides])
+
+
+def final_weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(latest_checkpoint(run) / "model.safetensors")
+
+
+def test_short_run_learns_logs_every_term_and_keeps_last_checkpoints(images, tmp_path):
+    run = train_stage1(tiny_cfg(images, tmp_path / "run", ("keep_last", 2)))
+    records = read_scalars(run)
+    assert len(records) == 10 and records[-1]["step"] == 10
+    assert records[-1]["loss/total"] < 0.7 * records[0]["loss/total"]
+    last = records[-1]
+    for key in [
+        "loss/0_level1",
+        "loss/1_level2",
+        "loss/2_level1",
+        "loss/decorrelation_loss",
+        "loss/aux",
+        "lr",
+        "images_per_s",
+        "grad_norm",
+        "data/skipped_images",
+        "routing/layer0/tiny_a/lambda",
+        "routing/layer1/tiny_c/max_load",
+    ]:
+        assert key in last, key
+    assert last["data/skipped_images"] > 0  # the folder holds a truncated file and a non-image
+    kept = sorted(p.name for p in (run / "checkpoints").glob("step_*"))
+    assert kept == ["step_00000008", "step_00000010"]
+    assert (run / "config.yaml").is_file() and any((run / "tensorboard").iterdir())
+
+
+def _ddp_worker(rank: int, port: int, images: str, out: str) -> None:
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
+    torch.set_num_threads(1)
+    train_stage1(tiny_cfg(Path(images), Path(out), ("batch_size", 3), ("max_steps", 4)))
+    torch.distributed.destroy_process_group()
+
+
+def test_two_process_ddp_matches_one_process_with_the_same_global_batch(images, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(port, str(images), str(tmp_path / "ddp")), nprocs=2, join=True)
+    torch.set_num_threads(1)
+    train_stage1(tiny_cfg(images, tmp_path / "single", ("batch_size", 3), ("accum", 2), ("max_steps", 4)))
+    for run in ("ddp", "single"):
+        assert latest_checkpoint(tmp_path / run).name == "step_00000004"
+    ddp, single = final_weights(tmp_path / "ddp"), final_weights(tmp_path / "single")
+    assert ddp.keys() == single.keys()
+    worst = max(float((ddp[k] - single[k]).abs().max()) for k in ddp)
+    assert worst < 1e-5, worst
+
+
+def _cli(images: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "prism_vfm.cli",
+        "distill",
+        "--preset",
+        "tiny",
+        "--data",
+        str(images),
+        "--out",
+        str(out),
+        "--set",
+        "epochs=4",
+        *extra,
+    ]
+
+
+def test_sigkill_then_resume_ends_with_identical_weights(images, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(_cli(images, tmp_path / "whole"), check=True, env=env, capture_output=True)
+    proc = subprocess.Popen(
+        _cli(images, tmp_path / "killed"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    pointer = tmp_path / "killed" / "checkpoints" / "latest"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (
+        pointer.exists() and pointer.read_text().strip() >= "step_00000008"
+    ):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    stopped_at = latest_checkpoint(tmp_path / "killed").name
+    assert stopped_at < "step_00000020", "the run finished before it could be killed"
+    subprocess.run(_cli(images, tmp_path / "killed", "--resume"), check=True, env=env, capture_output=True)
+    whole, resumed = final_weights(tmp_path / "whole"), final_weights(tmp_path / "killed")
+    assert (
+        latest_checkpoint(tmp_path / "killed").name
+        == latest_checkpoint(tmp_path / "whole").name
+        == "step_00000020"
+    )
+    for key in whole:
+        assert torch.equal(whole[key], resumed[key]), key
+
+
+def test_resume_without_checkpoint_is_a_clear_error(images, tmp_path):
+    with pytest.raises(FileNotFoundError, match="has no checkpoint"):
+        train_stage1(tiny_cfg(images, tmp_path / "fresh"), resume=True)
+
+
+def test_cli_rejects_unknown_keys(images, tmp_path):
+    result = subprocess.run(
+        _cli(images, tmp_path / "x", "--set", "optim.lrr=1"), capture_output=True, text=True
+    )
+    assert result.returncode != 0 and "unknown configuration key optim.lrr" in result.stderr
