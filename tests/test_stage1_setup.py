@@ -1,0 +1,103 @@
+"""Stage-1 set-up: presets of SPEC §6, learning-rate groups and schedule, student initialisation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import timm
+import torch
+
+from prism_vfm import export_official
+from prism_vfm.distill.config import StudentConfig, preset
+from prism_vfm.distill.student import build_student
+from prism_vfm.distill.trainer import param_groups
+from prism_vfm.train.schedule import poly, warmup_cosine
+from tests.tiny import TINY, tiny_student
+
+
+@pytest.mark.parametrize(
+    "name, model, teachers, batch, decorrelation",
+    [
+        ("BB", "prism_vit_base_patch16_384", ("dinov2_b", "clip_b", "sam_b"), 20, "official"),
+        ("BS", "prism_vit_small_patch16_384", ("dinov2_b", "clip_b", "sam_b"), 64, "none"),
+        ("LB", "prism_vit_base_patch16_384", ("dinov2_l", "clip_l", "sam_l"), 20, "official"),
+        ("LL", "prism_vit_large_patch16_384", ("dinov2_l", "clip_l", "sam_l"), 64, "official"),
+    ],
+)
+def test_presets_match_the_published_recipe(name, model, teachers, batch, decorrelation):
+    cfg = preset(name)
+    assert (cfg.student.model, cfg.teachers.names, cfg.batch_size, cfg.loss.decorrelation) == (
+        model,
+        teachers,
+        batch,
+        decorrelation,
+    )
+    assert cfg.student.img_size == 384 and cfg.epochs == 30 and cfg.seed == 42
+    o = cfg.optim
+    assert (
+        o.lr,
+        o.max_lr,
+        o.pretrained_lr_scale,
+        o.weight_decay,
+        o.warmup_epochs,
+        o.warmup_start_lr,
+        o.min_lr,
+        o.clip_grad,
+    ) == (1e-3, 1e-3, 0.01, 0.01, 2.0, 1e-7, 1e-6, 1.0)
+    assert cfg.teachers.assignment == "balanced" and cfg.loss.lb_weight == 0.1
+
+
+def test_param_groups_give_pretrained_modules_a_hundredth_and_no_decay_to_1d():
+    model = tiny_student()
+    groups = {g["name"]: g for g in param_groups(model, 1e-3, 0.01, 0.01)}
+    assert groups["new"]["lr"] == 1e-3 and groups["pretrained"]["lr"] == pytest.approx(1e-5)
+    assert groups["new_no_decay"]["weight_decay"] == 0 and groups["pretrained"]["weight_decay"] == 0.01
+    assert all(p.ndim >= 2 for p in groups["new"]["params"])
+    assert all(p.ndim < 2 for p in groups["pretrained_no_decay"]["params"])
+    anchor = model.blocks[1].anchor.fc1.weight
+    assert any(p is anchor for p in groups["pretrained"]["params"])
+
+
+def test_schedules():
+    assert warmup_cosine(0, 100, 10, 1e-3, 1e-7, 1e-6) == pytest.approx(1e-7)
+    assert warmup_cosine(10, 100, 10, 1e-3, 1e-7, 1e-6) == pytest.approx(1e-3)
+    assert warmup_cosine(55, 100, 10, 1e-3, 1e-7, 1e-6) == pytest.approx(1e-6 + 0.5 * (1e-3 - 1e-6))
+    assert warmup_cosine(100, 100, 10, 1e-3, 1e-7, 1e-6) == pytest.approx(1e-6)
+    assert poly(50, 100, 2e-5) == pytest.approx(2e-5 * 0.5**0.9) and poly(150, 100, 2e-5) == 0.0
+    assert not math.isnan(warmup_cosine(5, 5, 0, 1.0, 0.0, 0.0))
+
+
+def _cfg(init: str) -> StudentConfig:
+    arch = {k: v for k, v in TINY.items() if k not in ("img_size", "teacher_dims")}
+    return StudentConfig(model="prism_vit_tiny_patch16_384", img_size=32, init=init, overrides=arch)
+
+
+def test_student_initialises_from_our_folder_an_official_file_and_a_timm_vit(tmp_path):
+    source = tiny_student(teacher_dims=(16, 24, 16)).eval()
+    x = torch.randn(1, 3, 32, 32)
+    source.save_pretrained(tmp_path / "ours")
+    export_official(source, tmp_path / "official.pth")
+    for init in (tmp_path / "ours", tmp_path / "official.pth"):
+        model = build_student(_cfg(str(init)), teacher_dims=(16, 24, 16)).eval()
+        torch.testing.assert_close(model(x, 1), source(x, 1), rtol=0, atol=0)
+    # Other teacher widths: the backbone loads, the projector heads start fresh.
+    other = build_student(_cfg(str(tmp_path / "ours")), teacher_dims=(8, 8)).eval()
+    torch.testing.assert_close(other.pos_embed, source.pos_embed)
+    dense = timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        img_size=32,
+        patch_size=8,
+        embed_dim=32,
+        depth=4,
+        num_heads=2,
+    )
+    torch.save(dense.state_dict(), tmp_path / "vit.pth")
+    model = build_student(_cfg(str(tmp_path / "vit.pth")), teacher_dims=(16,))
+    torch.testing.assert_close(model.blocks[3].anchor.fc1.weight, dense.blocks[3].mlp.fc1.weight)
+    torch.save({"something": torch.zeros(1)}, tmp_path / "junk.pth")
+    with pytest.raises(ValueError, match="junk.pth is not a ViT"):
+        build_student(_cfg(str(tmp_path / "junk.pth")), teacher_dims=(16,))
+    with pytest.raises(FileNotFoundError, match="missing.pth"):
+        build_student(_cfg(str(tmp_path / "missing.pth")), teacher_dims=(16,))
