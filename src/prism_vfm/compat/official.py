@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +18,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from prism_vfm.models.prism_vit import PrismViT
+from prism_vfm.models.multitask import DATASET_TASKS, PrismMultiTask
+from prism_vfm.models.prism_vit import PrismViT, resample_pos_embed
 from prism_vfm.utils.io import atomic_torch_save
 
 logger = logging.getLogger(__name__)
@@ -300,3 +301,50 @@ def _short(keys: list[str], limit: int = 12) -> str:
         return "none"
     more = f" … and {len(keys) - limit} more" if len(keys) > limit else ""
     return ", ".join(keys[:limit]) + more
+
+
+def load_official_multitask(
+    source: str | os.PathLike | Mapping[str, Any],
+    img_size: int | tuple[int, int] | None = None,
+    tasks: Sequence[str] | None = None,
+    **overrides: Any,
+) -> PrismMultiTask:
+    """Build a :class:`PrismMultiTask` from an official Stage-2 checkpoint (student and decoder heads).
+
+    Task ids are positions in ``tasks``; by default the released order of the data set whose task names
+    the heads match (PASCAL: semseg, human_parts, normals, edge, sal; NYUD: semseg, normals, edge, depth).
+    """
+    ckpt = read_official(source)
+    if ckpt.stage != 2:
+        raise OfficialCheckpointError("a Stage-1 checkpoint has no decoder heads: use load_official() for it")
+    found = list(dict.fromkeys(k.split(".")[1] for k in ckpt.heads))
+    if tasks is None:
+        known = [list(d) for d in DATASET_TASKS.values() if sorted(d) == sorted(found)]
+        tasks = known[0] if known else found
+    if sorted(tasks) != sorted(found):
+        raise OfficialCheckpointError(f"checkpoint has heads for {found}, not for tasks {list(tasks)}")
+    if isinstance(img_size, int):
+        img_size = (img_size, img_size)
+    config = infer_config(ckpt.student, img_size, overrides.pop("num_heads", None))
+    config.update(overrides)
+    config.pop("num_tasks")
+    channels = {t: ckpt.heads[f"heads.{t}.last_conv.weight"].shape[0] for t in tasks}
+    with torch.device("meta"):
+        model = PrismMultiTask(config, channels)
+    state = {f"student.{k}": v for k, v in official_to_ours(ckpt.student).items()}
+    state.update(ckpt.heads)
+    targets = model.state_dict()
+    missing, unexpected = sorted(set(targets) - set(state)), sorted(set(state) - set(targets))
+    if missing or unexpected:
+        raise OfficialCheckpointError(
+            f"official Stage-2 checkpoint does not match its model: missing {_short(missing)}; "
+            f"unexpected {_short(unexpected)}"
+        )
+    pos = state["student.pos_embed"]
+    if pos.shape != targets["student.pos_embed"].shape:
+        state["student.pos_embed"] = resample_pos_embed(pos, model.student.patch_embed.grid_size)
+    model.load_state_dict(state, strict=True, assign=True)
+    logger.info(
+        "loaded official Stage-2 checkpoint (tasks %s); unused entries: %s", list(tasks), sorted(ckpt.unused)
+    )
+    return model.eval()

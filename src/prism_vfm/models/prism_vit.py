@@ -145,9 +145,13 @@ class PrismViT(
         raise ValueError(f"context kind must be 'teacher' or 'task', got {kind!r}")
 
     def _check_inputs(self, x: Tensor, context: Tensor | int, kind: ContextKind) -> Tensor:
+        self._check_images(x)
+        return self._check_context(context, x.shape[0], kind, x.device)
+
+    def _check_images(self, x: Tensor) -> None:
         if x.ndim != 4:
             raise ValueError(f"expected images of shape (B, C, H, W), got a tensor of shape {tuple(x.shape)}")
-        b, c, h, w = x.shape
+        _, c, h, w = x.shape
         if c != self.patch_embed.proj.in_channels:
             raise ValueError(f"expected {self.patch_embed.proj.in_channels} input channels, got {c}")
         if not self.dynamic_img_size and (h, w) != tuple(self.patch_embed.img_size):
@@ -157,9 +161,13 @@ class PrismViT(
                 f"img_size=({h}, {w}) (position embeddings are resampled when weights are loaded) "
                 "or with dynamic_img_size=True"
             )
+
+    def _check_context(
+        self, context: Tensor | int, b: int, kind: ContextKind, device: torch.device
+    ) -> Tensor:
         table = self.context_table(kind)
         if isinstance(context, int):
-            context = torch.full((b,), context, dtype=torch.long, device=x.device)
+            context = torch.full((b,), context, dtype=torch.long, device=device)
         if context.dtype not in (torch.int64, torch.int32) or context.shape != (b,):
             raise ValueError(
                 f"context must be an integer tensor of shape ({b},) (one {kind} id per sample), "
@@ -168,7 +176,7 @@ class PrismViT(
         n = table.num_embeddings
         if not torch.compiler.is_compiling() and bool(((context < 0) | (context >= n)).any()):
             raise ValueError(f"{kind} context ids must be in [0, {n}) for this model, got {context.tolist()}")
-        return context.to(device=x.device, dtype=torch.long)
+        return context.to(device=device, dtype=torch.long)
 
     # ------------------------------------------------------------------ forward
     def forward_taps(
@@ -180,12 +188,40 @@ class PrismViT(
         forward pass (batched Stage-2 task passes).
         """
         context = self._check_inputs(x, context, kind)
-        cond = self.context_table(kind)(context)
         self._last_context = (context.detach(), kind)
-        x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
+        return self._run_blocks(self._embed(x), self.context_table(kind)(context), 0, lb_groups)
+
+    def forward_contexts(
+        self, x: Tensor, contexts: Sequence[int], kind: ContextKind = "task"
+    ) -> tuple[list[Tensor], Tensor]:
+        """One pass per context id (for the whole batch), batched context-major as (T·B, N, D) taps.
+
+        The blocks before the first dual-stream block do not depend on the context: they run once and
+        their output is shared by all passes. The load-balancing loss is balanced per pass and averaged.
+        """
+        t, b = len(contexts), x.shape[0]
+        self._check_images(x)
+        ids = torch.as_tensor([int(c) for c in contexts], dtype=torch.long).repeat_interleave(b)
+        ids = self._check_context(ids.to(x.device), t * b, kind, x.device)
+        self._last_context = (ids, kind)
+        first = self.moe_layers[0]
+        h = self._embed(x)
+        prefix: list[Tensor] = []
+        for i, block in enumerate(self.blocks[:first]):
+            h = block(h)
+            if i in self.tap_layers:
+                prefix.append(self.norm(h).repeat(t, 1, 1))
+        taps, aux = self._run_blocks(h.repeat(t, 1, 1), self.context_table(kind)(ids), first, lb_groups=t)
+        return prefix + taps, aux / t
+
+    def _embed(self, x: Tensor) -> Tensor:
+        return self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
+
+    def _run_blocks(self, x: Tensor, cond: Tensor, start: int, lb_groups: int) -> tuple[list[Tensor], Tensor]:
         taps: list[Tensor] = []
         aux = x.new_zeros((), dtype=torch.float32)
-        for i, block in enumerate(self.blocks[: self.tap_layers[-1] + 1]):
+        for i in range(start, self.tap_layers[-1] + 1):
+            block = self.blocks[i]
             if isinstance(block, DualStreamBlock):
                 x, layer_aux = block(x, cond, lb_groups)
                 aux = aux + layer_aux

@@ -1,0 +1,38 @@
+"""The per-task decoder head of Stage 2 (SPEC §7)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class DenseHead(nn.Module):
+    """Multi-level linear decoder: per tap Linear(D→D/4) on patch tokens, upsample to 1/4 of the input,
+    concatenate, Conv3×3 → BatchNorm → GELU → Conv1×1, upsample to the input size (bilinear throughout).
+
+    Parameter names follow the released checkpoints (``linears``, ``linear_fuse.{0,1}``, ``last_conv``).
+    BatchNorm becomes SyncBatchNorm under DDP through ``nn.SyncBatchNorm.convert_sync_batchnorm``.
+    """
+
+    def __init__(self, dim: int, out_channels: int, num_levels: int = 4, down_ratio: int = 4) -> None:
+        super().__init__()
+        reduced = dim // 4
+        self.down_ratio = down_ratio
+        self.linears = nn.ModuleList(nn.Linear(dim, reduced) for _ in range(num_levels))
+        fused = reduced * num_levels
+        self.linear_fuse = nn.Sequential(nn.Conv2d(fused, dim, 3, padding=1), nn.BatchNorm2d(dim))
+        self.act = nn.GELU()
+        self.last_conv = nn.Conv2d(dim, out_channels, 1)
+
+    def forward(self, patch_maps: Sequence[Tensor], out_size: tuple[int, int]) -> Tensor:
+        """``patch_maps``: per tap (B, D, h, w) (prefix tokens dropped); returns (B, C, H, W) at ``out_size``."""
+        size = (out_size[0] // self.down_ratio, out_size[1] // self.down_ratio)
+        levels = []
+        for linear, m in zip(self.linears, patch_maps, strict=True):
+            y = linear(m.flatten(2).transpose(1, 2)).transpose(1, 2).reshape(m.shape[0], -1, *m.shape[-2:])
+            levels.append(F.interpolate(y, size=size, mode="bilinear", align_corners=False))
+        y = self.last_conv(self.act(self.linear_fuse(torch.cat(levels, dim=1))))
+        return F.interpolate(y, size=tuple(out_size), mode="bilinear", align_corners=False)

@@ -1,0 +1,92 @@
+"""The Stage-2 multi-task model: the PRISM student with the task id as routing context and one head per task."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from huggingface_hub import PyTorchModelHubMixin
+from torch import Tensor, nn
+
+from prism_vfm.models.dense_head import DenseHead
+from prism_vfm.models.prism_vit import PrismViT
+
+# Output channels per task and data set (SPEC §7); the task id is the position in the list.
+DATASET_TASKS: dict[str, dict[str, int]] = {
+    "pascal": {"semseg": 21, "human_parts": 7, "normals": 3, "edge": 1, "sal": 2},
+    "nyud": {"semseg": 40, "normals": 3, "edge": 1, "depth": 1},
+}
+
+
+class PrismMultiTask(
+    nn.Module,
+    PyTorchModelHubMixin,
+    library_name="prism-vfm",
+    tags=["prism", "dense-prediction"],
+    license="mit",
+):
+    """``model(x)`` → {task: (B, C_task, H, W)}: one backbone pass per task (task context), then its head.
+
+    ``student`` holds the backbone, the context tables and (optionally, for the distillation regulariser)
+    the projector heads; ``tasks`` maps task names, in task-id order, to their output channels.
+    """
+
+    def __init__(self, student_args: dict[str, Any], tasks: dict[str, int]) -> None:
+        super().__init__()
+        self.tasks = dict(tasks)
+        self.student = PrismViT(**{**student_args, "num_tasks": len(self.tasks)})
+        n_levels = len(self.student.tap_layers)
+        self.heads = nn.ModuleDict(
+            {t: DenseHead(self.student.embed_dim, c, num_levels=n_levels) for t, c in self.tasks.items()}
+        )
+
+    @property
+    def task_names(self) -> list[str]:
+        return list(self.tasks)
+
+    def task_id(self, task: str) -> int:
+        try:
+            return self.task_names.index(task)
+        except ValueError:
+            raise ValueError(f"unknown task {task!r}; this model has {self.task_names}") from None
+
+    def decode(self, task: str, taps: Sequence[Tensor], out_size: tuple[int, int]) -> Tensor:
+        """Apply ``task``'s head to a pass's taps (B, N, D)."""
+        grid = self.student.grid_size(out_size)
+        return self.heads[task]([self.student.to_maps(t, grid) for t in taps], out_size)
+
+    def forward_task_taps(
+        self, x: Tensor, tasks: Sequence[str] | None = None
+    ) -> tuple[dict[str, list[Tensor]], Tensor]:
+        """Taps of every task pass and the mean load-balancing loss over the passes."""
+        tasks = self.task_names if tasks is None else list(tasks)
+        taps, aux = self.student.forward_contexts(x, [self.task_id(t) for t in tasks], kind="task")
+        b = x.shape[0]
+        return {t: [tap[i * b : (i + 1) * b] for tap in taps] for i, t in enumerate(tasks)}, aux
+
+    def forward(self, x: Tensor, tasks: Sequence[str] | None = None) -> dict[str, Tensor]:
+        """Raw head outputs {task: (B, C, H, W)} for every task (or the given ones)."""
+        per_task, _ = self.forward_task_taps(x, tasks)
+        size = tuple(x.shape[-2:])
+        return {t: self.decode(t, taps, size) for t, taps in per_task.items()}
+
+    @torch.no_grad()
+    def trace(self, x: Tensor) -> dict[str, Any]:
+        """Task outputs under ``"tasks"`` plus, per task, the taps, selected experts and λ of its pass."""
+        tasks = self.task_names
+        per_task, _ = self.forward_task_taps(x, tasks)
+        size = tuple(x.shape[-2:])
+        b = x.shape[0]
+        blocks = self.student.dual_stream_blocks
+        return {
+            "tasks": {t: self.decode(t, per_task[t], size) for t in tasks},
+            "taps": per_task,
+            "topk": {
+                t: [blk.last_routing.indices[i * b : (i + 1) * b] for blk in blocks]
+                for i, t in enumerate(tasks)
+            },
+            "lambda": {
+                t: [blk.last_lambda[i * b : (i + 1) * b] for blk in blocks] for i, t in enumerate(tasks)
+            },
+        }
