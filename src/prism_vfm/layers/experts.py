@@ -10,11 +10,12 @@ Backends for the per-segment MLP (all compute the same function, see ``tests/tes
   default on CUDA where the installed PyTorch supports it for the tensors' dtype.
 * ``padded`` — segments scattered into an (E, capacity, D) buffer and two batched matmuls; the
   capacity is the largest segment (one host synchronisation) unless given.
-* ``loop`` — one matmul per expert on its segment; the plain reference, and fast on the CPU.
+* ``loop`` — one matmul per expert on its segment, with a hand-written backward; the CPU default.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -91,12 +92,79 @@ class GroupedExperts(nn.Module):
         return y[expert_ids, slot]
 
     def _loop(self, x: Tensor, counts: Tensor) -> Tensor:
-        outs = []
-        for e, rows in enumerate(x.split(counts.tolist())):
-            # Empty segments still run so that every expert's parameters take part in the graph.
-            h = F.gelu(torch.addmm(self.b1[e], rows, self.w1[e]))
-            outs.append(torch.addmm(self.b2[e], h, self.w2[e]))
-        return torch.cat(outs)
+        w1, b1, w2, b2 = self.w1, self.b1, self.w2, self.b2
+        if torch.is_autocast_enabled(x.device.type):
+            # A custom autograd function bypasses autocast: cast explicitly, as autocast would for addmm.
+            dtype = torch.get_autocast_dtype(x.device.type)
+            x, w1, b1, w2, b2 = (t.to(dtype) for t in (x, w1, b1, w2, b2))
+        return _SegmentMLP.apply(x, w1, b1, w2, b2, counts.tolist())
+
+
+class _SegmentMLP(torch.autograd.Function):
+    """Expert ``e``'s MLP on the ``e``-th contiguous segment of rows, one matmul per expert and layer.
+
+    Written by hand because autograd through ``w[e]`` (or ``unbind``) assembles the stacked (E, D, H)
+    weight gradients by zero-filling or stacking copies, which costs as much as a tenth of the layer on
+    the CPU; here every expert's gradient is written straight into its slice. Empty segments still get
+    their (zero) gradients, so every parameter takes part in every step (DDP needs that).
+    """
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx,
+        x: Tensor,
+        w1: Tensor,
+        b1: Tensor,
+        w2: Tensor,
+        b2: Tensor,
+        splits: list[int],
+    ) -> Tensor:
+        pre = x.new_empty(x.shape[0], w1.shape[2])
+        y = torch.empty_like(x)
+        segments = _segments(splits)
+        for e, s in segments:
+            torch.addmm(b1[e], x[s], w1[e], out=pre[s])
+        h = F.gelu(pre)
+        for e, s in segments:
+            torch.addmm(b2[e], h[s], w2[e], out=y[s])
+        ctx.save_for_backward(x, w1, w2, pre, h)
+        ctx.segments = segments
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad_y: Tensor) -> tuple[Tensor | None, ...]:
+        x, w1, w2, pre, h = ctx.saved_tensors
+        need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:5]
+        grad_y = grad_y.contiguous()
+        grad_h = torch.empty_like(h)
+        grad_w2 = torch.empty_like(w2) if need_w2 else None
+        grad_b2 = w2.new_empty(w2.shape[0], w2.shape[2]) if need_b2 else None
+        for e, s in ctx.segments:
+            if need_w2:
+                torch.mm(h[s].t(), grad_y[s], out=grad_w2[e])
+            if need_b2:
+                torch.sum(grad_y[s], 0, out=grad_b2[e])
+            torch.mm(grad_y[s], w2[e].t(), out=grad_h[s])
+        grad_pre = torch.ops.aten.gelu_backward(grad_h, pre)
+        del grad_h
+        grad_x = torch.empty_like(x) if need_x else None
+        grad_w1 = torch.empty_like(w1) if need_w1 else None
+        grad_b1 = w1.new_empty(w1.shape[0], w1.shape[2]) if need_b1 else None
+        for e, s in ctx.segments:
+            if need_w1:
+                torch.mm(x[s].t(), grad_pre[s], out=grad_w1[e])
+            if need_b1:
+                torch.sum(grad_pre[s], 0, out=grad_b1[e])
+            if need_x:
+                torch.mm(grad_pre[s], w1[e].t(), out=grad_x[s])
+        return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, None
+
+
+def _segments(splits: list[int]) -> list[tuple[int, slice]]:
+    """(expert, row slice) of every expert's contiguous segment."""
+    ends = list(itertools.accumulate(splits))
+    return [(e, slice(end - n, end)) for e, (n, end) in enumerate(zip(splits, ends))]
 
 
 def grouped_mm_supported(x: Tensor, w: Tensor) -> bool:

@@ -28,7 +28,7 @@ class DenseHead(nn.Module):
         self.last_conv = nn.Conv2d(dim, out_channels, 1)
 
     def forward(self, patch_maps: Sequence[Tensor], out_size: tuple[int, int]) -> Tensor:
-        """``patch_maps``: per tap (B, D, h, w) (prefix tokens dropped); returns (B, C, H, W) at ``out_size``."""
+        """Per-tap (B, D, h, w) patch maps → (B, C, H, W) at ``out_size``."""
         size = (out_size[0] // self.down_ratio, out_size[1] // self.down_ratio)
         levels = []
         for linear, m in zip(self.linears, patch_maps, strict=True):

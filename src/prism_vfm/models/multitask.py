@@ -1,4 +1,4 @@
-"""The Stage-2 multi-task model: the PRISM student with the task id as routing context and one head per task."""
+"""The Stage-2 multi-task model: the student routed by task id, and one decoder head per task."""
 
 from __future__ import annotations
 
