@@ -283,7 +283,7 @@ def test_bad_construction_is_a_clear_error():
 
 
 def test_from_pretrained_fetches_from_the_hub_when_not_a_folder(tmp_path, monkeypatch):
-    import prism_vfm.models.prism_vit as prism_vit
+    import prism_vfm.models.hub as hub
 
     model = tiny_student().eval()
     model.save_pretrained(tmp_path / "snapshot")
@@ -293,7 +293,7 @@ def test_from_pretrained_fetches_from_the_hub_when_not_a_folder(tmp_path, monkey
         asked.update(repo_id=repo_id, filename=filename)
         return str(tmp_path / "snapshot" / filename)
 
-    monkeypatch.setattr(prism_vit, "hf_hub_download", fake_download)
+    monkeypatch.setattr(hub, "hf_hub_download", fake_download)
     # The mixin reads config.json through its own hub download, so hand it the local config too.
     import huggingface_hub.hub_mixin as hub_mixin
 

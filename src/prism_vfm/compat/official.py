@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from prism_vfm.models.multitask import DATASET_TASKS, PrismMultiTask
-from prism_vfm.models.prism_vit import PrismViT, resample_pos_embed
+from prism_vfm.models.prism_vit import PrismViT
 from prism_vfm.utils.io import atomic_torch_save
 
 logger = logging.getLogger(__name__)
@@ -340,10 +340,7 @@ def load_official_multitask(
             f"official Stage-2 checkpoint does not match its model: missing {_short(missing)}; "
             f"unexpected {_short(unexpected)}"
         )
-    pos = state["student.pos_embed"]
-    if pos.shape != targets["student.pos_embed"].shape:
-        state["student.pos_embed"] = resample_pos_embed(pos, model.student.patch_embed.grid_size)
-    model.load_state_dict(state, strict=True, assign=True)
+    model.load_state_dict_resampled(state, strict=True, assign=True)
     logger.info(
         "loaded official Stage-2 checkpoint (tasks %s); unused entries: %s", list(tasks), sorted(ckpt.unused)
     )

@@ -6,11 +6,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from huggingface_hub import PyTorchModelHubMixin
 from torch import Tensor, nn
 
 from prism_vfm.models.dense_head import DenseHead
-from prism_vfm.models.prism_vit import PrismViT
+from prism_vfm.models.hub import HubMixin
+from prism_vfm.models.prism_vit import PrismViT, resample_pos_embed
 
 # Output channels per task and data set (SPEC §7); the task id is the position in the list.
 DATASET_TASKS: dict[str, dict[str, int]] = {
@@ -21,7 +21,7 @@ DATASET_TASKS: dict[str, dict[str, int]] = {
 
 class PrismMultiTask(
     nn.Module,
-    PyTorchModelHubMixin,
+    HubMixin,
     library_name="prism-vfm",
     tags=["prism", "dense-prediction"],
     license="mit",
@@ -40,6 +40,16 @@ class PrismMultiTask(
         self.heads = nn.ModuleDict(
             {t: DenseHead(self.student.embed_dim, c, num_levels=n_levels) for t, c in self.tasks.items()}
         )
+
+    def load_state_dict_resampled(
+        self, state_dict: dict[str, Tensor], strict: bool = True, assign: bool = False
+    ) -> Any:
+        """``load_state_dict`` that first resamples the student's ``pos_embed`` to this model's patch grid."""
+        state_dict = dict(state_dict)
+        pos = state_dict.get("student.pos_embed")
+        if pos is not None and pos.shape != self.student.pos_embed.shape:
+            state_dict["student.pos_embed"] = resample_pos_embed(pos, self.student.patch_embed.grid_size)
+        return self.load_state_dict(state_dict, strict=strict, assign=assign)
 
     @property
     def task_names(self) -> list[str]:

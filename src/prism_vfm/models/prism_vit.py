@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
-from huggingface_hub import PyTorchModelHubMixin, hf_hub_download
-from huggingface_hub.constants import SAFETENSORS_SINGLE_FILE
-from safetensors.torch import load_file
 from timm.layers import resample_abs_pos_embed, trunc_normal_
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from prism_vfm.layers.dual_stream import DualStreamBlock
 from prism_vfm.layers.moe import MoEConfig
+from prism_vfm.models.hub import HubMixin
 
 ContextKind = Literal["teacher", "task"]
 
@@ -32,7 +29,7 @@ class ProjectorHead(nn.Sequential):
 
 class PrismViT(
     VisionTransformer,
-    PyTorchModelHubMixin,
+    HubMixin,
     library_name="prism-vfm",
     tags=["prism", "vision-transformer", "mixture-of-experts", "distillation"],
     license="mit",
@@ -367,42 +364,6 @@ class PrismViT(
                 pos, self.patch_embed.grid_size, self.num_prefix_tokens
             )
         return self.load_state_dict(state_dict, strict=strict, assign=assign)
-
-    @classmethod
-    def _from_pretrained(
-        cls,
-        *,
-        model_id: str,
-        revision: str | None,
-        cache_dir: str | None,
-        force_download: bool,
-        local_files_only: bool,
-        token: str | bool | None,
-        map_location: str = "cpu",
-        strict: bool = True,
-        **model_kwargs: Any,
-    ) -> PrismViT:
-        # Overridden to load strictly and to let ``img_size`` differ from the saved one (pos_embed is
-        # resampled) — the mixin's default loads non-strictly.
-        if os.path.isdir(model_id):
-            path = os.path.join(model_id, SAFETENSORS_SINGLE_FILE)
-            if not os.path.isfile(path):
-                raise FileNotFoundError(
-                    f"{model_id} has no {SAFETENSORS_SINGLE_FILE}; expected a save_pretrained folder"
-                )
-        else:
-            path = hf_hub_download(
-                repo_id=model_id,
-                filename=SAFETENSORS_SINGLE_FILE,
-                revision=revision,
-                cache_dir=cache_dir,
-                force_download=force_download,
-                token=token,
-                local_files_only=local_files_only,
-            )
-        model = cls(**model_kwargs)
-        model.load_state_dict_resampled(load_file(path, device=str(map_location)), strict=strict)
-        return model.eval()
 
 
 def resample_pos_embed(pos_embed: Tensor, grid: Sequence[int], num_prefix_tokens: int = 1) -> Tensor:
