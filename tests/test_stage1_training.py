@@ -64,20 +64,26 @@ def test_short_run_learns_logs_every_term_and_keeps_last_checkpoints(images, tmp
     assert (run / "config.yaml").is_file() and any((run / "tensorboard").iterdir())
 
 
-def _ddp_worker(rank: int, port: int, images: str, out: str) -> None:
+def _ddp_worker(rank: int, port: int, images: str, out: str, fsdp: bool) -> None:
     os.environ.update(
         RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
     )
     torch.set_num_threads(1)
-    train_stage1(tiny_cfg(Path(images), Path(out), ("batch_size", 3), ("max_steps", 4)))
+    common = (("batch_size", 3), ("fsdp", fsdp), ("ckpt_every", 2))
+    if fsdp:  # the sharded run also stops halfway and resumes (sharded optimiser state round trip)
+        train_stage1(tiny_cfg(Path(images), Path(out), *common, ("max_steps", 2)))
+    train_stage1(tiny_cfg(Path(images), Path(out), *common, ("max_steps", 4)), resume=fsdp)
     torch.distributed.destroy_process_group()
 
 
-def test_two_process_ddp_matches_one_process_with_the_same_global_batch(images, tmp_path):
+@pytest.mark.parametrize("engine", ["ddp", "fsdp"])
+def test_two_process_run_matches_one_process_with_the_same_global_batch(images, tmp_path, engine):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(port, str(images), str(tmp_path / "ddp")), nprocs=2, join=True)
+    mp.spawn(
+        _ddp_worker, args=(port, str(images), str(tmp_path / "ddp"), engine == "fsdp"), nprocs=2, join=True
+    )
     torch.set_num_threads(1)
     train_stage1(tiny_cfg(images, tmp_path / "single", ("batch_size", 3), ("accum", 2), ("max_steps", 4)))
     for run in ("ddp", "single"):

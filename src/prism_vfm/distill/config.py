@@ -66,6 +66,9 @@ class Stage1Config:
     keep_last: int = 3
     log_every: int = 20
     max_steps: int = 0  # >0 stops early (smoke runs); the schedule still spans the full epochs
+    fsdp: bool = (
+        False  # shard parameters, gradients and optimiser state (FSDP2) instead of DDP: ViT-L students
+    )
     student: StudentConfig = field(default_factory=StudentConfig)
     teachers: TeacherConfig = field(default_factory=TeacherConfig)
     loss: LossConfig = field(default_factory=LossConfig)

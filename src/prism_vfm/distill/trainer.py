@@ -32,7 +32,16 @@ from prism_vfm.losses.distill import DistillLoss
 from prism_vfm.models.prism_vit import PrismViT
 from prism_vfm.teachers import build_teacher
 from prism_vfm.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from prism_vfm.train.distributed import DistEnv, all_reduce_sum, init_distributed
+from prism_vfm.train.distributed import (
+    DistEnv,
+    all_reduce_sum,
+    full_state,
+    gradient_sync,
+    init_distributed,
+    load_optimizer_state,
+    to_local_scalar,
+    wrap_model,
+)
 from prism_vfm.train.logging import RunLogger
 from prism_vfm.train.schedule import warmup_cosine
 
@@ -97,7 +106,22 @@ def train_stage1(cfg: Stage1Config, resume: bool = False) -> Path:
     ]
     model = build_student(cfg.student, teacher_dims=[t.out_dim for t in teachers]).to(env.device).train()
 
-    # optimiser and per-iteration schedule
+    start_step, saved = 0, None
+    if resume:
+        ckpt = latest_checkpoint(run_dir)
+        if ckpt is None:
+            raise FileNotFoundError(
+                f"--resume: {run_dir} has no checkpoint (looked for {run_dir}/checkpoints/latest)"
+            )
+        weights, saved = load_checkpoint(ckpt)
+        model.load_state_dict(weights, strict=True)
+        start_step = int(saved["step"])
+        if env.is_main:
+            logger.info("resuming %s at step %d", ckpt, start_step)
+    units = [*model.blocks, *(head for heads in (model.projectors or []) for head in heads)]
+    net = wrap_model(model, env, cfg.fsdp, units)
+
+    # optimiser and per-iteration schedule (built after sharding: FSDP replaces the parameters)
     lr = min(cfg.optim.lr * global_batch / cfg.optim.lr_reference_batch, cfg.optim.max_lr)
     groups = param_groups(model, lr, cfg.optim.pretrained_lr_scale, cfg.optim.weight_decay)
     optimizer = torch.optim.AdamW(groups, lr=lr, betas=cfg.optim.betas)
@@ -108,26 +132,10 @@ def train_stage1(cfg: Stage1Config, resume: bool = False) -> Path:
         return warmup_cosine(step, total_steps, warmup, lr, o.warmup_start_lr, o.min_lr) / lr
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    if saved is not None:
+        load_optimizer_state(model, optimizer, saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
 
-    start_step = 0
-    if resume:
-        ckpt = latest_checkpoint(run_dir)
-        if ckpt is None:
-            raise FileNotFoundError(
-                f"--resume: {run_dir} has no checkpoint (looked for {run_dir}/checkpoints/latest)"
-            )
-        state = load_checkpoint(ckpt, model)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_step = int(state["step"])
-        if env.is_main:
-            logger.info("resuming %s at step %d", ckpt, start_step)
-
-    net = (
-        DDP(model, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
-        if env.world_size > 1
-        else model
-    )
     sampler = ShardedBatchSampler(
         len(images), cfg.batch_size, end_step, cfg.seed, env.rank, env.world_size, cfg.accum, start_step
     )
@@ -169,10 +177,7 @@ def train_stage1(cfg: Stage1Config, resume: bool = False) -> Path:
             ctx = _assign(cfg, x.shape[0], len(teachers), step, shard)
             # The student's own randomness (expert dropout, router noise) is tied to (step, shard) too.
             torch.manual_seed(mix_seed(cfg.seed, step, shard, 1))
-            sync = (
-                contextlib.nullcontext() if micro == cfg.accum - 1 or env.world_size == 1 else net.no_sync()
-            )
-            with sync:
+            with gradient_sync(net, micro == cfg.accum - 1):
                 with _autocast(cfg, env.device):
                     taps, aux = net(x, ctx.to(env.device), return_aux=True)
                     student = model.project_by_teacher(taps, ctx, grid)
@@ -184,9 +189,10 @@ def train_stage1(cfg: Stage1Config, resume: bool = False) -> Path:
                     terms = criterion(student, targets)
                     loss = terms["total"] + cfg.loss.lb_weight * aux
                     # Heads of teachers absent from this batch ("single" assignment) join the graph with zero
-                    # weight, so DDP needs no find_unused_parameters.
-                    for t in set(range(len(teachers))) - set(student):
-                        loss = loss + 0.0 * sum(p.sum() for p in model.projectors[t].parameters())
+                    # weight, so DDP needs no find_unused_parameters (FSDP2 needs no such help).
+                    if isinstance(net, DDP):
+                        for t in set(range(len(teachers))) - set(student):
+                            loss = loss + 0.0 * sum(p.sum() for p in model.projectors[t].parameters())
                 (loss / cfg.accum).backward()
             terms["aux"] = aux.detach()
             for k, v in terms.items():
@@ -206,7 +212,7 @@ def train_stage1(cfg: Stage1Config, resume: bool = False) -> Path:
                 {
                     "lr": scheduler.get_last_lr()[0],
                     "images_per_s": rate,
-                    "grad_norm": float(grad_norm),
+                    "grad_norm": to_local_scalar(grad_norm),
                     "data/skipped_images": float(all_reduce_sum(torch.tensor(images.skipped))),
                 }
             )
@@ -217,14 +223,16 @@ def train_stage1(cfg: Stage1Config, resume: bool = False) -> Path:
             )
             tic, seen = time.perf_counter(), 0
         epoch_end = done % steps_per_epoch == 0
-        if env.is_main and (done % cfg.ckpt_every == 0 or epoch_end or done == end_step):
-            state = {
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "step": done,
-                "epoch": done / steps_per_epoch,
-            }
-            save_checkpoint(run_dir, done, model, state, keep_last=cfg.keep_last)
+        if done % cfg.ckpt_every == 0 or epoch_end or done == end_step:
+            weights, optim_state = full_state(model, optimizer)  # collective under FSDP
+            if env.is_main:
+                state = {
+                    "optimizer": optim_state,
+                    "scheduler": scheduler.state_dict(),
+                    "step": done,
+                    "epoch": done / steps_per_epoch,
+                }
+                save_checkpoint(run_dir, done, weights, state, cfg.keep_last, model._hub_mixin_config)
     bar.close()
     log.close()
     if env.is_main and images.skipped:

@@ -23,11 +23,17 @@ from prism_vfm.utils.io import atomic_write
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
+    """Where a run keeps its checkpoints."""
     return Path(run_dir) / "checkpoints"
 
 
 def save_checkpoint(
-    run_dir: Path, step: int, model: torch.nn.Module, state: dict[str, Any], keep_last: int = 3
+    run_dir: Path,
+    step: int,
+    weights: dict[str, torch.Tensor],
+    state: dict[str, Any],
+    keep_last: int = 3,
+    config: dict[str, Any] | None = None,
 ) -> Path:
     """Write checkpoint ``step`` atomically, point ``latest`` at it, keep only the last ``keep_last``."""
     root = checkpoint_dir(run_dir)
@@ -35,9 +41,8 @@ def save_checkpoint(
     final = root / f"step_{step:08d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
     try:
-        tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        tensors = {k: v.detach().contiguous().cpu() for k, v in weights.items()}
         save_file(tensors, tmp / "model.safetensors")
-        config = getattr(model, "_hub_mixin_config", None)
         if config:
             (tmp / "config.json").write_text(json.dumps(config, indent=2))
         torch.save(state, tmp / "state.pt")
@@ -67,10 +72,11 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return path
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module) -> dict[str, Any]:
-    """Load the weights into ``model`` (strict) and return the saved training state."""
-    model.load_state_dict(load_file(path / "model.safetensors"), strict=True)
-    return torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The saved weights and training state of a checkpoint folder."""
+    return load_file(path / "model.safetensors"), torch.load(
+        path / "state.pt", map_location="cpu", weights_only=True
+    )
 
 
 def rng_state() -> dict[str, Any]:

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.nn.parallel import DistributedDataParallel
 
 
 @dataclass(frozen=True)
@@ -42,3 +51,49 @@ def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
         value = value.clone()
         dist.all_reduce(value)
     return value
+
+
+def wrap_model(
+    model: torch.nn.Module, env: DistEnv, fsdp: bool, units: Iterable[torch.nn.Module] = ()
+) -> torch.nn.Module:
+    """DDP (no ``find_unused_parameters``) or FSDP2 sharding for several processes; the model itself for one.
+
+    With ``fsdp``, every module of ``units`` (e.g. the transformer blocks and projector heads) becomes its own
+    FSDP unit and the root holds the rest; parameters are then sharded in place, so the optimiser must be
+    built after this call.
+    """
+    if env.world_size == 1:
+        return model
+    if fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        for unit in units:
+            fully_shard(unit)
+        fully_shard(model)
+        return model
+    return DistributedDataParallel(model, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
+
+
+def gradient_sync(net: torch.nn.Module, enabled: bool) -> contextlib.AbstractContextManager:
+    """Skip the gradient all-reduce on accumulation micro-steps (DDP ``no_sync`` / FSDP2 sync flag)."""
+    if isinstance(net, DistributedDataParallel):
+        return contextlib.nullcontext() if enabled else net.no_sync()
+    if hasattr(net, "set_requires_gradient_sync"):
+        net.set_requires_gradient_sync(enabled)
+    return contextlib.nullcontext()
+
+
+def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """Unsharded model and optimiser state on the CPU (a collective call under FSDP: every rank joins)."""
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=opts), get_optimizer_state_dict(model, optimizer, options=opts)
+
+
+def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, optim: dict) -> None:
+    """Load a full optimiser state from :func:`full_state`; under FSDP every rank keeps its own shard."""
+    set_optimizer_state_dict(model, optimizer, optim, options=StateDictOptions(full_state_dict=True))
+
+
+def to_local_scalar(value: torch.Tensor) -> float:
+    """A Python float of a (possibly distributed) scalar tensor."""
+    return float(value.full_tensor() if hasattr(value, "full_tensor") else value)
