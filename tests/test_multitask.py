@@ -6,7 +6,7 @@ import torch
 
 from prism_vfm import PrismMultiTask
 from prism_vfm.layers.router import load_balancing_loss
-from prism_vfm.models.multitask import DATASET_TASKS
+from prism_vfm.losses.tasks import TASK_OUTPUT_CHANNELS
 from tests.tiny import TINY
 
 ARGS = {k: v for k, v in TINY.items()}
@@ -14,7 +14,7 @@ ARGS = {k: v for k, v in TINY.items()}
 
 def tiny_multitask(**over) -> PrismMultiTask:
     torch.manual_seed(0)
-    model = PrismMultiTask({**ARGS, **over}, DATASET_TASKS["pascal"])
+    model = PrismMultiTask({**ARGS, **over}, TASK_OUTPUT_CHANNELS["pascalcontext"])
     with torch.no_grad():  # task contexts must matter for the test to mean anything
         for block in model.student.dual_stream_blocks:
             block.moe.router.film.weight.normal_(0, 1.0)

@@ -12,12 +12,6 @@ from prism_vfm.models.dense_head import DenseHead
 from prism_vfm.models.hub import HubMixin
 from prism_vfm.models.prism_vit import PrismViT, resample_pos_embed
 
-# Output channels per task and data set (SPEC §7); the task id is the position in the list.
-DATASET_TASKS: dict[str, dict[str, int]] = {
-    "pascal": {"semseg": 21, "human_parts": 7, "normals": 3, "edge": 1, "sal": 2},
-    "nyud": {"semseg": 40, "normals": 3, "edge": 1, "depth": 1},
-}
-
 
 class PrismMultiTask(
     nn.Module,
