@@ -1,4 +1,4 @@
-"""The dual-stream block: attention, then a dense anchor MLP and a conditioned MoE mixed per token (SPEC §3)."""
+"""The dual-stream block: attention, then a dense anchor MLP and a conditioned MoE mixed per token."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ class DualStreamBlock(nn.Module):
         super().__init__()
         for name in ("ls1", "ls2", "drop_path1", "drop_path2"):
             if not isinstance(getattr(block, name, nn.Identity()), nn.Identity):
-                raise ValueError(f"dual-stream blocks take no LayerScale or drop-path, but the block has {name}")
+                raise ValueError(f"dual-stream blocks take no LayerScale or drop-path; the block has {name}")
         dim = block.norm1.normalized_shape[0]
         self.norm1 = block.norm1
         self.attn = block.attn
