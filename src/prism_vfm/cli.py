@@ -86,6 +86,24 @@ def cmd_distill(args: argparse.Namespace) -> None:
     print(f"run saved in {run}")
 
 
+def cmd_finetune(args: argparse.Namespace) -> None:
+    from prism_vfm.config import apply_overrides, load_yaml
+    from prism_vfm.finetune.config import Stage2Config, preset
+    from prism_vfm.finetune.trainer import train_stage2
+
+    cfg = preset(args.preset or {"pascal": "pascal", "nyud": "nyud"}.get(args.dataset or "pascal", "pascal"))
+    if args.config:
+        cfg = load_yaml(Stage2Config, args.config, base=cfg)
+    dataset = {"pascal": "pascalcontext", "nyud": "nyud"}.get(args.dataset) if args.dataset else None
+    direct = [("dataset", dataset), ("data", args.data), ("init", args.init), ("out", args.out)]
+    cfg = apply_overrides(cfg, [(k, v) for k, v in direct if v is not None] + list(args.set))
+    if not cfg.data or not cfg.init:
+        raise SystemExit(
+            "prism finetune: give the data set folder (--data) and a Stage-1 checkpoint (--init)"
+        )
+    print(f"run saved in {train_stage2(cfg, resume=args.resume)}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="prism",
@@ -119,6 +137,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
     p.set_defaults(func=cmd_distill)
+
+    p = sub.add_parser("finetune", help="Stage 2: multi-task fine-tuning on PASCAL-Context or NYUD-v2")
+    p.add_argument("--dataset", choices=["pascal", "nyud"])
+    p.add_argument("--data", help="the PASCALContext/ or NYUDv2/ folder")
+    p.add_argument(
+        "--init", help="Stage-1 checkpoint: a save_pretrained/checkpoint folder or an official .pth"
+    )
+    p.add_argument("--out", help="run folder")
+    p.add_argument("--preset", help="pascal, nyud or tiny (CPU, seconds)")
+    p.add_argument("--config", help="YAML file of configuration keys")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a key (repeatable)"
+    )
+    p.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
+    p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("info", help="architecture and parameter counts of a student")
     p.add_argument("model", help="prism_vit_* model name, save_pretrained folder, or official .pth")

@@ -8,7 +8,6 @@ interrupted and resumed.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
@@ -43,6 +42,7 @@ from prism_vfm.train.distributed import (
     wrap_model,
 )
 from prism_vfm.train.logging import RunLogger
+from prism_vfm.train.precision import autocast
 from prism_vfm.train.schedule import warmup_cosine
 
 logger = logging.getLogger(__name__)
@@ -65,11 +65,6 @@ def param_groups(model: PrismViT, lr: float, pretrained_scale: float, weight_dec
                     }
                 )
     return groups
-
-
-def _autocast(cfg: Stage1Config, device: torch.device) -> contextlib.AbstractContextManager:
-    use_bf16 = cfg.amp == "bf16" or (cfg.amp == "auto" and device.type == "cuda")
-    return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
 
 
 def _assign(cfg: Stage1Config, batch: int, n_teachers: int, step: int, shard: int) -> Tensor:
@@ -178,7 +173,7 @@ def train_stage1(cfg: Stage1Config, resume: bool = False) -> Path:
             # The student's own randomness (expert dropout, router noise) is tied to (step, shard) too.
             torch.manual_seed(mix_seed(cfg.seed, step, shard, 1))
             with gradient_sync(net, micro == cfg.accum - 1):
-                with _autocast(cfg, env.device):
+                with autocast(cfg.amp, env.device):
                     taps, aux = net(x, ctx.to(env.device), return_aux=True)
                     student = model.project_by_teacher(taps, ctx, grid)
                     with torch.no_grad():

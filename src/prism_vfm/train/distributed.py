@@ -90,8 +90,14 @@ def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tupl
 
 
 def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, optim: dict) -> None:
-    """Load a full optimiser state from :func:`full_state`; under FSDP every rank keeps its own shard."""
-    set_optimizer_state_dict(model, optimizer, optim, options=StateDictOptions(full_state_dict=True))
+    """Load a full optimiser state from :func:`full_state`; under FSDP every rank keeps its own shard.
+
+    Parameters that never had a gradient (e.g. the head of a teacher absent so far) have no saved state,
+    exactly as before the interruption.
+    """
+    set_optimizer_state_dict(
+        model, optimizer, optim, options=StateDictOptions(full_state_dict=True, strict=False)
+    )
 
 
 def to_local_scalar(value: torch.Tensor) -> float:

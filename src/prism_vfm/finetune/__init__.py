@@ -1,0 +1,1 @@
+"""Stage 2: multi-task fine-tuning of a distilled student."""

@@ -1,0 +1,78 @@
+"""Stage-2 fine-tuning on a tiny generated PASCAL-Context, from a tiny Stage-1 student."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from prism_vfm import PrismMultiTask
+from prism_vfm.config import apply_overrides
+from prism_vfm.data.tiny_dense import write_tiny_pascal
+from prism_vfm.finetune.config import preset
+from prism_vfm.finetune.trainer import build_multitask, train_stage2
+from prism_vfm.train.checkpoint import latest_checkpoint
+from prism_vfm.train.logging import read_scalars
+from tests.tiny import tiny_student
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stage2")
+    write_tiny_pascal(root / "PASCALContext", n_train=6, n_val=2, size=(40, 48), seed=0)
+    tiny_student(teacher_dims=(32, 24, 16)).save_pretrained(root / "stage1")
+    return root
+
+
+def cfg_for(setup, out, *overrides):
+    base = [("data", str(setup / "PASCALContext")), ("init", str(setup / "stage1")), ("out", str(out))]
+    return apply_overrides(preset("tiny"), base + list(overrides))
+
+
+def test_tiny_finetune_trains_validates_and_checkpoints(setup, tmp_path):
+    run = train_stage2(cfg_for(setup, tmp_path / "run"))
+    records = read_scalars(run)
+    losses = [r["loss/total"] for r in records if "loss/total" in r]
+    assert len(losses) == 6 and all(torch.isfinite(torch.tensor(losses)))
+    last = [r for r in records if "loss/total" in r][-1]
+    for key in [
+        "loss/task/semseg",
+        "loss/task/human_parts",
+        "loss/task/normals",
+        "loss/task/edge",
+        "loss/task/sal",
+        "loss/distill",
+        "loss/aux_tasks",
+        "lr",
+    ]:
+        assert key in last, key
+    val = [r for r in records if any(k.startswith("val/") for k in r)]
+    assert len(val) == 2 and "val/semseg/mIoU" in val[-1]
+    model = PrismMultiTask.from_pretrained(latest_checkpoint(run))
+    assert model.task_names == ["semseg", "human_parts", "normals", "edge", "sal"]
+
+
+def test_resume_continues_exactly(setup, tmp_path):
+    train_stage2(cfg_for(setup, tmp_path / "whole"))
+    train_stage2(cfg_for(setup, tmp_path / "cut", ("max_steps", 3)))
+    train_stage2(cfg_for(setup, tmp_path / "cut"), resume=True)
+    a = load_file(latest_checkpoint(tmp_path / "whole") / "model.safetensors")
+    b = load_file(latest_checkpoint(tmp_path / "cut") / "model.safetensors")
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_init_keeps_the_backbone_and_starts_a_fresh_task_table(setup):
+    cfg = cfg_for(setup, "unused")
+    from prism_vfm.finetune.config import resolved
+
+    model = build_multitask(resolved(cfg), (32, 24, 16))
+    source = tiny_student(teacher_dims=(32, 24, 16))
+    source.load_state_dict(load_file(setup / "stage1" / "model.safetensors"))
+    torch.testing.assert_close(model.student.blocks[1].moe.experts.w1, source.blocks[1].moe.experts.w1)
+    torch.testing.assert_close(model.student.teacher_embed.weight, source.teacher_embed.weight)
+    assert model.student.task_embed.weight.shape == (5, 32)
+    copied = build_multitask(
+        resolved(apply_overrides(cfg, [("task_table_init", "copy_dinov2")])), (32, 24, 16)
+    )
+    torch.testing.assert_close(copied.student.task_embed.weight[3], source.teacher_embed.weight[0])
