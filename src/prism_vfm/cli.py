@@ -104,6 +104,26 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     print(f"run saved in {train_stage2(cfg, resume=args.resume)}")
 
 
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from prism_vfm.evaluate import evaluate
+
+    baselines = json.loads(Path(args.baselines).read_text()) if args.baselines else None
+    dataset = {"pascal": "pascalcontext", "nyud": "nyud"}[args.dataset]
+    result = evaluate(
+        args.checkpoint,
+        dataset,
+        args.data,
+        split=args.split,
+        out=args.out,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        baselines=baselines,
+        save_edges=args.save_edges,
+        device=args.device,
+    )
+    print(json.dumps({"scores": result["scores"], "delta_m": result["delta_m"]}, indent=2))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="prism",
@@ -152,6 +172,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
     p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser(
+        "evaluate", help="per-task metrics (odsF included, no MATLAB) and Δm of a multi-task model"
+    )
+    p.add_argument(
+        "--checkpoint", required=True, help="Stage-2 checkpoint folder or an official Stage-2 .pth"
+    )
+    p.add_argument("--dataset", required=True, choices=["pascal", "nyud"])
+    p.add_argument("--data", required=True, help="the PASCALContext/ or NYUDv2/ folder")
+    p.add_argument("--split", default="val")
+    p.add_argument("--out", help="folder for metrics.json, metrics.md (and edge/ PNGs with --save-edges)")
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--workers", type=int, help="processes for the boundary evaluation (default: all CPUs)")
+    p.add_argument(
+        "--baselines", help="JSON file {task: single-task score} for Δm (default: the paper's ViT-B)"
+    )
+    p.add_argument("--save-edges", action="store_true", help="write the edge maps as PNGs (what SEISM reads)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("info", help="architecture and parameter counts of a student")
     p.add_argument("model", help="prism_vit_* model name, save_pretrained folder, or official .pth")

@@ -1,0 +1,134 @@
+"""Evaluate a multi-task model on a split exactly as the paper does (SPEC §9), without MATLAB.
+
+Pixel metrics are pooled over the whole split; boundaries go through the SEISM protocol (NMS, thinning,
+the BSDS matcher) in worker processes; Δm is taken against the published single-task baselines or the
+user's. Results are written as JSON and as a Markdown table.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from prism_vfm.compat.official import load_official_multitask
+from prism_vfm.data.dense_transforms import DEFAULT_INPUT_SIZE, DenseTestTransform
+from prism_vfm.data.nyud import NYUDv2
+from prism_vfm.data.pascal_context import PascalContext
+from prism_vfm.metrics.boundary import BoundaryMeter, edge_logits_to_uint8
+from prism_vfm.metrics.multitask import HEADLINE_METRICS, SINGLE_TASK_BASELINES, MultiTaskMeter, delta_m
+from prism_vfm.models.multitask import PrismMultiTask
+
+DATASETS = {"pascalcontext": PascalContext, "nyud": NYUDv2}
+BOUNDARY_PROTOCOL = {"pascalcontext": "pascal", "nyud": "nyud"}
+
+
+def load_multitask(checkpoint: str | Path, img_size: tuple[int, int]) -> PrismMultiTask:
+    """A multi-task model built for ``img_size``: our folder (``config.json`` + ``model.safetensors``, e.g. a
+    run checkpoint) or an official Stage-2 ``.pth``."""
+    path = Path(checkpoint)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path} has no config.json: expected a Stage-2 checkpoint folder")
+        config = json.loads((path / "config.json").read_text())
+        if "student_args" not in config:
+            raise ValueError(f"{path} holds a Stage-1 student, not a multi-task model (no decoder heads)")
+        model = PrismMultiTask({**config["student_args"], "img_size": tuple(img_size)}, config["tasks"])
+        model.load_state_dict_resampled(load_file(path / "model.safetensors"), strict=True)
+        return model.eval()
+    if path.is_file():
+        return load_official_multitask(path, img_size=tuple(img_size))
+    raise FileNotFoundError(f"checkpoint {path} does not exist")
+
+
+@torch.no_grad()
+def evaluate(
+    checkpoint: str | Path,
+    dataset: str,
+    data: str | Path,
+    split: str = "val",
+    out: str | Path | None = None,
+    batch_size: int = 2,
+    workers: int | None = None,
+    baselines: Mapping[str, float] | None = None,
+    save_edges: bool = False,
+    device: str = "cpu",
+    img_size: tuple[int, int] | None = None,
+) -> dict[str, Any]:
+    """Scores of every task (edge: odsF, oisF, AP), Δm, written to ``out`` as JSON and Markdown.
+
+    Images are padded (never resized) to ``img_size`` (default: the data set's evaluation size) and the
+    metrics are taken on the padded prediction with the padding ignored, as in the paper.
+    """
+    if dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {dataset!r}; expected one of {sorted(DATASETS)}")
+    size = tuple(img_size) if img_size else DEFAULT_INPUT_SIZE[dataset]
+    model = load_multitask(checkpoint, size).to(device)
+    tasks = model.task_names
+    reader = DATASETS[dataset](data, split, tasks, DenseTestTransform(size))
+    meter = MultiTaskMeter(dataset, [t for t in tasks if t != "edge"])
+    boundaries = BoundaryMeter(BOUNDARY_PROTOCOL[dataset], workers=workers) if "edge" in tasks else None
+    out_dir = Path(out) if out is not None else None
+    if save_edges and out_dir is not None:
+        (out_dir / "edge").mkdir(parents=True, exist_ok=True)
+    loader = DataLoader(reader, batch_size=batch_size, num_workers=0, collate_fn=_collate)
+    for batch in tqdm(loader, desc=f"evaluate {split}", unit="batch"):
+        outputs = model(batch["image"].to(device))
+        meter.update(
+            {t: o.float() for t, o in outputs.items() if t != "edge"},
+            {t: batch[t].to(device) for t in tasks if t != "edge"},
+        )
+        if boundaries is not None:
+            ids = [m["id"] for m in batch["meta"]]
+            sizes = [tuple(m["size"]) for m in batch["meta"]]
+            truth = [
+                reader.label_map(i) if dataset == "pascalcontext" else reader.boundary_gt(i) for i in ids
+            ]
+            boundaries.update(outputs["edge"].float(), truth, sizes)
+            if save_edges and out_dir is not None:
+                for i, edge in zip(ids, edge_logits_to_uint8(outputs["edge"].float(), sizes), strict=True):
+                    Image.fromarray(edge).save(out_dir / "edge" / f"{i}.png")
+    scores: dict[str, Any] = {t: dict(s) for t, s in meter.compute().items()}
+    if boundaries is not None:
+        b = boundaries.compute()
+        scores["edge"] = {k: float(v) for k, v in b.items() if np.ndim(v) == 0}
+    base = dict(baselines) if baselines is not None else SINGLE_TASK_BASELINES[dataset]["vit_b"]
+    result = {
+        "dataset": dataset,
+        "split": split,
+        "checkpoint": str(checkpoint),
+        "images": len(reader),
+        "scores": scores,
+        "delta_m": delta_m(scores, base),
+        "baselines": base,
+    }
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "metrics.json").write_text(json.dumps(result, indent=2))
+        (out_dir / "metrics.md").write_text(markdown_table(result))
+    return result
+
+
+def markdown_table(result: Mapping[str, Any]) -> str:
+    """One row of headline metrics and Δm, the way the paper's tables read."""
+    scores = result["scores"]
+    names = list(scores)
+    header = "| " + " | ".join(f"{t} ({HEADLINE_METRICS[t]})" for t in names) + " | Δm |"
+    rule = "|" + "---|" * (len(names) + 1)
+    row = "| " + " | ".join(f"{scores[t][HEADLINE_METRICS[t]]:.2f}" for t in names)
+    row += f" | {result['delta_m']:.2f} |"
+    return f"{result['dataset']} {result['split']} ({result['images']} images)\n\n{header}\n{rule}\n{row}\n"
+
+
+def _collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    out = {k: torch.stack([s[k] for s in samples]) for k in samples[0] if k != "meta"}
+    out["meta"] = [s["meta"] for s in samples]
+    return out

@@ -1,0 +1,293 @@
+"""Boundary odsF / oisF / AP (SPEC §9): ground-truth boundaries, NMS, matching, pooling and the meter."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from scipy import ndimage
+
+pytest.importorskip("pyEdgeEval", reason="boundary evaluation needs the eval extra (pyEdgeEval)")
+
+from prism_vfm.metrics.boundary import (  # noqa: E402
+    THRESHOLDS,
+    BoundaryMeter,
+    boundary_ground_truth,
+    boundary_scores,
+    count_boundaries,
+    edge_logits_to_uint8,
+    edge_nms,
+    evaluate_boundaries,
+    evaluate_edge_folder,
+    image_counts,
+    seg2bmap,
+)
+
+PASCAL, NYUD = 0.0075, 0.011  # on 64 x 80 images: 0.77 px (exact position only) and 1.13 px
+SIZE = (64, 80)
+# The BSDS matcher routes unmatched pixels through a sparse random graph of outlier edges, which at times
+# leaves a correct pixel or two unmatched (even between identical maps, in MATLAB as here): scores of exact
+# predictions are checked to within this many points.
+MATCHER_SLACK = 2.0
+
+
+def rectangles() -> np.ndarray:
+    """A label map with two nested rectangles, boundaries well inside the image."""
+    labels = np.zeros(SIZE, dtype=np.int64)
+    labels[12:52, 15:65] = 1
+    labels[24:40, 30:50] = 2
+    return labels
+
+
+def as_edge(boundaries: np.ndarray) -> np.ndarray:
+    return boundaries.astype(np.uint8) * 255
+
+
+def scalars(scores: dict) -> dict:
+    return {k: v for k, v in scores.items() if np.ndim(v) == 0}
+
+
+def relabel_connected(labels: np.ndarray) -> np.ndarray:
+    """SEISM's relabelling: every 4-connected region of every class gets its own id."""
+    out = np.zeros(labels.shape, dtype=np.int64)
+    next_id = 0
+    for value in np.unique(labels):
+        regions, count = ndimage.label(labels == value)
+        out[regions > 0] = regions[regions > 0] + next_id
+        next_id += count
+    return out
+
+
+def test_thresholds_are_the_99_hundredths_as_matlab_parses_them():
+    assert THRESHOLDS.shape == (99,)
+    np.testing.assert_array_equal(THRESHOLDS, [float(f"0.{k:02d}") for k in range(1, 100)])
+
+
+def test_seg2bmap_marks_a_pixel_differing_from_its_east_south_or_south_east_neighbour():
+    # Only the south-east neighbour differs at (0, 0); the last column compares south, the last row east.
+    np.testing.assert_array_equal(seg2bmap(np.array([[1, 1], [1, 2]])), [[1, 1], [1, 0]])
+    labels = np.array(
+        [
+            [1, 1, 2, 2],
+            [1, 1, 2, 2],
+            [3, 3, 3, 3],
+        ]
+    )
+    expected = np.array(
+        [
+            [0, 1, 0, 0],
+            [1, 1, 1, 1],
+            [0, 0, 0, 0],
+        ]
+    )
+    np.testing.assert_array_equal(seg2bmap(labels), expected)
+
+
+def test_disconnected_regions_of_one_class_are_separated_only_where_another_label_lies_between():
+    # Two class-1 regions that touch only diagonally at (1, 1)-(2, 2), likewise two class-2 regions.
+    labels = np.array(
+        [
+            [1, 1, 2, 2],
+            [1, 1, 2, 2],
+            [2, 2, 1, 1],
+            [2, 2, 1, 1],
+        ]
+    )
+    expected = np.array(
+        [
+            [0, 1, 0, 0],
+            [1, 1, 1, 1],
+            [0, 1, 0, 0],
+            [0, 1, 0, 0],
+        ]
+    )
+    relabelled = relabel_connected(labels)
+    assert len(np.unique(relabelled)) == 4
+    np.testing.assert_array_equal(seg2bmap(relabelled), expected)
+    np.testing.assert_array_equal(seg2bmap(labels), expected)
+
+
+def test_connected_relabelling_never_changes_the_boundary_map():
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        labels = rng.integers(0, rng.integers(2, 5), size=(9, 11))
+        np.testing.assert_array_equal(seg2bmap(relabel_connected(labels)), seg2bmap(labels))
+
+
+def test_ground_truth_is_thinned_and_a_bool_map_is_taken_as_boundaries():
+    labels = rectangles()
+    boundaries = boundary_ground_truth(labels)
+    assert boundaries.dtype == bool
+    # seg2bmap's corners are L-shaped; thinning cuts each to a diagonal step.
+    assert boundaries.sum() < seg2bmap(labels).sum()
+    np.testing.assert_array_equal(boundary_ground_truth(boundaries), boundaries)
+    np.testing.assert_array_equal(boundary_ground_truth(seg2bmap(labels)), boundaries)
+
+
+def test_nms_keeps_the_ridge_of_a_thick_edge_and_fades_the_image_border():
+    edge = np.zeros(SIZE, dtype=np.uint8)
+    edge[:, 38:43] = [100, 200, 255, 200, 100]
+    suppressed = edge_nms(edge)
+    assert suppressed.dtype == np.uint8
+    assert np.flatnonzero(suppressed[SIZE[0] // 2]).tolist() == [40]
+    assert not suppressed[0].any() and not suppressed[-1].any()
+    assert 0 < suppressed[2, 40] < suppressed[SIZE[0] // 2, 40]
+
+
+def test_a_perfect_prediction_scores_100():
+    labels = rectangles()
+    boundaries = boundary_ground_truth(labels)
+    scores = evaluate_boundaries([as_edge(boundaries)], [labels], PASCAL, workers=0)
+    assert scores["odsF"] == pytest.approx(100.0, abs=MATCHER_SLACK)
+    assert scores["oisF"] == pytest.approx(100.0, abs=MATCHER_SLACK)
+    best = int(np.flatnonzero(THRESHOLDS == scores["odsThreshold"])[0])
+    assert scores["total_pred"][best] == scores["total_gt"][best] == boundaries.sum()
+
+
+def test_a_one_pixel_shift_within_the_tolerance_still_scores_about_100():
+    labels = rectangles()
+    shifted = as_edge(np.roll(boundary_ground_truth(labels), 1, axis=1))
+    assert evaluate_boundaries([shifted], [labels], NYUD, workers=0)["odsF"] > 100.0 - 2 * MATCHER_SLACK
+    # At PASCAL's tolerance (under a pixel here) the shifted vertical sides no longer match.
+    assert evaluate_boundaries([shifted], [labels], PASCAL, workers=0)["odsF"] < 75.0
+
+
+def test_a_shift_far_beyond_the_tolerance_scores_0():
+    ground_truth = np.zeros(SIZE, dtype=bool)
+    ground_truth[10:54, 30] = True
+    prediction = np.zeros(SIZE, dtype=np.uint8)
+    prediction[10:54, 40] = 255
+    scores = evaluate_boundaries([prediction], [ground_truth], NYUD, workers=0)
+    assert scalars(scores) == pytest.approx({"odsF": 0.0, "oisF": 0.0, "AP": 0.0, "odsThreshold": 0.01})
+
+
+def test_an_empty_prediction_scores_0_without_nan():
+    labels = rectangles()
+    scores = evaluate_boundaries([np.zeros(SIZE, dtype=np.uint8)], [labels], PASCAL, workers=0)
+    assert scalars(scores) == pytest.approx({"odsF": 0.0, "oisF": 0.0, "AP": 0.0, "odsThreshold": 0.01})
+    assert scores["matched_pred"].sum() == 0 and scores["total_pred"].sum() == 0
+    assert (scores["total_gt"] == boundary_ground_truth(labels).sum()).all()
+
+
+def test_half_the_prediction_on_half_the_ground_truth_gives_precision_recall_and_f_of_one_half():
+    # Two 44-pixel ground-truth segments; one predicted exactly, the other predicted 20 px away.
+    ground_truth = np.zeros(SIZE, dtype=bool)
+    ground_truth[10:54, 20] = ground_truth[10:54, 40] = True
+    prediction = np.zeros(SIZE, dtype=np.uint8)
+    prediction[10:54, 20] = prediction[10:54, 60] = 255
+    counts = image_counts(prediction, ground_truth, PASCAL)
+    at = int(np.flatnonzero(THRESHOLDS == 0.2)[0])
+    matched_gt, total_gt, matched_pred, total_pred = counts[:, at]
+    assert (total_gt, total_pred) == (88, 88) and matched_gt == matched_pred and 43 <= matched_gt <= 44
+    # Below 0.13 the smoothed segment ends (32/255) survive NMS too: 4 more, unmatched, predicted pixels.
+    assert counts[3, 0] == 92
+    scores = boundary_scores(counts[None])
+    assert scores["odsF"] == pytest.approx(50.0, abs=MATCHER_SLACK / 2)
+    assert scores["oisF"] == pytest.approx(50.0, abs=MATCHER_SLACK / 2)
+
+
+def test_an_image_without_ground_truth_counts_its_predictions_as_false_positives():
+    labels = rectangles()
+    perfect = as_edge(boundary_ground_truth(labels))
+    blank = np.zeros(SIZE, dtype=np.int64)
+    alone = evaluate_boundaries([perfect], [blank], PASCAL, workers=0)
+    assert alone["odsF"] == 0.0 and alone["total_gt"].sum() == 0
+    pooled = evaluate_boundaries([perfect, perfect], [labels, blank], PASCAL, workers=0)
+    assert pooled["odsF"] == pytest.approx(100 * 2 * 0.5 / 1.5, abs=MATCHER_SLACK)  # precision 1/2, recall 1
+
+
+def test_pooled_scores_differ_from_a_mean_of_per_image_scores():
+    labels = rectangles()
+    perfect = as_edge(boundary_ground_truth(labels))
+    small = np.zeros(SIZE, dtype=np.int64)
+    small[30:34, 30:34] = 1
+    counts = count_boundaries([perfect, np.zeros(SIZE, np.uint8)], [labels, small], PASCAL, workers=0)
+    pooled = boundary_scores(counts)["odsF"]
+    mean = (boundary_scores(counts[:1])["odsF"] + boundary_scores(counts[1:])["odsF"]) / 2
+    assert pooled > 90.0 and mean == pytest.approx(50.0, abs=MATCHER_SLACK)
+
+
+def test_ods_ois_and_ap_follow_seism_on_hand_made_counts():
+    # Image A is right below threshold 0.5 and predicts nothing above; image B over-predicts below.
+    low = THRESHOLDS < 0.505
+    a = np.where(low, [[10], [10], [10], [10]], [[0], [10], [0], [0]])
+    b = np.where(low, [[10], [10], [10], [40]], [[10], [10], [10], [10]])
+    scores = boundary_scores(np.stack([a, b]))
+    # Pooled: below, recall 1 and precision 20/50 (F 4/7); above, recall 1/2 and precision 1 (F 2/3).
+    assert scores["odsF"] == pytest.approx(100 * 2 / 3)
+    assert scores["odsThreshold"] == 0.51
+    # Each image at its own best threshold is perfect.
+    assert scores["oisF"] == pytest.approx(100.0)
+    # Precision interpolated between (recall 1/2, precision 1) and (1, 0.4) at recall 0.50, 0.51, ..., 1.00,
+    # summed and divided by 100: sum_i (1 - 0.012 i) / 100 over i = 0..50.
+    assert scores["AP"] == pytest.approx(35.7)
+    np.testing.assert_array_equal(scores["total_pred"], np.where(low, 50, 10))
+
+
+def noisy_images(count: int, seed: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    edges, labels = [], []
+    for _ in range(count):
+        label = ndimage.zoom(rng.integers(0, 3, size=(4, 5)), 16, order=0)
+        soft = ndimage.gaussian_filter(seg2bmap(label).astype(float), 1.0) * 3
+        soft += 0.3 * ndimage.gaussian_filter(rng.random(SIZE), 2.0)
+        edges.append((np.clip(soft, 0, 1) * 255).astype(np.uint8))
+        labels.append(label)
+    return edges, labels
+
+
+def test_parallel_and_single_process_counts_are_identical():
+    edges, labels = noisy_images(4, seed=1)
+    single = count_boundaries(edges, labels, NYUD, workers=0, progress=False)
+    parallel = count_boundaries(edges, labels, NYUD, workers=2, progress=False)
+    np.testing.assert_array_equal(single, parallel)
+    assert single[:, 3].sum() > 0 and (single[:, 0] <= single[:, 1]).all()
+
+
+def test_logits_become_truncated_uint8_cropped_from_the_centred_padding():
+    # 4 x 6 content centred in 7 x 9: margins 1 / 2 rows and 1 / 2 columns (extra at bottom / right).
+    logits = torch.full((1, 1, 7, 9), -20.0)
+    logits[0, 0, 1:5, 1:7] = torch.logit(torch.tensor(127.9 / 255))
+    (edge,) = edge_logits_to_uint8(logits, [(4, 6)])
+    assert edge.dtype == np.uint8 and edge.shape == (4, 6)
+    assert (edge == 127).all()
+
+
+def test_meter_streams_updates_and_evaluates_each_image_once():
+    labels = rectangles()
+    boundaries = boundary_ground_truth(labels)
+    logits = torch.full((2, 1, 70, 84), -20.0)  # padded: margins 3 rows and 2 columns
+    logits[:, 0, 3:67, 2:82] = torch.from_numpy(np.where(boundaries, 20.0, -20.0))
+    meter = BoundaryMeter("nyud", workers=0, progress=False)
+    meter.update(logits[:1], [torch.from_numpy(labels)], [SIZE])
+    assert len(meter.pending) == 1 and meter.pending[0][1].dtype == bool
+    assert meter.compute()["odsF"] == pytest.approx(100.0, abs=MATCHER_SLACK)
+    meter.update(logits[1:], [boundaries], [SIZE])
+    assert meter.counts.shape == (1, 4, 99) and len(meter.pending) == 1
+    scores = meter.compute()
+    assert meter.counts.shape == (2, 4, 99) and not meter.pending
+    assert scores["odsF"] == pytest.approx(100.0, abs=MATCHER_SLACK)
+    np.testing.assert_array_equal(meter.counts[0], meter.counts[1])
+    meter.reset()
+    assert meter.counts.shape == (0, 4, 99) and meter.compute()["odsF"] == 0.0
+
+
+def test_meter_rejects_a_ground_truth_of_another_size_and_an_unknown_dataset():
+    meter = BoundaryMeter("pascal", workers=0, progress=False)
+    with pytest.raises(ValueError, match="original size"):
+        meter.update(torch.zeros(1, 1, 64, 80), [np.zeros((60, 80), dtype=np.int64)], [SIZE])
+    with pytest.raises(ValueError, match="unknown dataset"):
+        BoundaryMeter("cityscapes")
+
+
+def test_a_folder_of_edge_pngs_scores_like_the_arrays(tmp_path):
+    edges, labels = noisy_images(2, seed=2)
+    for i, edge in enumerate(edges):
+        Image.fromarray(edge).save(tmp_path / f"img{i}.png")
+    by_id = {f"img{i}": label for i, label in enumerate(labels)}
+    from_folder = evaluate_edge_folder(tmp_path, by_id.__getitem__, "nyud", workers=0, progress=False)
+    from_arrays = evaluate_boundaries(edges, labels, NYUD, workers=0, progress=False)
+    for key in ("matched_gt", "total_gt", "matched_pred", "total_pred"):
+        np.testing.assert_array_equal(from_folder[key], from_arrays[key])
+    assert from_folder["odsF"] == from_arrays["odsF"]

@@ -1,0 +1,56 @@
+"""prism evaluate: every metric (odsF too), Δm, JSON and Markdown, for our checkpoints and official files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from prism_vfm import PrismMultiTask
+from prism_vfm.compat.official import ours_to_official
+from prism_vfm.data.tiny_dense import write_tiny_nyud, write_tiny_pascal
+from prism_vfm.evaluate import evaluate, load_multitask
+from prism_vfm.losses.tasks import TASK_OUTPUT_CHANNELS
+from tests.tiny import TINY
+
+
+def tiny_model(dataset: str, **over) -> PrismMultiTask:
+    torch.manual_seed(0)
+    return PrismMultiTask({**TINY, "img_size": (48, 64), **over}, TASK_OUTPUT_CHANNELS[dataset]).eval()
+
+
+@pytest.mark.parametrize("dataset, writer", [("pascalcontext", write_tiny_pascal), ("nyud", write_tiny_nyud)])
+def test_evaluate_writes_all_metrics_and_delta_m(tmp_path, dataset, writer):
+    root = tmp_path / "data"
+    writer(root, n_train=2, n_val=3, size=(40, 48), seed=1)
+    model = tiny_model(dataset)
+    model.save_pretrained(tmp_path / "ckpt")
+    result = evaluate(
+        tmp_path / "ckpt", dataset, root, out=tmp_path / "eval", workers=1, img_size=(48, 64), save_edges=True
+    )
+    assert result["images"] == 3
+    assert set(result["scores"]) == set(TASK_OUTPUT_CHANNELS[dataset])
+    edge = result["scores"]["edge"]
+    assert {"odsF", "oisF", "AP"} <= set(edge) and 0 <= edge["odsF"] <= 100
+    saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert saved["delta_m"] == pytest.approx(result["delta_m"])
+    assert "Δm" in (tmp_path / "eval" / "metrics.md").read_text()
+    assert len(list((tmp_path / "eval" / "edge").glob("*.png"))) == 3
+
+
+def test_evaluate_accepts_an_official_stage2_file(tmp_path):
+    root = tmp_path / "data"
+    write_tiny_pascal(root, n_train=2, n_val=2, size=(40, 48), seed=2)
+    # Official files record neither the head count nor top-k: a standard width and the released top-3.
+    model = tiny_model("pascalcontext", embed_dim=192, num_heads=3, top_k=3)
+    state = {"backbone." + k: v for k, v in ours_to_official(model.student).items()}
+    state.update({f"heads.{k}": v for k, v in model.heads.state_dict().items()})
+    path = tmp_path / "official_stage2.pth"
+    torch.save({"model": state}, path)
+    loaded = load_multitask(path, (48, 64))
+    x = torch.randn(1, 3, 48, 64)
+    for task, out in model(x).items():
+        torch.testing.assert_close(loaded(x)[task], out, rtol=1e-5, atol=1e-5)
+    official = evaluate(path, "pascalcontext", root, workers=1, img_size=(48, 64))
+    assert set(official["scores"]) == set(TASK_OUTPUT_CHANNELS["pascalcontext"])
