@@ -64,3 +64,13 @@ def test_save_and_load_pretrained(tmp_path):
     again = PrismMultiTask.from_pretrained(tmp_path / "mt")
     x = torch.randn(1, 3, 32, 32)
     torch.testing.assert_close(again(x)["normals"], model(x)["normals"], rtol=0, atol=0)
+
+
+def test_batched_load_balancing_is_the_mean_over_task_passes():
+    # Without expert dropout and router noise, training-mode routing is deterministic and comparable.
+    model = tiny_multitask(expert_dropout=0.0, noisy_gating=False).train()
+    x = torch.randn(2, 3, 32, 32)
+    _, aux = model.forward_task_taps(x)
+    separate = torch.stack([model.student(x, i, kind="task", return_aux=True)[1] for i in range(5)]).mean()
+    torch.testing.assert_close(aux, separate, rtol=1e-5, atol=1e-7)
+    assert aux > 0

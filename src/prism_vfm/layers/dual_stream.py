@@ -8,7 +8,7 @@ from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
 from prism_vfm.layers.moe import ConditionedMoE, MoEConfig
-from prism_vfm.layers.router import Routing
+from prism_vfm.layers.router import Routing, load_balancing_loss
 
 
 class DualStreamBlock(nn.Module):
@@ -56,3 +56,35 @@ class DualStreamBlock(nn.Module):
         self.last_routing = Routing(routing.logits.detach(), routing.indices, routing.weights.detach())
         self.last_lambda = lam.detach()
         return x + torch.lerp(moe_out, self.anchor(u), lam), aux
+
+    def forward_contexts(self, x: Tensor, cond: Tensor, passes: int) -> tuple[Tensor, Tensor]:
+        """``passes`` context passes over the same tokens ``x`` (B, N, D); ``cond`` is (passes·B, D),
+        context-major. Returns (passes·B, N, D) and the load-balancing loss averaged over the passes.
+
+        Everything that does not depend on the context — attention, λ, the anchor, the shared expert and
+        the router's input gate — is computed once; only the routing and the routed experts run per pass.
+        """
+        x = x + self.attn(self.norm1(x))
+        u = self.norm2(x)
+        lam = self.mixing_weight(u)
+        anchor = self.anchor(u)
+        moe = self.moe
+        shared = moe.shared(u) if moe.shared is not None else None
+
+        def rep(t: Tensor) -> Tensor:
+            return t.repeat(passes, 1, 1)
+
+        u_all = rep(u)
+        routing = moe.router(u_all, cond, gate=rep(moe.router.input_gate_of(u)))
+        moe_out = moe.routed(u_all, routing.indices, routing.weights)
+        if shared is not None:
+            moe_out = moe_out + rep(shared)
+        if self.training and moe.cfg.lb_coef:
+            aux = moe.cfg.lb_coef * load_balancing_loss(
+                routing.logits, routing.indices, routing.weights, groups=passes
+            )
+        else:
+            aux = x.new_zeros(())
+        self.last_routing = Routing(routing.logits.detach(), routing.indices, routing.weights.detach())
+        self.last_lambda = rep(lam).detach()
+        return rep(x) + torch.lerp(moe_out, rep(anchor), rep(lam)), aux

@@ -55,15 +55,23 @@ class ConditionedRouter(nn.Module):
         nn.init.zeros_(self.film.weight)
         nn.init.zeros_(self.film.bias)
 
-    def fused_input(self, u: Tensor, cond: Tensor) -> Tensor:
-        """The conditioned router input ``h`` (B, N, D) for tokens (B, N, D) and contexts (B, D)."""
+    def fused_input(self, u: Tensor, cond: Tensor, gate: Tensor | None = None) -> Tensor:
+        """The conditioned router input ``h`` (B, N, D) for tokens (B, N, D) and contexts (B, D).
+
+        ``gate`` is ``σ(W_s u + b_s)`` when already computed: it does not depend on the context, so
+        several context passes over the same tokens can share it.
+        """
         gamma, beta = self.film(cond).unsqueeze(1).chunk(2, dim=-1)
-        s = torch.sigmoid(self.input_gate(u))
+        s = self.input_gate_of(u) if gate is None else gate
         # u + s·(f − u) with f − u = γ·u + β.
         return torch.addcmul(u, s, torch.addcmul(beta, gamma, u))
 
-    def forward(self, u: Tensor, cond: Tensor) -> Routing:
-        h = self.fused_input(u, cond)
+    def input_gate_of(self, u: Tensor) -> Tensor:
+        """The context-free fusion gate ``σ(W_s u + b_s)``."""
+        return torch.sigmoid(self.input_gate(u))
+
+    def forward(self, u: Tensor, cond: Tensor, gate: Tensor | None = None) -> Routing:
+        h = self.fused_input(u, cond, gate)
         z = self.gate(h)
         if self.training:
             if self.expert_dropout > 0:

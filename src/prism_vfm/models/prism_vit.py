@@ -193,8 +193,9 @@ class PrismViT(
     ) -> tuple[list[Tensor], Tensor]:
         """One pass per context id (for the whole batch), batched context-major as (T·B, N, D) taps.
 
-        The blocks before the first dual-stream block do not depend on the context: they run once and
-        their output is shared by all passes. The load-balancing loss is balanced per pass and averaged.
+        Nothing before the first dual-stream block's routing depends on the context: the blocks before it,
+        and its attention, λ, anchor, shared expert and router input gate, run once for all passes. The
+        load-balancing loss is balanced per pass and averaged.
         """
         t, b = len(contexts), x.shape[0]
         self._check_images(x)
@@ -202,14 +203,20 @@ class PrismViT(
         ids = self._check_context(ids.to(x.device), t * b, kind, x.device)
         self._last_context = (ids, kind)
         first = self.moe_layers[0]
+        cond = self.context_table(kind)(ids)
         h = self._embed(x)
-        prefix: list[Tensor] = []
+        taps: list[Tensor] = []
         for i, block in enumerate(self.blocks[:first]):
             h = block(h)
             if i in self.tap_layers:
-                prefix.append(self.norm(h).repeat(t, 1, 1))
-        taps, aux = self._run_blocks(h.repeat(t, 1, 1), self.context_table(kind)(ids), first, lb_groups=t)
-        return prefix + taps, aux / t
+                taps.append(self.norm(h).repeat(t, 1, 1))
+        h, aux = self.blocks[first].forward_contexts(h, cond, t)
+        if first in self.tap_layers:
+            taps.append(self.norm(h))
+        if first < self.tap_layers[-1]:
+            rest, rest_aux = self._run_blocks(h, cond, first + 1, lb_groups=t)
+            taps, aux = taps + rest, aux + rest_aux
+        return taps, aux
 
     def _embed(self, x: Tensor) -> Tensor:
         return self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
