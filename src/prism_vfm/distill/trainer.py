@@ -34,6 +34,7 @@ from prism_vfm.train.checkpoint import latest_checkpoint, load_checkpoint, save_
 from prism_vfm.train.distributed import (
     DistEnv,
     all_reduce_sum,
+    barrier,
     full_state,
     gradient_sync,
     init_distributed,
@@ -230,6 +231,7 @@ def train_stage1(cfg: Stage1Config, resume: bool = False) -> Path:
                 save_checkpoint(run_dir, done, weights, state, cfg.keep_last, model._hub_mixin_config)
     bar.close()
     log.close()
+    barrier()  # the last checkpoint is on disk before any rank returns
     if env.is_main and images.skipped:
         logger.warning("%d unreadable images were replaced by their next readable neighbour", images.skipped)
     return run_dir

@@ -38,6 +38,7 @@ from prism_vfm.teachers import build_teacher
 from prism_vfm.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from prism_vfm.train.distributed import (
     all_reduce_sum,
+    barrier,
     full_state,
     gradient_sync,
     init_distributed,
@@ -258,6 +259,7 @@ def train_stage2(cfg: Stage2Config, resume: bool = False) -> Path:
                 save_checkpoint(run_dir, done, weights, state, cfg.keep_last, model._hub_mixin_config)
     bar.close()
     log.close()
+    barrier()  # the last checkpoint is on disk before any rank returns
     return run_dir
 
 

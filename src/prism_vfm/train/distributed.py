@@ -53,6 +53,16 @@ def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
     return value
 
 
+def barrier() -> None:
+    """Wait for every process (no-op without a process group).
+
+    The trainers call it before returning so that no rank can look for a checkpoint the main
+    process is still writing (e.g. a resume that starts right after a run ends).
+    """
+    if dist.is_initialized():
+        dist.barrier()
+
+
 def wrap_model(
     model: torch.nn.Module, env: DistEnv, fsdp: bool, units: Iterable[torch.nn.Module] = ()
 ) -> torch.nn.Module:
