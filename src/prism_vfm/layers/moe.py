@@ -49,9 +49,8 @@ class ConditionedMoE(nn.Module):
         multiplied by ``lb_coef``; zero in eval mode).
         """
         routing = self.router(u, cond)
-        out = self.routed(u, routing.indices, routing.weights)
-        if self.shared is not None:
-            out = out + self.shared(u)
+        shared = self.shared(u) if self.shared is not None else None
+        out = self.routed(u, routing.indices, routing.weights, shared)
         if self.training and self.cfg.lb_coef:
             aux = self.cfg.lb_coef * load_balancing_loss(
                 routing.logits, routing.indices, routing.weights, groups=lb_groups
@@ -60,21 +59,27 @@ class ConditionedMoE(nn.Module):
             aux = u.new_zeros(())
         return out, routing, aux
 
-    def routed(self, u: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
-        """Weighted sum of the selected experts for every token (dropless, sorted by expert)."""
+    def routed(self, u: Tensor, indices: Tensor, weights: Tensor, shared: Tensor | None = None) -> Tensor:
+        """Weighted sum of the selected experts for every token (dropless, sorted by expert).
+
+        ``shared`` (the shared expert's output, shaped like ``u``) is added to it when given, inside the
+        same batched product.
+        """
         shape = u.shape
         k = indices.shape[-1]
         tokens = u.reshape(-1, shape[-1])
         order, expert_ids, counts = sort_by_expert(indices, self.cfg.num_experts)
         x = tokens.index_select(0, torch.div(order, k, rounding_mode="floor"))
-        w = weights.reshape(-1).index_select(0, order).unsqueeze(-1)
         if self.cfg.double_weighting:
-            x = x * w.to(x.dtype)
+            x = x * weights.reshape(-1).index_select(0, order).unsqueeze(-1).to(x.dtype)
         y = self.experts(x, expert_ids, counts)
-        y = y * w.to(y.dtype)
-        # Back to (token, slot) order with a permutation (deterministic, no atomics), then sum the slots.
-        y = torch.empty_like(y).index_copy(0, order, y)
-        return y.view(-1, k, shape[-1]).sum(dim=1).view(shape)
+        # Back to (token, slot) order with a permutation (deterministic, no atomics); the weighted sum over
+        # the k slots is then one small matrix product per token, cheaper than scaling and summing apart.
+        y = y.new_empty(y.shape).index_copy_(0, order, y).view(-1, k, shape[-1])
+        w = weights.reshape(-1, 1, k).to(y.dtype)
+        if shared is None:
+            return torch.bmm(w, y).view(shape)
+        return torch.baddbmm(shared.reshape(-1, 1, shape[-1]).to(y.dtype), w, y).view(shape)
 
     @torch.no_grad()
     def init_from_mlp(self, mlp: Mlp) -> None:

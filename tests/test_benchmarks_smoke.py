@@ -1,0 +1,41 @@
+"""The benchmark scripts run end to end (``--quick``: tiny sizes, two rounds) and print their ratio lines."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO_ROOT
+
+EXPECTED = {
+    "bench_dual_stream.py": [
+        "ratio train [loop, auto] (b)/(a) FFN vs timm Mlp:",
+        "ratio train [loop, auto] (b)/(c) dispatch overhead:",
+        "ratio train [padded] (b)/(c) dispatch overhead:",
+        "ratio eval [loop, auto] (b)/(a) FFN vs timm Mlp:",
+        "ratio train (c)/(a) floor vs timm Mlp:",
+    ],
+    "bench_student.py": [
+        "ratio train student / dense:",
+        "ratio train student + projectors / dense:",
+        "ratio eval student / dense:",
+    ],
+}
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("script", sorted(EXPECTED))
+def test_benchmark_quick_run_prints_its_ratios(script):
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "benchmarks" / script), "--quick"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    for line in EXPECTED[script]:
+        assert line in result.stdout, f"{script} did not print {line!r}:\n{result.stdout}"
+    assert "method:" in result.stdout
