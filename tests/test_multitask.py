@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from prism_vfm import PrismMultiTask
@@ -74,3 +75,48 @@ def test_batched_load_balancing_is_the_mean_over_task_passes():
     separate = torch.stack([model.student(x, i, kind="task", return_aux=True)[1] for i in range(5)]).mean()
     torch.testing.assert_close(aux, separate, rtol=1e-5, atol=1e-7)
     assert aux > 0
+
+
+def test_task_and_teacher_passes_share_work_and_equal_separate_passes():
+    model = tiny_multitask(expert_dropout=0.0, noisy_gating=False, teacher_dims=(16, 24, 8), projectors=True)
+    model.train()
+    student = model.student
+    with torch.no_grad():
+        for block in student.dual_stream_blocks:
+            block.moe.router.film.weight.normal_(0, 1.0)
+    x = torch.randn(3, 3, 32, 32)
+    teacher_ids = torch.tensor([2, 0, 1])
+    passes = [("task", 0), ("task", 4), ("teacher", teacher_ids)]
+    taps, aux = student.forward_passes(x, passes)
+    assert aux.shape == (3,)
+    # routing statistics need one kind of context; a mixed pass says so instead of mixing tables
+    with pytest.raises(RuntimeError, match="mixed teacher and task"):
+        student.routing_stats()
+    for i, (kind, ctx) in enumerate(passes):
+        ref_taps, ref_aux = student(x, ctx, kind=kind, return_aux=True)
+        for tap, ref in zip(taps, ref_taps, strict=True):
+            torch.testing.assert_close(tap[3 * i : 3 * i + 3], ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(aux[i], ref_aux, rtol=1e-5, atol=1e-7)
+    # the teacher pass differs from the task passes: the contexts really are applied per pass
+    assert not torch.allclose(taps[-1][6:], taps[-1][:3])
+
+
+def test_training_step_shares_the_teacher_pass_with_the_task_passes():
+    from prism_vfm.finetune.trainer import MultiTaskStep
+
+    model = tiny_multitask(expert_dropout=0.0, noisy_gating=False, teacher_dims=(16, 24, 8), projectors=True)
+    model.train()
+    x, ids = torch.randn(3, 3, 32, 32), torch.tensor([1, 1, 0])
+    outputs, projections, aux_tasks, aux_teacher = MultiTaskStep(model)(x, ids)
+    student = model.student
+    taps, ref_aux_teacher = student(x, ids, kind="teacher", return_aux=True)
+    ref_proj = student.project_by_teacher(taps, ids, student.grid_size(x))
+    assert projections.keys() == ref_proj.keys() == {0, 1}
+    for t in ref_proj:
+        for a, b in zip(projections[t], ref_proj[t], strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(aux_teacher, ref_aux_teacher, rtol=1e-5, atol=1e-7)
+    ref_tasks = torch.stack([student(x, i, kind="task", return_aux=True)[1] for i in range(5)]).mean()
+    torch.testing.assert_close(aux_tasks, ref_tasks, rtol=1e-5, atol=1e-7)
+    ref_edge = model.decode("edge", student(x, model.task_id("edge"), kind="task"), (32, 32))
+    torch.testing.assert_close(outputs["edge"], ref_edge, rtol=1e-5, atol=1e-5)

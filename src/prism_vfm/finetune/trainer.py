@@ -56,7 +56,11 @@ DATASETS = {"pascalcontext": PascalContext, "nyud": NYUDv2}
 
 
 class MultiTaskStep(nn.Module):
-    """One training forward for DDP: every task pass with its head, plus the teacher-context pass."""
+    """One training forward for DDP: every task pass with its head, plus the teacher-context pass.
+
+    All passes run batched through ``PrismViT.forward_passes``: the blocks before the first dual-stream
+    block, and that block's context-free part, run once for the T task passes and the teacher pass.
+    """
 
     def __init__(self, model: PrismMultiTask) -> None:
         super().__init__()
@@ -65,19 +69,22 @@ class MultiTaskStep(nn.Module):
     def forward(
         self, x: Tensor, teacher_ids: Tensor | None
     ) -> tuple[dict[str, Tensor], dict[int, list[Tensor]] | None, Tensor, Tensor]:
-        per_task, aux_tasks = self.model.forward_task_taps(x)
-        size = (x.shape[-2], x.shape[-1])
-        outputs = {t: self.model.decode(t, taps, size) for t, taps in per_task.items()}
+        model, student = self.model, self.model.student
+        tasks = model.task_names
+        passes: list[tuple[str, Tensor | int]] = [("task", model.task_id(t)) for t in tasks]
+        if teacher_ids is not None:
+            passes.append(("teacher", teacher_ids.to(x.device)))
+        taps, aux = student.forward_passes(x, passes)
+        b, size = x.shape[0], (x.shape[-2], x.shape[-1])
+        outputs = {
+            t: model.decode(t, [tap[i * b : (i + 1) * b] for tap in taps], size) for i, t in enumerate(tasks)
+        }
+        aux_tasks = aux[: len(tasks)].mean()
         if teacher_ids is None:
             return outputs, None, aux_tasks, aux_tasks.new_zeros(())
-        student = self.model.student
-        taps, aux_teacher = student(x, teacher_ids.to(x.device), kind="teacher", return_aux=True)
-        return (
-            outputs,
-            student.project_by_teacher(taps, teacher_ids, student.grid_size(x)),
-            aux_tasks,
-            aux_teacher,
-        )
+        teacher_taps = [tap[len(tasks) * b :] for tap in taps]
+        projections = student.project_by_teacher(teacher_taps, teacher_ids, student.grid_size(x))
+        return outputs, projections, aux_tasks, aux[-1]
 
 
 def build_multitask(cfg: Stage2Config, teacher_dims: tuple[int, ...]) -> PrismMultiTask:

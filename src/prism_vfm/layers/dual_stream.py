@@ -14,7 +14,9 @@ from prism_vfm.layers.router import Routing, load_balancing_loss
 class DualStreamBlock(nn.Module):
     """``y = x_a + λ·Anchor(u) + (1 − λ)·MoE(u, c)`` with ``u = LN2(x_a)``, ``x_a = x + Attn(LN1(x))``.
 
-    λ is one scalar per token, ``lo + (hi − lo)·σ(w·u + b)``, not conditioned on the context.
+    λ is one scalar per token, ``lo + (hi − lo)·σ(w·u + b)``, not conditioned on the context. With
+    ``anchor=False`` (the "w/o anchor" and vanilla-MoE ablations) the block has neither anchor nor λ gate:
+    ``y = x_a + MoE(u, c)``, i.e. λ ≡ 0.
     """
 
     def __init__(
@@ -23,6 +25,7 @@ class DualStreamBlock(nn.Module):
         moe: MoEConfig,
         lambda_range: tuple[float, float] = (0.5, 1.0),
         lambda_bias_init: float = 2.0,
+        anchor: bool = True,
     ) -> None:
         super().__init__()
         for name in ("ls1", "ls2", "drop_path1", "drop_path2"):
@@ -32,34 +35,45 @@ class DualStreamBlock(nn.Module):
         self.norm1 = block.norm1
         self.attn = block.attn
         self.norm2 = block.norm2
-        self.anchor: Mlp = block.mlp
+        self.anchor: Mlp | None = block.mlp if anchor else None
         self.moe = ConditionedMoE(dim, moe)
-        self.moe.init_from_mlp(self.anchor)
-        self.lambda_gate = nn.Linear(dim, 1)
-        nn.init.constant_(self.lambda_gate.bias, lambda_bias_init)
+        self.moe.init_from_mlp(block.mlp)
+        self.lambda_gate = nn.Linear(dim, 1) if anchor else None
+        if self.lambda_gate is not None:
+            nn.init.constant_(self.lambda_gate.bias, lambda_bias_init)
         self.lambda_range = tuple(lambda_range)
         self.last_routing: Routing | None = None
         self.last_lambda: Tensor | None = None
 
     def mixing_weight(self, u: Tensor) -> Tensor:
-        """Per-token λ (B, N, 1) in [lo, hi]."""
+        """Per-token λ (B, N, 1) in [lo, hi] (zero without an anchor)."""
+        if self.lambda_gate is None:
+            return u.new_zeros(*u.shape[:-1], 1)
         lo, hi = self.lambda_range
         return lo + (hi - lo) * torch.sigmoid(self.lambda_gate(u))
 
-    def forward(self, x: Tensor, cond: Tensor, lb_groups: int = 1) -> tuple[Tensor, Tensor]:
-        """Returns the block output and this layer's load-balancing loss."""
+    def forward(
+        self, x: Tensor, cond: Tensor, lb_groups: int = 1, per_group: bool = False
+    ) -> tuple[Tensor, Tensor]:
+        """Returns the block output and this layer's load-balancing loss (per group if ``per_group``)."""
         x = x + self.attn(self.norm1(x))
         u = self.norm2(x)
         lam = self.mixing_weight(u)
-        moe_out, routing, aux = self.moe(u, cond, lb_groups)
+        moe_out, routing, aux = self.moe(u, cond, lb_groups, per_group)
         # Kept (detached) for tracing and routing statistics without a second forward.
         self.last_routing = Routing(routing.logits.detach(), routing.indices, routing.weights.detach())
         self.last_lambda = lam.detach()
-        return x + torch.lerp(moe_out, self.anchor(u), lam), aux
+        return x + self._mix(moe_out, u, lam), aux
 
-    def forward_contexts(self, x: Tensor, cond: Tensor, passes: int) -> tuple[Tensor, Tensor]:
+    def _mix(self, moe_out: Tensor, u: Tensor, lam: Tensor) -> Tensor:
+        return moe_out if self.anchor is None else torch.lerp(moe_out, self.anchor(u), lam)
+
+    def forward_contexts(
+        self, x: Tensor, cond: Tensor, passes: int, per_group: bool = False
+    ) -> tuple[Tensor, Tensor]:
         """``passes`` context passes over the same tokens ``x`` (B, N, D); ``cond`` is (passes·B, D),
-        context-major. Returns (passes·B, N, D) and the load-balancing loss averaged over the passes.
+        context-major. Returns (passes·B, N, D) and the load-balancing loss averaged over the passes
+        (or one per pass, (passes,), with ``per_group``).
 
         Everything that does not depend on the context — attention, λ, the anchor, the shared expert and
         the router's input gate — is computed once; only the routing and the routed experts run per pass.
@@ -67,7 +81,7 @@ class DualStreamBlock(nn.Module):
         x = x + self.attn(self.norm1(x))
         u = self.norm2(x)
         lam = self.mixing_weight(u)
-        anchor = self.anchor(u)
+        anchor = self.anchor(u) if self.anchor is not None else None
         moe = self.moe
         shared = moe.shared(u) if moe.shared is not None else None
 
@@ -75,16 +89,17 @@ class DualStreamBlock(nn.Module):
             return t.repeat(passes, 1, 1)
 
         u_all = rep(u)
-        routing = moe.router(u_all, cond, gate=rep(moe.router.input_gate_of(u)))
-        moe_out = moe.routed(u_all, routing.indices, routing.weights)
-        if shared is not None:
-            moe_out = moe_out + rep(shared)
+        gate = moe.router.input_gate_of(u)
+        routing = moe.router(u_all, cond, gate=None if gate is None else rep(gate))
+        moe_out = moe.routed(u_all, routing.indices, routing.weights, None if shared is None else rep(shared))
         if self.training and moe.cfg.lb_coef:
             aux = moe.cfg.lb_coef * load_balancing_loss(
-                routing.logits, routing.indices, routing.weights, groups=passes
+                routing.logits, routing.indices, routing.weights, groups=passes, per_group=per_group
             )
         else:
-            aux = x.new_zeros(())
+            aux = x.new_zeros((passes,) if per_group else ())
         self.last_routing = Routing(routing.logits.detach(), routing.indices, routing.weights.detach())
         self.last_lambda = rep(lam).detach()
-        return rep(x) + torch.lerp(moe_out, rep(anchor), rep(lam)), aux
+        if anchor is not None:
+            moe_out = torch.lerp(moe_out, rep(anchor), rep(lam))
+        return rep(x) + moe_out, aux

@@ -20,6 +20,8 @@ class MoEConfig:
     top_k: int = 3
     expert_mlp_ratio: float = 4.0
     shared_expert: bool = True
+    # How the context enters the router: "film" (PRISM), "concat" (w/o FiLM), "none" (vanilla MoE).
+    conditioning: str = "film"
     expert_dropout: float = 0.1
     noisy_gating: bool = True
     # Official: each selected expert sees its input scaled by its routing weight as well as having its
@@ -37,26 +39,33 @@ class ConditionedMoE(nn.Module):
         self.cfg = cfg
         hidden = int(dim * cfg.expert_mlp_ratio)
         self.router = ConditionedRouter(
-            dim, cfg.num_experts, cfg.top_k, expert_dropout=cfg.expert_dropout, noisy_gating=cfg.noisy_gating
+            dim,
+            cfg.num_experts,
+            cfg.top_k,
+            expert_dropout=cfg.expert_dropout,
+            noisy_gating=cfg.noisy_gating,
+            conditioning=cfg.conditioning,
         )
         self.experts = GroupedExperts(cfg.num_experts, dim, hidden, backend=cfg.backend)
         self.shared = Mlp(dim, hidden) if cfg.shared_expert else None
 
-    def forward(self, u: Tensor, cond: Tensor, lb_groups: int = 1) -> tuple[Tensor, Routing, Tensor]:
+    def forward(
+        self, u: Tensor, cond: Tensor, lb_groups: int = 1, per_group: bool = False
+    ) -> tuple[Tensor, Routing, Tensor]:
         """Mix tokens ``u`` (B, N, D) under per-sample contexts ``cond`` (B, D).
 
         Returns the output (B, N, D), the routing decisions, and the load-balancing loss (already
-        multiplied by ``lb_coef``; zero in eval mode).
+        multiplied by ``lb_coef``; zero in eval mode), per load-balancing group if ``per_group``.
         """
         routing = self.router(u, cond)
         shared = self.shared(u) if self.shared is not None else None
         out = self.routed(u, routing.indices, routing.weights, shared)
         if self.training and self.cfg.lb_coef:
             aux = self.cfg.lb_coef * load_balancing_loss(
-                routing.logits, routing.indices, routing.weights, groups=lb_groups
+                routing.logits, routing.indices, routing.weights, groups=lb_groups, per_group=per_group
             )
         else:
-            aux = u.new_zeros(())
+            aux = u.new_zeros((lb_groups,) if per_group else ())
         return out, routing, aux
 
     def routed(self, u: Tensor, indices: Tensor, weights: Tensor, shared: Tensor | None = None) -> Tensor:

@@ -23,13 +23,22 @@ class Routing:
     weights: Tensor  # (B, N, k)
 
 
-class ConditionedRouter(nn.Module):
-    """FiLM-conditioned router with a sigmoid-gated fusion, expert dropout and noisy gating.
+CONDITIONING = ("film", "concat", "none")
 
-    For tokens ``u`` (B, N, D) and one context embedding ``c`` (B, D) per sample:
-    ``[γ, β] = W_f c + b_f``; ``f = (1 + γ)·u + β``; ``s = σ(W_s u + b_s)``; ``h = u + s·(f − u)``;
-    logits ``z = W_g h + b_g``. γ and β depend only on the sample, so they are computed once per sample
-    rather than once per token (the released code does the latter; the result is the same).
+
+class ConditionedRouter(nn.Module):
+    """Context-conditioned top-k router with expert dropout and noisy gating.
+
+    ``conditioning`` says how the context embedding ``c`` (B, D) of each sample enters the router input
+    ``h`` for tokens ``u`` (B, N, D); the logits are ``z = W_g h + b_g``:
+
+    * ``"film"`` (PRISM): ``[γ, β] = W_f c + b_f``; ``f = (1 + γ)·u + β``; ``s = σ(W_s u + b_s)``;
+      ``h = u + s·(f − u)``. γ and β depend only on the sample, so they are computed once per sample
+      rather than once per token (the released code does the latter; the result is the same).
+    * ``"concat"`` (the "w/o FiLM" ablation): ``h = [u; c]``, so ``W_g`` (and the noise layer) take 2D
+      inputs. They are stored as a token part and a context part (``context_gate``, ``context_noise``,
+      no bias) so that the context part is computed once per sample.
+    * ``"none"`` (vanilla sparse MoE): ``h = u``; the context is ignored.
     """
 
     def __init__(
@@ -40,45 +49,60 @@ class ConditionedRouter(nn.Module):
         *,
         expert_dropout: float = 0.1,
         noisy_gating: bool = True,
+        conditioning: str = "film",
     ) -> None:
         super().__init__()
         if not 1 <= top_k <= num_experts:
             raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
+        if conditioning not in CONDITIONING:
+            raise ValueError(f"conditioning must be one of {CONDITIONING}, got {conditioning!r}")
         self.num_experts = num_experts
         self.top_k = top_k
         self.expert_dropout = expert_dropout
-        self.film = nn.Linear(dim, 2 * dim)
-        self.input_gate = nn.Linear(dim, dim)
+        self.conditioning = conditioning
+        self.film = nn.Linear(dim, 2 * dim) if conditioning == "film" else None
+        self.input_gate = nn.Linear(dim, dim) if conditioning == "film" else None
         self.gate = nn.Linear(dim, num_experts)
         self.noise = nn.Linear(dim, num_experts) if noisy_gating else None
-        # FiLM starts as the identity so that a pretrained router input is unchanged at initialisation.
-        nn.init.zeros_(self.film.weight)
-        nn.init.zeros_(self.film.bias)
+        concat = conditioning == "concat"
+        self.context_gate = nn.Linear(dim, num_experts, bias=False) if concat else None
+        self.context_noise = nn.Linear(dim, num_experts, bias=False) if concat and noisy_gating else None
+        if self.film is not None:
+            # FiLM starts as the identity so that a pretrained router input is unchanged at initialisation.
+            nn.init.zeros_(self.film.weight)
+            nn.init.zeros_(self.film.bias)
 
     def fused_input(self, u: Tensor, cond: Tensor, gate: Tensor | None = None) -> Tensor:
-        """The conditioned router input ``h`` (B, N, D) for tokens (B, N, D) and contexts (B, D).
+        """The FiLM-conditioned router input ``h`` (B, N, D) for tokens (B, N, D) and contexts (B, D).
 
         ``gate`` is ``σ(W_s u + b_s)`` when already computed: it does not depend on the context, so
-        several context passes over the same tokens can share it.
+        several context passes over the same tokens can share it. Without FiLM this is ``u`` itself.
         """
+        if self.film is None:
+            return u
         gamma, beta = self.film(cond).unsqueeze(1).chunk(2, dim=-1)
         s = self.input_gate_of(u) if gate is None else gate
         # u + s·(f − u) with f − u = γ·u + β.
         return torch.addcmul(u, s, torch.addcmul(beta, gamma, u))
 
-    def input_gate_of(self, u: Tensor) -> Tensor:
-        """The context-free fusion gate ``σ(W_s u + b_s)``."""
-        return torch.sigmoid(self.input_gate(u))
+    def input_gate_of(self, u: Tensor) -> Tensor | None:
+        """The context-free fusion gate ``σ(W_s u + b_s)`` (``None`` without FiLM)."""
+        return torch.sigmoid(self.input_gate(u)) if self.input_gate is not None else None
 
     def forward(self, u: Tensor, cond: Tensor, gate: Tensor | None = None) -> Routing:
         h = self.fused_input(u, cond, gate)
         z = self.gate(h)
+        if self.context_gate is not None:
+            z = z + self.context_gate(cond).unsqueeze(1)
         if self.training:
             if self.expert_dropout > 0:
                 drop = torch.rand_like(z) < self.expert_dropout
                 z = z.masked_fill(drop, float("-inf"))
             if self.noise is not None:
-                z = z + torch.randn_like(z) * F.softplus(self.noise(h))
+                noise = self.noise(h)
+                if self.context_noise is not None:
+                    noise = noise + self.context_noise(cond).unsqueeze(1)
+                z = z + torch.randn_like(z) * F.softplus(noise)
         values, indices = torch.topk(z, self.top_k, dim=-1)
         return Routing(logits=z, indices=indices, weights=topk_softmax(values))
 
@@ -95,12 +119,15 @@ def topk_softmax(values: Tensor) -> Tensor:
     return weights.masked_fill(torch.isneginf(values), 0.0)
 
 
-def load_balancing_loss(logits: Tensor, indices: Tensor, weights: Tensor, groups: int = 1) -> Tensor:
+def load_balancing_loss(
+    logits: Tensor, indices: Tensor, weights: Tensor, groups: int = 1, per_group: bool = False
+) -> Tensor:
     """Switch-style balance term ``E · Σ_e f_e · P̄_e`` (without the 0.01 coefficient), mean over groups.
 
     ``f_e`` is the fraction of tokens whose top-k holds expert ``e`` with a positive weight and ``P̄_e``
     the mean full softmax over the E logits (-inf gives probability 0). ``groups`` splits the batch
-    into equal consecutive parts that are balanced separately, as if each had been its own forward pass.
+    into equal consecutive parts that are balanced separately, as if each had been its own forward pass;
+    ``per_group`` returns the (groups,) terms instead of their mean.
     """
     num_experts = logits.shape[-1]
     batch = logits.shape[0]
@@ -114,4 +141,5 @@ def load_balancing_loss(logits: Tensor, indices: Tensor, weights: Tensor, groups
     used = (weights.reshape(groups, -1) > 0).to(probs.dtype)
     counts = probs.new_zeros(groups, num_experts).scatter_add_(1, idx, used)
     frac = counts / tokens
-    return (num_experts * (frac * probs.mean(dim=1)).sum(dim=-1)).mean()
+    terms = num_experts * (frac * probs.mean(dim=1)).sum(dim=-1)
+    return terms if per_group else terms.mean()

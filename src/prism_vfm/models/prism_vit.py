@@ -197,37 +197,56 @@ class PrismViT(
         and its attention, λ, anchor, shared expert and router input gate, run once for all passes. The
         load-balancing loss is balanced per pass and averaged.
         """
-        t, b = len(contexts), x.shape[0]
+        taps, aux = self.forward_passes(x, [(kind, int(c)) for c in contexts])
+        return taps, aux.mean()
+
+    def forward_passes(
+        self, x: Tensor, passes: Sequence[tuple[ContextKind, Tensor | int]]
+    ) -> tuple[list[Tensor], Tensor]:
+        """Several passes over the same images, each with its own contexts, sharing the context-free work.
+
+        ``passes`` holds (kind, context) pairs, the context one id for the whole batch or a (B,) tensor of
+        per-sample ids — e.g. every task pass of Stage 2 plus its teacher pass. Returns the taps batched
+        pass-major, (P·B, N, D), and the load-balancing loss of each pass, (P,), each balanced on its own as
+        if it had been a separate forward. The results equal P separate ``forward_taps`` calls up to
+        floating-point reordering (and, in training, the random draws of expert dropout and noisy gating).
+        """
+        if not passes:
+            raise ValueError("forward_passes needs at least one (kind, context) pass")
+        p, b = len(passes), x.shape[0]
         self._check_images(x)
-        ids = torch.as_tensor([int(c) for c in contexts], dtype=torch.long).repeat_interleave(b)
-        ids = self._check_context(ids.to(x.device), t * b, kind, x.device)
-        self._last_context = (ids, kind)
+        ids = [self._check_context(c, b, kind, x.device) for kind, c in passes]
+        kinds = {kind for kind, _ in passes}
+        # Routing statistics group samples by context id, which is only meaningful within one kind.
+        self._last_context = (torch.cat(ids), passes[0][0]) if len(kinds) == 1 else None
+        cond = torch.cat([self.context_table(kind)(i) for (kind, _), i in zip(passes, ids, strict=True)])
         first = self.moe_layers[0]
-        cond = self.context_table(kind)(ids)
         h = self._embed(x)
         taps: list[Tensor] = []
         for i, block in enumerate(self.blocks[:first]):
             h = block(h)
             if i in self.tap_layers:
-                taps.append(self.norm(h).repeat(t, 1, 1))
-        h, aux = self.blocks[first].forward_contexts(h, cond, t)
+                taps.append(self.norm(h).repeat(p, 1, 1))
+        h, aux = self.blocks[first].forward_contexts(h, cond, p, per_group=True)
         if first in self.tap_layers:
             taps.append(self.norm(h))
         if first < self.tap_layers[-1]:
-            rest, rest_aux = self._run_blocks(h, cond, first + 1, lb_groups=t)
+            rest, rest_aux = self._run_blocks(h, cond, first + 1, lb_groups=p, per_group=True)
             taps, aux = taps + rest, aux + rest_aux
         return taps, aux
 
     def _embed(self, x: Tensor) -> Tensor:
         return self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
 
-    def _run_blocks(self, x: Tensor, cond: Tensor, start: int, lb_groups: int) -> tuple[list[Tensor], Tensor]:
+    def _run_blocks(
+        self, x: Tensor, cond: Tensor, start: int, lb_groups: int, per_group: bool = False
+    ) -> tuple[list[Tensor], Tensor]:
         taps: list[Tensor] = []
-        aux = x.new_zeros((), dtype=torch.float32)
+        aux = x.new_zeros((lb_groups,) if per_group else (), dtype=torch.float32)
         for i in range(start, self.tap_layers[-1] + 1):
             block = self.blocks[i]
             if isinstance(block, DualStreamBlock):
-                x, layer_aux = block(x, cond, lb_groups)
+                x, layer_aux = block(x, cond, lb_groups, per_group)
                 aux = aux + layer_aux
             else:
                 x = block(x)
@@ -308,7 +327,10 @@ class PrismViT(
         tokens of each context (NaN for contexts absent from the batch); ``kind``: the context kind.
         """
         if self._last_context is None:
-            raise RuntimeError("routing_stats() needs a forward pass first")
+            raise RuntimeError(
+                "routing_stats() needs a forward pass first, with contexts of one kind (the last pass was "
+                "missing or mixed teacher and task contexts)"
+            )
         ids, kind = self._last_context
         n_ctx = self.context_table(kind).num_embeddings
         counts, lambdas = [], []
