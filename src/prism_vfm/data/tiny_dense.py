@@ -141,6 +141,105 @@ def _write_mat(path: Path, content: dict) -> None:
     scipy.io.savemat(path, content)
 
 
+@dataclass(frozen=True)
+class PascalObject:
+    """One object of a PASCAL-Part ``anno``: class name, VOC category, mask and its (part name, mask)
+    parts in annotation order (empty for categories PASCAL-Part gives no parts)."""
+
+    name: str
+    category: int
+    mask: np.ndarray
+    parts: list[tuple[str, np.ndarray]] = field(default_factory=list)
+
+
+def parts_cache_entry(objects: list[PascalObject]) -> list[int]:
+    """An id's ``ImageSets/Parts`` entry: each object's category when it has parts, else -1."""
+    return [o.category if o.parts else -1 for o in objects]
+
+
+def write_pascal_record(
+    root: Path,
+    sample_id: str,
+    image: np.ndarray,
+    label_map: np.ndarray,
+    semseg: np.ndarray,
+    objects: list[PascalObject],
+    saliency: np.ndarray,
+    normals: np.ndarray,
+    voc12: np.ndarray | None = None,
+) -> None:
+    """Write every per-id file of the PASCAL-Context release layout: the JPEG ``image`` (H, W, 3) uint8,
+    ``LabelMap``, the 21-class ``semseg`` (and ``voc12`` when given), the PASCAL-Part ``anno``, the saliency
+    PNG (uint8, > 127 is foreground) and the unit ``normals`` (H, W, 3) encoded as ``(n + 1) · 127.5``."""
+    rows = [
+        (
+            o.name,
+            float(o.category),
+            o.mask.astype(np.uint8),
+            _struct_array([(n, m.astype(np.uint8)) for n, m in o.parts], _PART_STRUCT),
+        )
+        for o in objects
+    ]
+    anno = _struct_array(
+        [(sample_id, _struct_array(rows, _OBJECT_STRUCT))], [("imname", "O"), ("objects", "O")]
+    )
+    _write_mat(root / "human_parts" / f"{sample_id}.mat", {"anno": anno})
+    _write_mat(root / "pascal-context" / "trainval" / f"{sample_id}.mat", {"LabelMap": label_map})
+    _write_png(root / "semseg" / "pascal-context" / f"{sample_id}.png", semseg.astype(np.uint8))
+    if voc12 is not None:
+        _write_png(root / "semseg" / "VOC12" / f"{sample_id}.png", voc12.astype(np.uint8))
+    _write_png(root / "sal_distill" / f"{sample_id}.png", saliency.astype(np.uint8))
+    _write_png(root / "normals_distill" / f"{sample_id}.png", _encode_normals(normals))
+    image_path = root / "JPEGImages" / f"{sample_id}.jpg"
+    image_path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image).save(image_path, format="JPEG", quality=95)
+
+
+def write_pascal_index(
+    root: Path,
+    caches: dict[str, dict[str, list[int]]],
+    part_table: dict[str, dict[str, int]],
+    context_classes: dict[str, int],
+    nyu_classes: dict[str, int],
+) -> None:
+    """Write the split lists and parts caches (``caches[split][id]``) and the three ``json/`` tables."""
+    for split, cache in caches.items():
+        _write_text(root / "ImageSets" / "Context" / f"{split}.txt", "".join(f"{i}\n" for i in cache))
+        _write_text(root / "ImageSets" / "Parts" / f"{split}.txt", json.dumps(cache))
+    _write_text(root / "json" / "pascal_part.json", json.dumps(part_table))
+    _write_text(root / "json" / "context_classes.json", json.dumps(context_classes))
+    _write_text(root / "json" / "nyu_classes.json", json.dumps(nyu_classes))
+
+
+def write_nyud_record(
+    root: Path,
+    sample_id: str,
+    image: np.ndarray,
+    segmentation: np.ndarray,
+    normals: np.ndarray,
+    depth: np.ndarray,
+) -> None:
+    """Write every per-id file of the NYUD-v2 release layout: the PNG ``image``, ``segmentation`` (NYU-40
+    class + 1, 0 unlabelled), encoded ``normals``, ``depth`` in metres (0 = no reading), and the boundaries
+    of the segmentation as the ``edge`` PNG and the ``edge_mat`` evaluation file."""
+    edges = boundaries(segmentation)
+    _write_png(root / "images" / f"{sample_id}.png", image)
+    _write_png(root / "segmentation" / f"{sample_id}.png", segmentation.astype(np.uint8))
+    _write_png(root / "normals" / f"{sample_id}.png", _encode_normals(normals))
+    _write_png(root / "edge" / f"{sample_id}.png", (edges * 255).astype(np.uint8))
+    (root / "depth").mkdir(parents=True, exist_ok=True)
+    np.save(root / "depth" / f"{sample_id}.npy", depth.astype(np.float32))
+    ground_truth = np.empty((1, 1), dtype=object)  # a 1x1 cell holding the BSDS-style struct
+    ground_truth[0, 0] = {"Segmentation": segmentation.astype(np.uint16), "Boundaries": edges}
+    _write_mat(root / "edge_mat" / f"{sample_id}.mat", {"groundTruth": ground_truth})
+
+
+def write_nyud_index(root: Path, splits: dict[str, list[str]]) -> None:
+    """Write the ``gt_sets/{split}.txt`` id lists."""
+    for split, ids in splits.items():
+        _write_text(root / "gt_sets" / f"{split}.txt", "".join(f"{i}\n" for i in ids))
+
+
 def _photo(
     classes: np.ndarray, colours: dict[int, tuple[int, int, int]], rng: np.random.Generator
 ) -> np.ndarray:
@@ -184,41 +283,28 @@ def _write_pascal_sample(
 
     masks = {name: label_map == ctx[name] for name in ("tvmonitor", "chair", subject_name)}
     objects = [
-        ("tvmonitor", _struct_array([("screen", masks["tvmonitor"].astype(np.uint8))], _PART_STRUCT)),
-        ("chair", _struct_array([], _PART_STRUCT)),  # PASCAL-Part has no parts for chairs
-        (subject_name, _struct_array([(n, m.astype(np.uint8)) for n, m in parts], _PART_STRUCT)),
+        PascalObject("tvmonitor", _VOC["tvmonitor"], masks["tvmonitor"], [("screen", masks["tvmonitor"])]),
+        PascalObject("chair", _VOC["chair"], masks["chair"]),  # PASCAL-Part has no parts for chairs
+        PascalObject(subject_name, _VOC[subject_name], masks[subject_name], parts),
     ]
-    object_rows = [(n, float(_VOC[n]), masks[n].astype(np.uint8), p) for n, p in objects]
-    anno = _struct_array(
-        [(sample_id, _struct_array(object_rows, _OBJECT_STRUCT))], [("imname", "O"), ("objects", "O")]
-    )
-    _write_mat(root / "human_parts" / f"{sample_id}.mat", {"anno": anno})
-    _write_mat(root / "pascal-context" / "trainval" / f"{sample_id}.mat", {"LabelMap": label_map})
-
     semseg = np.zeros(size, dtype=np.uint8)
     for name, mask in masks.items():
         semseg[mask] = _VOC[name]
-    _write_png(root / "semseg" / "pascal-context" / f"{sample_id}.png", semseg)
+    voc12 = None
     if index % 2 == 0:
         # VOC12 labels mark a band around each object as void; the reader must prefer them.
         objects_mask = semseg > 0
         band = ndimage.binary_dilation(objects_mask) & ~objects_mask
-        _write_png(
-            root / "semseg" / "VOC12" / f"{sample_id}.png", np.where(band, 255, semseg).astype(np.uint8)
-        )
+        voc12 = np.where(band, 255, semseg).astype(np.uint8)
 
     saliency = np.zeros(size, dtype=np.uint8)
     saliency[ndimage.binary_dilation(subject)] = 100  # a soft rim that binarises to background
     saliency[subject] = 255
     saliency[masks["tvmonitor"]] = 200
-    _write_png(root / "sal_distill" / f"{sample_id}.png", saliency)
-    _write_png(root / "normals_distill" / f"{sample_id}.png", _encode_normals(normals))
-
     colours = {ctx[name]: colour for name, colour in _COLOURS.items()}
-    image_path = root / "JPEGImages" / f"{sample_id}.jpg"
-    image_path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(_photo(label_map, colours, rng)).save(image_path, format="JPEG", quality=95)
-    return [_VOC["tvmonitor"], -1, _VOC[subject_name]]
+    image = _photo(label_map, colours, rng)
+    write_pascal_record(root, sample_id, image, label_map, semseg, objects, saliency, normals, voc12)
+    return parts_cache_entry(objects)
 
 
 def write_tiny_pascal(
@@ -242,26 +328,23 @@ def write_tiny_pascal(
         "val": [f"2008_{i:06d}" for i in range(n_train, n_train + n_val)],
     }
     person_ids, voc12_ids = set(), set()
+    caches: dict[str, dict[str, list[int]]] = {}
     index = 0
     for split, ids in splits.items():
-        cache = {}
+        caches[split] = {}
         for sample_id in ids:
-            cache[sample_id] = _write_pascal_sample(root, sample_id, index, size, rng)
+            caches[split][sample_id] = _write_pascal_sample(root, sample_id, index, size, rng)
             if index % 3 != 2:
                 person_ids.add(sample_id)
             if index % 2 == 0:
                 voc12_ids.add(sample_id)
             index += 1
-        _write_text(root / "ImageSets" / "Context" / f"{split}.txt", "".join(f"{i}\n" for i in ids))
-        _write_text(root / "ImageSets" / "Parts" / f"{split}.txt", json.dumps(cache))
     part_table = {
         str(_VOC["cat"]): {"head": 1, "torso": 7},
         str(_VOC["person"]): {name: i + 1 for i, name in enumerate(HUMAN_PART_CLASSES)},
         str(_VOC["tvmonitor"]): {"screen": 1},
     }
-    _write_text(root / "json" / "pascal_part.json", json.dumps(part_table))
-    _write_text(root / "json" / "context_classes.json", json.dumps(CONTEXT_CLASSES))
-    _write_text(root / "json" / "nyu_classes.json", json.dumps(NYU_CLASSES))
+    write_pascal_index(root, caches, part_table, CONTEXT_CLASSES, NYU_CLASSES)
     return TinyDenseSet(root, splits, frozenset(person_ids), frozenset(voc12_ids))
 
 
@@ -270,7 +353,7 @@ _NYU40 = {"wall": 1, "floor": 2, "table": 7, "otherprop": 40}
 _NYU_COLOURS = {0: (0, 0, 0), 1: (200, 200, 190), 2: (110, 80, 50), 7: (150, 100, 60), 40: (40, 120, 200)}
 
 
-def _boundaries(segmentation: np.ndarray) -> np.ndarray:
+def boundaries(segmentation: np.ndarray) -> np.ndarray:
     """Pixels whose label differs from their east or south neighbour."""
     edge = np.zeros(segmentation.shape, dtype=bool)
     edge[:, :-1] |= segmentation[:, :-1] != segmentation[:, 1:]
@@ -304,16 +387,7 @@ def _write_nyud_sample(root: Path, sample_id: str, size: tuple[int, int], rng: n
     hole_top, hole_left = rng.integers(0, height // 2), rng.integers(0, width // 2)
     depth[hole_top : hole_top + 3, hole_left : hole_left + 4] = 0.0  # no sensor reading
 
-    edges = _boundaries(segmentation)
-    _write_png(root / "images" / f"{sample_id}.png", _photo(segmentation, _NYU_COLOURS, rng))
-    _write_png(root / "segmentation" / f"{sample_id}.png", segmentation)
-    _write_png(root / "normals" / f"{sample_id}.png", _encode_normals(normals))
-    _write_png(root / "edge" / f"{sample_id}.png", (edges * 255).astype(np.uint8))
-    (root / "depth").mkdir(parents=True, exist_ok=True)
-    np.save(root / "depth" / f"{sample_id}.npy", depth)
-    ground_truth = np.empty((1, 1), dtype=object)  # a 1x1 cell holding the BSDS-style struct
-    ground_truth[0, 0] = {"Segmentation": segmentation.astype(np.uint16), "Boundaries": edges}
-    _write_mat(root / "edge_mat" / f"{sample_id}.mat", {"groundTruth": ground_truth})
+    write_nyud_record(root, sample_id, _photo(segmentation, _NYU_COLOURS, rng), segmentation, normals, depth)
 
 
 def write_tiny_nyud(
@@ -332,8 +406,7 @@ def write_tiny_nyud(
         "train": [f"{i:04d}" for i in range(n_train)],
         "val": [f"{i:04d}" for i in range(n_train, n_train + n_val)],
     }
-    for split, ids in splits.items():
-        for sample_id in ids:
-            _write_nyud_sample(root, sample_id, size, rng)
-        _write_text(root / "gt_sets" / f"{split}.txt", "".join(f"{i}\n" for i in ids))
+    for sample_id in splits["train"] + splits["val"]:
+        _write_nyud_sample(root, sample_id, size, rng)
+    write_nyud_index(root, splits)
     return TinyDenseSet(root, splits)
