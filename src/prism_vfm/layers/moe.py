@@ -9,6 +9,7 @@ from timm.layers import Mlp
 from torch import Tensor, nn
 
 from prism_vfm.layers.experts import GroupedExperts, sort_by_expert
+from prism_vfm.layers.net2net import resize_mlp_param
 from prism_vfm.layers.router import ConditionedRouter, Routing, load_balancing_loss
 
 
@@ -78,7 +79,7 @@ class ConditionedMoE(nn.Module):
         k = indices.shape[-1]
         tokens = u.reshape(-1, shape[-1])
         order, expert_ids, counts = sort_by_expert(indices, self.cfg.num_experts)
-        x = tokens.index_select(0, torch.div(order, k, rounding_mode="floor"))
+        x = _GatherSlots.apply(tokens, order, k)
         if self.cfg.double_weighting:
             x = x * weights.reshape(-1).index_select(0, order).unsqueeze(-1).to(x.dtype)
         y = self.experts(x, expert_ids, counts)
@@ -92,7 +93,35 @@ class ConditionedMoE(nn.Module):
 
     @torch.no_grad()
     def init_from_mlp(self, mlp: Mlp) -> None:
-        """Start the shared and every routed expert as exact copies of a pretrained dense MLP."""
+        """Start the shared and every routed expert as copies of a pretrained dense MLP (exact when the
+        widths agree; see :func:`resize_mlp_param` otherwise)."""
         self.experts.copy_from_mlp(mlp.fc1, mlp.fc2)
         if self.shared is not None:
-            self.shared.load_state_dict(mlp.state_dict())
+            hidden = self.shared.fc1.out_features
+            resized = {k: resize_mlp_param(k, v, hidden) for k, v in mlp.state_dict().items()}
+            self.shared.load_state_dict(resized)
+
+
+class _GatherSlots(torch.autograd.Function):
+    """``tokens[order // k]``: every token gathered once per slot, in the expert-sorted ``order``.
+
+    ``order`` is a permutation of the (token, slot) pairs, so the backward is a gather by the inverse
+    permutation and a sum over each token's k slots, instead of autograd's scatter-add (serial on the
+    CPU, atomic and non-deterministic on the GPU).
+    """
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, tokens: Tensor, order: Tensor, k: int) -> Tensor:
+        ctx.save_for_backward(order)
+        ctx.k = k
+        return tokens.index_select(0, torch.div(order, k, rounding_mode="floor"))
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor | None, None, None]:
+        (order,) = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None, None
+        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+        grad = grad.index_select(0, inverse).view(-1, ctx.k, grad.shape[-1]).sum(dim=1)
+        return grad, None, None
