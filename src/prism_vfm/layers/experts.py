@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from prism_vfm.layers.net2net import resize_mlp_param
+
 BACKENDS = ("auto", "grouped", "padded", "loop")
 
 
@@ -49,11 +51,18 @@ class GroupedExperts(nn.Module):
 
     @torch.no_grad()
     def copy_from_mlp(self, fc1: nn.Linear, fc2: nn.Linear) -> None:
-        """Make every expert an exact copy of a dense MLP (``fc1``, ``fc2`` in ``nn.Linear`` layout)."""
-        self.w1.copy_(fc1.weight.t().unsqueeze(0).expand_as(self.w1))
-        self.b1.copy_(fc1.bias.unsqueeze(0).expand_as(self.b1))
-        self.w2.copy_(fc2.weight.t().unsqueeze(0).expand_as(self.w2))
-        self.b2.copy_(fc2.bias.unsqueeze(0).expand_as(self.b2))
+        """Make every expert a copy of a dense MLP (``fc1``, ``fc2`` in ``nn.Linear`` layout).
+
+        Experts of another hidden width get the MLP resized by :func:`resize_mlp_param`.
+        """
+        hidden = self.w1.shape[-1]
+        names = ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")
+        params = (fc1.weight, fc1.bias, fc2.weight, fc2.bias)
+        w1, b1, w2, b2 = (resize_mlp_param(n, p, hidden) for n, p in zip(names, params, strict=True))
+        self.w1.copy_(w1.t().unsqueeze(0).expand_as(self.w1))
+        self.b1.copy_(b1.unsqueeze(0).expand_as(self.b1))
+        self.w2.copy_(w2.t().unsqueeze(0).expand_as(self.w2))
+        self.b2.copy_(b2.unsqueeze(0).expand_as(self.b2))
 
     def forward(self, x: Tensor, expert_ids: Tensor, counts: Tensor) -> Tensor:
         """Run each expert on its contiguous segment of ``x``.

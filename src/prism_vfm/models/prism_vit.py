@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from prism_vfm.layers.dual_stream import DualStreamBlock
 from prism_vfm.layers.moe import MoEConfig
+from prism_vfm.layers.net2net import net2net_widen
 from prism_vfm.models.hub import HubMixin
 
 ContextKind = Literal["teacher", "task"]
@@ -41,6 +42,13 @@ class PrismViT(
     Stage 1) or the task table (``kind="task"``, Stage 2). All constructor arguments are plain values so
     the model round-trips through ``save_pretrained`` / ``from_pretrained`` (``config.json`` +
     ``model.safetensors``).
+
+    Ablation switches (defaults: PRISM as released; see :mod:`prism_vfm.ablation` for the named variants):
+    ``anchor=False`` drops the anchor MLP and the λ gate (λ ≡ 0); ``conditioning`` is ``"film"``,
+    ``"concat"`` (context concatenated to the router input) or ``"none"`` (context-free router);
+    ``shared_expert``, ``num_experts``, ``top_k``, ``expert_mlp_ratio`` size the MoE; ``moe_layers=()``
+    gives a dense student (``tap_layers`` then required); ``wide_layers`` are dense blocks whose MLP has
+    ``wide_hidden`` hidden units, Net2Net-tiled from the block's own (or a loaded pretrained) MLP.
     """
 
     def __init__(
@@ -70,6 +78,10 @@ class PrismViT(
         lambda_bias_init: float = 2.0,
         dynamic_img_size: bool = False,
         num_classes: int = 0,
+        anchor: bool = True,
+        conditioning: str = "film",
+        wide_layers: Sequence[int] = (),
+        wide_hidden: int = 0,
     ) -> None:
         img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
         super().__init__(
@@ -85,10 +97,26 @@ class PrismViT(
             dynamic_img_size=dynamic_img_size,
         )
         self.moe_layers = tuple(sorted(int(i) for i in moe_layers))
+        if not self.moe_layers and tap_layers is None:
+            raise ValueError("moe_layers=() (a dense student) needs tap_layers (they default to moe_layers)")
         self.tap_layers = tuple(
             sorted(int(i) for i in (self.moe_layers if tap_layers is None else tap_layers))
         )
-        for name, idx in (("moe_layers", self.moe_layers), ("tap_layers", self.tap_layers)):
+        self.wide_layers = tuple(sorted(int(i) for i in wide_layers))
+        self.wide_hidden = int(wide_hidden)
+        both = sorted(set(self.wide_layers) & set(self.moe_layers))
+        if both:
+            raise ValueError(f"wide_layers and moe_layers both name blocks {both}")
+        if self.wide_layers and self.wide_hidden < int(embed_dim * mlp_ratio):
+            raise ValueError(
+                f"wide_hidden={wide_hidden} must be at least the MLP's {int(embed_dim * mlp_ratio)} hidden "
+                f"units when wide_layers={list(self.wide_layers)} are given"
+            )
+        for name, idx in (
+            ("moe_layers", self.moe_layers),
+            ("tap_layers", self.tap_layers),
+            ("wide_layers", self.wide_layers),
+        ):
             bad = [i for i in idx if not 0 <= i < depth]
             if bad:
                 raise ValueError(f"{name} {list(idx)} has indices outside the {depth} blocks: {bad}")
@@ -107,11 +135,14 @@ class PrismViT(
             double_weighting=double_weighting,
             lb_coef=lb_coef,
             backend=dispatch,
+            conditioning=conditioning,
         )
         for i in self.moe_layers:
             self.blocks[i] = DualStreamBlock(
-                self.blocks[i], self.moe_config, tuple(lambda_range), lambda_bias_init
+                self.blocks[i], self.moe_config, tuple(lambda_range), lambda_bias_init, anchor=anchor
             )
+        for i in self.wide_layers:
+            self.blocks[i].mlp = net2net_widen(self.blocks[i].mlp, self.wide_hidden)
         self.teacher_embed = nn.Embedding(self.num_teachers, embed_dim)
         # No empty task table in Stage 1: a parameter that never receives a gradient would force DDP's
         # find_unused_parameters.
@@ -119,6 +150,9 @@ class PrismViT(
         for table in (self.teacher_embed, self.task_embed):
             if table is not None:
                 trunc_normal_(table.weight, std=0.02)
+                # Without a context-conditioned router nothing reads the tables: frozen, so that no
+                # parameter goes without a gradient (DDP) and the optimiser leaves them alone.
+                table.requires_grad_(self.uses_context)
         self.projectors = (
             nn.ModuleList(
                 nn.ModuleList(ProjectorHead(embed_dim, c) for _ in self.tap_layers) for c in self.teacher_dims
@@ -220,6 +254,9 @@ class PrismViT(
         # Routing statistics group samples by context id, which is only meaningful within one kind.
         self._last_context = (torch.cat(ids), passes[0][0]) if len(kinds) == 1 else None
         cond = torch.cat([self.context_table(kind)(i) for (kind, _), i in zip(passes, ids, strict=True)])
+        if not self.moe_layers:  # a dense student: every pass computes the same taps
+            taps, _ = self._run_blocks(self._embed(x), cond[:b], 0, lb_groups=1)
+            return [t.repeat(p, 1, 1) for t in taps], x.new_zeros(p, dtype=torch.float32)
         first = self.moe_layers[0]
         h = self._embed(x)
         taps: list[Tensor] = []
@@ -294,6 +331,11 @@ class PrismViT(
     def dual_stream_blocks(self) -> list[DualStreamBlock]:
         return [self.blocks[i] for i in self.moe_layers]
 
+    @property
+    def uses_context(self) -> bool:
+        """Whether the output depends on the context ids (some router reads the context tables)."""
+        return bool(self.moe_layers) and self.moe_config.conditioning != "none"
+
     @torch.no_grad()
     def trace(self, x: Tensor, context: Tensor | int, kind: ContextKind = "teacher") -> dict[str, Any]:
         """One forward pass with everything the analysis tools and conformance tests read.
@@ -356,7 +398,10 @@ class PrismViT(
         ``new``: routed and shared experts, router, FiLM, λ gates, context tables, projector heads.
         ``pretrained``: patch/position embedding, attention, norms, dense MLPs and the anchors.
         """
-        new_prefixes = ("teacher_embed", "task_embed", "projectors")
+        # Widened MLPs stand in for the dual-stream blocks' new capacity, so they learn at its rate.
+        new_prefixes = ("teacher_embed", "task_embed", "projectors") + tuple(
+            f"blocks.{i}.mlp." for i in self.wide_layers
+        )
         groups: dict[str, list[nn.Parameter]] = {"new": [], "pretrained": []}
         for name, p in self.named_parameters():
             is_new = name.startswith(new_prefixes) or ".moe." in name or ".lambda_gate." in name

@@ -18,6 +18,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from torch import Tensor
 
 from prism_vfm.data.image_folder import IMAGENET_MEAN, IMAGENET_STD
+from prism_vfm.layers.net2net import resize_mlp_param
 from prism_vfm.models.prism_vit import PrismViT, resample_pos_embed
 
 # Student architecture and teacher widths of the published Stage-1 presets (SPEC §6).
@@ -43,6 +44,13 @@ _AUGREG = {
 }
 
 
+def student_architecture(name: str) -> dict[str, Any]:
+    """The :class:`PrismViT` arguments a registered ``prism_vit_*`` name fixes (width, depth, blocks)."""
+    if name not in _ARCHS:
+        raise ValueError(f"unknown student model {name!r}; expected one of {sorted(_ARCHS)}")
+    return dict(_ARCHS[name])
+
+
 def _cfg(hf_hub_id: str) -> dict[str, Any]:
     return dict(
         hf_hub_id=hf_hub_id,
@@ -62,21 +70,29 @@ def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: PrismViT) -> dict
     """Turn a plain timm ViT state dict (or an official PRISM one) into ``model``'s keys.
 
     A dense ViT's MLP in a dual-stream block is copied into the anchor, the shared expert and every routed
-    expert; modules a dense ViT lacks (router, λ gate, context tables, projectors) keep ``model``'s
-    initialisation; the classifier head is dropped; ``pos_embed`` is resampled to the model's grid.
+    expert (resized by :func:`resize_mlp_param` where their width differs); in a widened block it is
+    Net2Net-tiled. Modules a dense ViT lacks (router, λ gate, context tables, projectors) keep ``model``'s
+    initialisation; the classifier head is dropped; ``pos_embed`` is resampled to the model's grid. An
+    official checkpoint's anchors initialise the MLPs of a student whose blocks there are dense or wide.
     """
     from prism_vfm.compat.official import official_to_ours, read_official
 
     state_dict = state_dict.get("model", state_dict)
     if any(k.startswith(("backbone.pos_embed", "backbone.backbone.")) for k in state_dict):
-        return official_to_ours(read_official(state_dict).student)
+        converted = official_to_ours(read_official(state_dict).student)
+        if all(i in model.moe_layers for i in _dual_stream_indices(converted)):
+            return converted
+        state_dict = _anchors_as_mlps(converted, model)
     own = model.state_dict()
     out: dict[str, Tensor] = {}
     for key, value in state_dict.items():
         m = re.match(r"^blocks\.(\d+)\.mlp\.(fc[12])\.(weight|bias)$", key)
         if m and int(m.group(1)) in model.moe_layers:
             block, fc, kind = int(m.group(1)), m.group(2), m.group(3)
-            out[f"blocks.{block}.anchor.{fc}.{kind}"] = value
+            if f"blocks.{block}.anchor.{fc}.{kind}" in own:
+                out[f"blocks.{block}.anchor.{fc}.{kind}"] = value
+            hidden = own[f"blocks.{block}.moe.experts.w1"].shape[-1]
+            value = resize_mlp_param(f"{fc}.{kind}", value, hidden)
             if f"blocks.{block}.moe.shared.{fc}.{kind}" in own:
                 out[f"blocks.{block}.moe.shared.{fc}.{kind}"] = value
             stacked = own[f"blocks.{block}.moe.experts.{'w' if kind == 'weight' else 'b'}{fc[-1]}"]
@@ -84,6 +100,8 @@ def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: PrismViT) -> dict
             out[f"blocks.{block}.moe.experts.{'w' if kind == 'weight' else 'b'}{fc[-1]}"] = (
                 value.unsqueeze(0).expand_as(stacked).clone()
             )
+        elif m and int(m.group(1)) in model.wide_layers:
+            out[key] = resize_mlp_param(f"{m.group(2)}.{m.group(3)}", value, model.wide_hidden)
         elif key in own:
             out[key] = value
     if "pos_embed" in out and out["pos_embed"].shape != own["pos_embed"].shape:
@@ -92,6 +110,20 @@ def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: PrismViT) -> dict
         )
     for key, value in own.items():
         out.setdefault(key, value)
+    return out
+
+
+def _dual_stream_indices(state_dict: dict[str, Tensor]) -> set[int]:
+    return {int(m.group(1)) for k in state_dict if (m := re.match(r"^blocks\.(\d+)\.anchor\.", k))}
+
+
+def _anchors_as_mlps(state_dict: dict[str, Tensor], model: PrismViT) -> dict[str, Tensor]:
+    """``blocks.{i}.anchor.*`` renamed ``blocks.{i}.mlp.*`` where ``model``'s block ``i`` is dense."""
+    out = {}
+    for key, value in state_dict.items():
+        m = re.match(r"^blocks\.(\d+)\.anchor\.(.*)$", key)
+        dense = m is not None and int(m.group(1)) not in model.moe_layers
+        out[f"blocks.{m.group(1)}.mlp.{m.group(2)}" if dense else key] = value
     return out
 
 
