@@ -14,6 +14,7 @@ class DistillConfig:
     teachers: tuple[str, ...] = ("dinov2_l", "clip_l", "sam_l")
     weights: str = "hub"  # "hub", "none" or a folder with the official teacher files
     decorrelation: Literal["official", "paper", "none"] = "official"
+    decorrelation_taps: tuple[int, ...] = (0, 1)
     lb_weight: float = 0.1
 
 

@@ -201,7 +201,9 @@ def train_stage2(cfg: Stage2Config, resume: bool = False) -> Path:
         None if cfg.distill.decorrelation == "none" else DecorrelationLoss(form=cfg.distill.decorrelation)
     )
     distill = DistillLoss(
-        "cos+l1" if decorrelation is None else "cos+l1+decorrelation", decorrelation=decorrelation
+        "cos+l1" if decorrelation is None else "cos+l1+decorrelation",
+        decorrelation=decorrelation,
+        decorrelation_taps=cfg.distill.decorrelation_taps,
     )
     log = RunLogger(run_dir, enabled=env.is_main)
     batches = iter(loader)
