@@ -45,12 +45,19 @@ def heatmap_grid(
     vmax: float | None = None,
     suptitle: str | None = None,
     col_labels: Sequence[str] | None = None,
+    max_cols: int = 4,
 ) -> Path:
-    """One heatmap per (matrix, title) panel sharing one colour scale, annotated when small enough."""
+    """One heatmap per (matrix, title) panel sharing one colour scale, annotated when small enough.
+
+    Panels fill rows of ``max_cols``; ``row_labels`` and ``col_labels`` name the matrices' rows and columns
+    (columns default to their indices).
+    """
     top = vmax if vmax is not None else max(float(np.max(m)) for m, _ in panels) or 1.0
     n_cols = max(m.shape[1] for m, _ in panels)
     fig, axes = new_figure(
-        len(panels), (max(3.0, 0.45 * n_cols + 1.5), max(2.2, 0.45 * len(row_labels) + 1.2))
+        len(panels),
+        (max(3.0, 0.45 * n_cols + 1.5), max(2.2, 0.45 * len(row_labels) + 1.2)),
+        max_cols=max_cols,
     )
     image = None
     for ax, (matrix, title) in zip(axes, panels, strict=True):
