@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -16,6 +17,15 @@ EXPECTED = {
         "ratio train [padded] (b)/(c) dispatch overhead:",
         "ratio eval [loop, auto] (b)/(a) FFN vs timm Mlp:",
         "ratio train (c)/(a) floor vs timm Mlp:",
+    ],
+    "bench_stage1.py": [
+        "throughput:",
+        "teacher share of the step:",
+    ],
+    "bench_stage2.py": [
+        "ratio eval batch 1 speed-up per task / shared:",
+        "ratio eval batch 2 speed-up per task / shared:",
+        "ratio train batch 2 speed-up per pass / shared:",
     ],
     "bench_student.py": [
         "ratio train student / dense:",
@@ -39,3 +49,6 @@ def test_benchmark_quick_run_prints_its_ratios(script):
     for line in EXPECTED[script]:
         assert line in result.stdout, f"{script} did not print {line!r}:\n{result.stdout}"
     assert "method:" in result.stdout
+    if script == "bench_stage2.py":  # the shared passes compute what the per-task passes compute
+        gaps = [float(v) for v in re.findall(r"max \|shared - per task\| ([-+.e0-9]+)\)", result.stdout)]
+        assert len(gaps) == 2 and max(gaps) < 1e-4, result.stdout

@@ -11,11 +11,12 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -73,6 +74,48 @@ def _assign(cfg: Stage1Config, batch: int, n_teachers: int, step: int, shard: in
     if cfg.teachers.assignment == "single":
         return single_teacher(batch, n_teachers, g)
     return balanced_teacher_split(batch, n_teachers, g)
+
+
+def build_criterion(cfg: Stage1Config) -> DistillLoss:
+    """The distillation loss of ``cfg.loss`` (cosine + smooth-L1, plus decorrelation unless off)."""
+    decorrelation = (
+        None if cfg.loss.decorrelation == "none" else DecorrelationLoss(form=cfg.loss.decorrelation)
+    )
+    return DistillLoss(
+        "cos+l1" if decorrelation is None else "cos+l1+decorrelation",
+        cos_weight=cfg.loss.cos_weight,
+        l1_weight=cfg.loss.l1_weight,
+        decorrelation=decorrelation,
+        decorrelation_taps=cfg.loss.decorrelation_taps,
+        decorrelation_weight=cfg.loss.decorrelation_weight,
+    )
+
+
+def distill_loss(
+    net: nn.Module,
+    model: PrismViT,
+    teachers: Sequence[nn.Module],
+    criterion: DistillLoss,
+    x: Tensor,
+    ctx: Tensor,
+    lb_weight: float,
+) -> tuple[Tensor, dict[str, Any]]:
+    """One Stage-1 forward: the student (``net``, ``model`` or its DDP/FSDP wrapper) on teacher contexts
+    ``ctx``, its projections, the frozen teachers on their own samples, and the loss.
+
+    Returns the loss and its terms (detached), plus ``"present"``: the teacher ids in this batch.
+    """
+    taps, aux = net(x, ctx.to(x.device), return_aux=True)
+    student = model.project_by_teacher(taps, ctx, model.grid_size(x))
+    with torch.no_grad():
+        targets = {
+            t: teachers[t](x.index_select(0, (ctx == t).nonzero().squeeze(1).to(x.device))) for t in student
+        }
+    terms = criterion(student, targets)
+    loss = terms["total"] + lb_weight * aux
+    out: dict[str, Any] = {k: v.detach() for k, v in terms.items()}
+    out["aux"], out["present"] = aux.detach(), sorted(student)
+    return loss, out
 
 
 def train_stage1(cfg: Stage1Config, resume: bool = False) -> Path:
@@ -142,19 +185,8 @@ def train_stage1(cfg: Stage1Config, resume: bool = False) -> Path:
         pin_memory=env.device.type == "cuda",
         persistent_workers=cfg.workers > 0,
     )
-    decorrelation = (
-        None if cfg.loss.decorrelation == "none" else DecorrelationLoss(form=cfg.loss.decorrelation)
-    )
-    criterion = DistillLoss(
-        "cos+l1" if decorrelation is None else "cos+l1+decorrelation",
-        cos_weight=cfg.loss.cos_weight,
-        l1_weight=cfg.loss.l1_weight,
-        decorrelation=decorrelation,
-        decorrelation_taps=cfg.loss.decorrelation_taps,
-        decorrelation_weight=cfg.loss.decorrelation_weight,
-    )
+    criterion = build_criterion(cfg)
     log = RunLogger(run_dir, enabled=env.is_main)
-    grid = model.grid_size((img_size, img_size))
     batches = iter(loader)
     bar = tqdm(
         total=end_step,
@@ -175,22 +207,14 @@ def train_stage1(cfg: Stage1Config, resume: bool = False) -> Path:
             torch.manual_seed(mix_seed(cfg.seed, step, shard, 1))
             with gradient_sync(net, micro == cfg.accum - 1):
                 with autocast(cfg.amp, env.device):
-                    taps, aux = net(x, ctx.to(env.device), return_aux=True)
-                    student = model.project_by_teacher(taps, ctx, grid)
-                    with torch.no_grad():
-                        targets = {
-                            t: teachers[t](x.index_select(0, (ctx == t).nonzero().squeeze(1).to(env.device)))
-                            for t in student
-                        }
-                    terms = criterion(student, targets)
-                    loss = terms["total"] + cfg.loss.lb_weight * aux
+                    loss, terms = distill_loss(net, model, teachers, criterion, x, ctx, cfg.loss.lb_weight)
                     # Heads of teachers absent from this batch ("single" assignment) join the graph with zero
                     # weight, so DDP needs no find_unused_parameters (FSDP2 needs no such help).
                     if isinstance(net, DDP):
-                        for t in set(range(len(teachers))) - set(student):
+                        for t in set(range(len(teachers))) - set(terms["present"]):
                             loss = loss + 0.0 * sum(p.sum() for p in model.projectors[t].parameters())
+                    del terms["present"]
                 (loss / cfg.accum).backward()
-            terms["aux"] = aux.detach()
             for k, v in terms.items():
                 terms_sum[k] = terms_sum.get(k, 0.0) + v.detach() / cfg.accum
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
