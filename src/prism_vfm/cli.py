@@ -78,6 +78,10 @@ def cmd_distill(args: argparse.Namespace) -> None:
     cfg = preset(args.preset)
     if args.config:
         cfg = load_yaml(Stage1Config, args.config, base=cfg)
+    if args.ablation:
+        from prism_vfm.ablation import apply_ablation
+
+        cfg = apply_ablation(cfg, args.ablation)
     direct = [("data", args.data), ("out", args.out), ("teachers.weights", args.teachers_dir)]
     cfg = apply_overrides(cfg, [(k, v) for k, v in direct if v is not None] + list(args.set))
     if not cfg.data:
@@ -94,6 +98,10 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     cfg = preset(args.preset or {"pascal": "pascal", "nyud": "nyud"}.get(args.dataset or "pascal", "pascal"))
     if args.config:
         cfg = load_yaml(Stage2Config, args.config, base=cfg)
+    if args.ablation:
+        from prism_vfm.ablation import apply_ablation
+
+        cfg = apply_ablation(cfg, args.ablation)
     dataset = {"pascal": "pascalcontext", "nyud": "nyud"}.get(args.dataset) if args.dataset else None
     direct = [("dataset", dataset), ("data", args.data), ("init", args.init), ("out", args.out)]
     cfg = apply_overrides(cfg, [(k, v) for k, v in direct if v is not None] + list(args.set))
@@ -122,6 +130,54 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         device=args.device,
     )
     print(json.dumps({"scores": result["scores"], "delta_m": result["delta_m"]}, indent=2))
+
+
+def cmd_sweep(args: argparse.Namespace) -> None:
+    from prism_vfm.ablation import run_sweep
+    from prism_vfm.ablation.variants import VARIANTS
+    from prism_vfm.config import apply_overrides, load_yaml
+    from prism_vfm.distill.config import Stage1Config
+    from prism_vfm.distill.config import preset as stage1_preset
+    from prism_vfm.finetune.config import Stage2Config
+    from prism_vfm.finetune.config import preset as stage2_preset
+
+    if args.list:
+        for v in VARIANTS.values():
+            print(f"{v.name:18} {v.description}")
+        print("top<k>, experts<E>, decorr_taps<taps>, expert_ratio<r>, teachers<positions>; join with +")
+        return
+    if not args.variants or not args.out:
+        raise SystemExit("prism sweep: give --variants a,b,c and --out DIR (or --list)")
+    stage1 = stage1_preset(args.preset)
+    if args.config:
+        stage1 = load_yaml(Stage1Config, args.config, base=stage1)
+    direct = [("data", args.data), ("teachers.weights", args.teachers_dir)]
+    stage1 = apply_overrides(stage1, [(k, v) for k, v in direct if v is not None] + list(args.set))
+    if not stage1.data:
+        raise SystemExit("prism sweep: no Stage-1 image folder given (--data PATH or data: in --config)")
+    stage2 = None
+    if args.stage2_data or args.stage2_preset or args.stage2_config or args.dataset:
+        stage2 = stage2_preset(args.stage2_preset or args.dataset or "pascal")
+        if args.stage2_config:
+            stage2 = load_yaml(Stage2Config, args.stage2_config, base=stage2)
+        dataset = {"pascal": "pascalcontext", "nyud": "nyud"}.get(args.dataset) if args.dataset else None
+        direct = [("dataset", dataset), ("data", args.stage2_data), ("distill.weights", args.teachers_dir)]
+        stage2 = apply_overrides(stage2, [(k, v) for k, v in direct if v is not None] + list(args.stage2_set))
+        if not stage2.data:
+            raise SystemExit("prism sweep: Stage 2 needs its data set folder (--stage2-data)")
+    baselines = json.loads(Path(args.baselines).read_text()) if args.baselines else None
+    rows = run_sweep(
+        [v.strip() for v in args.variants.split(",") if v.strip()],
+        stage1,
+        args.out,
+        stage2,
+        split=None if args.no_eval else args.split,
+        baselines=baselines,
+        eval_workers=args.eval_workers,
+        device=args.device,
+    )
+    print((Path(args.out) / "comparison.md").read_text())
+    print(f"{len(rows)} variants; table in {args.out}/comparison.md and comparison.json")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -156,6 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="override a key, e.g. --set optim.lr=5e-4 (repeatable)",
     )
     p.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
+    p.add_argument("--ablation", help="an ablation variant, e.g. wo_anchor, dense, top1 (prism sweep --list)")
     p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser("finetune", help="Stage 2: multi-task fine-tuning on PASCAL-Context or NYUD-v2")
@@ -171,7 +228,34 @@ def build_parser() -> argparse.ArgumentParser:
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a key (repeatable)"
     )
     p.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
+    p.add_argument("--ablation", help="the Stage-1 run's ablation variant (its loss and teacher switches)")
     p.set_defaults(func=cmd_finetune)
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser(
+        "sweep", help="train ablation variants with shared settings and write one comparison table"
+    )
+    p.add_argument("--variants", help="comma-separated variant names, e.g. prism,dense,wo_anchor,top1")
+    p.add_argument("--list", action="store_true", help="list the named variants and exit")
+    p.add_argument("--out", help="sweep folder: one run folder per variant, comparison.md and .json")
+    p.add_argument("--preset", default="LB", help="Stage-1 preset shared by all variants (tiny: CPU)")
+    p.add_argument("--data", help="Stage-1 image folder")
+    p.add_argument("--teachers-dir", help="folder with the teachers' official weight files (both stages)")
+    p.add_argument("--config", help="Stage-1 YAML file of configuration keys")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="Stage-1 override")
+    p.add_argument("--dataset", choices=["pascal", "nyud"], help="Stage-2 data set (runs Stage 2)")
+    p.add_argument("--stage2-data", help="the PASCALContext/ or NYUDv2/ folder (runs Stage 2)")
+    p.add_argument("--stage2-preset", help="Stage-2 preset: pascal, nyud or tiny")
+    p.add_argument("--stage2-config", help="Stage-2 YAML file of configuration keys")
+    p.add_argument(
+        "--stage2-set", action="append", default=[], metavar="KEY=VALUE", help="Stage-2 override"
+    )
+    p.add_argument("--split", default="val", help="evaluation split after Stage 2")
+    p.add_argument("--no-eval", action="store_true", help="skip the evaluation after Stage 2")
+    p.add_argument("--baselines", help="JSON file {task: single-task score} for Δm")
+    p.add_argument("--eval-workers", type=int, help="processes for the boundary evaluation")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="evaluation")
+    p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser(
         "evaluate", help="per-task metrics (odsF included, no MATLAB) and Δm of a multi-task model"

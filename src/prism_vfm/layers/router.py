@@ -35,9 +35,8 @@ class ConditionedRouter(nn.Module):
     * ``"film"`` (PRISM): ``[γ, β] = W_f c + b_f``; ``f = (1 + γ)·u + β``; ``s = σ(W_s u + b_s)``;
       ``h = u + s·(f − u)``. γ and β depend only on the sample, so they are computed once per sample
       rather than once per token (the released code does the latter; the result is the same).
-    * ``"concat"`` (the "w/o FiLM" ablation): ``h = [u; c]``, so ``W_g`` (and the noise layer) take 2D
-      inputs. They are stored as a token part and a context part (``context_gate``, ``context_noise``,
-      no bias) so that the context part is computed once per sample.
+    * ``"concat"`` (the "w/o FiLM" ablation): ``h = [u; c]``, so ``W_g`` and the noise layer take 2D
+      inputs.
     * ``"none"`` (vanilla sparse MoE): ``h = u``; the context is ignored.
     """
 
@@ -62,22 +61,22 @@ class ConditionedRouter(nn.Module):
         self.conditioning = conditioning
         self.film = nn.Linear(dim, 2 * dim) if conditioning == "film" else None
         self.input_gate = nn.Linear(dim, dim) if conditioning == "film" else None
-        self.gate = nn.Linear(dim, num_experts)
-        self.noise = nn.Linear(dim, num_experts) if noisy_gating else None
-        concat = conditioning == "concat"
-        self.context_gate = nn.Linear(dim, num_experts, bias=False) if concat else None
-        self.context_noise = nn.Linear(dim, num_experts, bias=False) if concat and noisy_gating else None
+        width = 2 * dim if conditioning == "concat" else dim
+        self.gate = nn.Linear(width, num_experts)
+        self.noise = nn.Linear(width, num_experts) if noisy_gating else None
         if self.film is not None:
             # FiLM starts as the identity so that a pretrained router input is unchanged at initialisation.
             nn.init.zeros_(self.film.weight)
             nn.init.zeros_(self.film.bias)
 
     def fused_input(self, u: Tensor, cond: Tensor, gate: Tensor | None = None) -> Tensor:
-        """The FiLM-conditioned router input ``h`` (B, N, D) for tokens (B, N, D) and contexts (B, D).
+        """The conditioned router input ``h`` (B, N, D or 2D) for tokens (B, N, D) and contexts (B, D).
 
         ``gate`` is ``σ(W_s u + b_s)`` when already computed: it does not depend on the context, so
-        several context passes over the same tokens can share it. Without FiLM this is ``u`` itself.
+        several context passes over the same tokens can share it.
         """
+        if self.conditioning == "concat":
+            return torch.cat([u, cond.unsqueeze(1).expand_as(u)], dim=-1)
         if self.film is None:
             return u
         gamma, beta = self.film(cond).unsqueeze(1).chunk(2, dim=-1)
@@ -92,17 +91,12 @@ class ConditionedRouter(nn.Module):
     def forward(self, u: Tensor, cond: Tensor, gate: Tensor | None = None) -> Routing:
         h = self.fused_input(u, cond, gate)
         z = self.gate(h)
-        if self.context_gate is not None:
-            z = z + self.context_gate(cond).unsqueeze(1)
         if self.training:
             if self.expert_dropout > 0:
                 drop = torch.rand_like(z) < self.expert_dropout
                 z = z.masked_fill(drop, float("-inf"))
             if self.noise is not None:
-                noise = self.noise(h)
-                if self.context_noise is not None:
-                    noise = noise + self.context_noise(cond).unsqueeze(1)
-                z = z + torch.randn_like(z) * F.softplus(noise)
+                z = z + torch.randn_like(z) * F.softplus(self.noise(h))
         values, indices = torch.topk(z, self.top_k, dim=-1)
         return Routing(logits=z, indices=indices, weights=topk_softmax(values))
 

@@ -72,8 +72,9 @@ def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: PrismViT) -> dict
     A dense ViT's MLP in a dual-stream block is copied into the anchor, the shared expert and every routed
     expert (resized by :func:`resize_mlp_param` where their width differs); in a widened block it is
     Net2Net-tiled. Modules a dense ViT lacks (router, λ gate, context tables, projectors) keep ``model``'s
-    initialisation; the classifier head is dropped; ``pos_embed`` is resampled to the model's grid. An
-    official checkpoint's anchors initialise the MLPs of a student whose blocks there are dense or wide.
+    initialisation; the classifier head is dropped; ``pos_embed`` is resampled to the model's grid. A
+    PRISM checkpoint's (ours or official) anchors initialise the MLPs of a student whose blocks there are
+    dense or wide.
     """
     from prism_vfm.compat.official import official_to_ours, read_official
 
@@ -82,7 +83,8 @@ def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: PrismViT) -> dict
         converted = official_to_ours(read_official(state_dict).student)
         if all(i in model.moe_layers for i in _dual_stream_indices(converted)):
             return converted
-        state_dict = _anchors_as_mlps(converted, model)
+        state_dict = converted
+    state_dict = _anchors_as_mlps(state_dict, model)
     own = model.state_dict()
     out: dict[str, Tensor] = {}
     for key, value in state_dict.items():
