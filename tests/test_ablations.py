@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from torch.utils.flop_counter import FlopCounterMode
 
-from prism_vfm import PrismViT
+from prism_vfm import PrismViT, export_official
 from prism_vfm.ablation import apply_ablation, run_sweep
 from prism_vfm.ablation import sweep as sweep_module
 from prism_vfm.cli import main
@@ -243,6 +244,17 @@ def test_impossible_switches_are_errors_naming_the_key(images, tmp_path):
         with pytest.raises(ConfigError, match=message):
             tiny_stage1(name, images, tmp_path)
     assert main_exit_code(["distill", "--preset", "tiny", "--data", str(images), "--ablation", "top9"]) == 2
+
+
+def test_official_export_refuses_what_its_layout_cannot_hold():
+    export_official(tiny_student(shared_expert=False, top_k=1))  # expressible: no error
+    for switches, named in (
+        (dict(anchor=False), "anchor=False"),
+        (dict(conditioning="concat"), "conditioning='concat'"),
+        (dict(moe_layers=(), tap_layers=(1, 3)), "moe_layers=()"),
+    ):
+        with pytest.raises(ValueError, match=re.escape(named)):
+            export_official(tiny_student(**switches))
 
 
 def main_exit_code(argv: list[str]) -> int:

@@ -209,6 +209,18 @@ def official_to_ours(student: Mapping[str, Tensor]) -> dict[str, Tensor]:
 
 def ours_to_official(model: PrismViT) -> dict[str, Tensor]:
     """The official Stage-1 student state dict of ``model`` (inverse of :func:`official_to_ours`)."""
+    unsupported = {
+        "moe_layers": () if not model.moe_layers else None,
+        "wide_layers": model.wide_layers or None,
+        "anchor": False if any(b.anchor is None for b in model.dual_stream_blocks) else None,
+        "conditioning": model.moe_config.conditioning if model.moe_config.conditioning != "film" else None,
+    }
+    unsupported = {k: v for k, v in unsupported.items() if v is not None}
+    if unsupported:
+        raise ValueError(
+            "the official layout holds dual-stream blocks with an anchor and a FiLM router only; this model "
+            f"has {', '.join(f'{k}={v!r}' for k, v in unsupported.items())} (keep it in our format)"
+        )
     out: dict[str, Tensor] = {}
     for key, value in model.state_dict().items():
         if key == "teacher_embed.weight":
