@@ -76,3 +76,30 @@ def test_init_keeps_the_backbone_and_starts_a_fresh_task_table(setup):
         resolved(apply_overrides(cfg, [("task_table_init", "copy_dinov2")])), (32, 24, 16)
     )
     torch.testing.assert_close(copied.student.task_embed.weight[3], source.teacher_embed.weight[0])
+
+
+@pytest.mark.parametrize("alignment, grid", [("crop", (6, 8)), ("official", (8, 8))])
+def test_sam_teacher_alignment_on_non_square_inputs(setup, tmp_path, monkeypatch, alignment, grid):
+    # A SAM-geometry teacher pads the 48x64 input to 64x64: "crop" keeps the 6x8 cells over the image (aligned
+    # with the student), "official" the whole padded 8x8 grid.
+    from prism_vfm.finetune import trainer as stage2
+    from prism_vfm.teachers import register_teacher
+    from tests.test_teachers import TINY_SAM
+
+    register_teacher(TINY_SAM, overwrite=True)
+    built = []
+    real = stage2.build_teacher
+
+    def spy(*args, **kwargs):
+        teacher = real(*args, **kwargs)
+        built.append(teacher)
+        return teacher
+
+    monkeypatch.setattr(stage2, "build_teacher", spy)
+    overrides = [("distill.teachers", ["tiny_a", "tiny_b", "tiny_sam"]), ("distill.sam_alignment", alignment)]
+    run = train_stage2(cfg_for(setup, tmp_path / alignment, ("max_steps", 2), *overrides))
+    sam = built[-1]
+    assert sam.spec.name == "tiny_sam" and sam.grid_size() == grid
+    assert [tuple(m.shape[-2:]) for m in sam(torch.randn(1, 3, 48, 64))] == [grid] * 2
+    distill = [r["loss/distill"] for r in read_scalars(run) if "loss/distill" in r]
+    assert len(distill) == 2 and all(torch.isfinite(torch.tensor(distill)))

@@ -16,6 +16,10 @@ class DistillConfig:
     decorrelation: Literal["official", "paper", "none"] = "official"
     decorrelation_taps: tuple[int, ...] = (0, 1)
     lb_weight: float = 0.1
+    # SAM pads non-square inputs (NYUD's 448x576) to a square: "crop" keeps only the teacher cells that cover
+    # the image, aligned with the student's grid; "official" keeps the padded grid (the released code's
+    # misalignment, SPEC §12). Other teachers and square inputs are unaffected.
+    sam_alignment: Literal["crop", "official"] = "crop"
 
 
 @dataclass

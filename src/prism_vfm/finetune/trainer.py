@@ -153,7 +153,12 @@ def train_stage2(cfg: Stage2Config, resume: bool = False) -> Path:
 
     alpha = cfg.distill.alpha
     teachers = (
-        [build_teacher(n, cfg.img_size, cfg.distill.weights).to(env.device) for n in cfg.distill.teachers]
+        [
+            build_teacher(
+                n, cfg.img_size, cfg.distill.weights, crop_padding=cfg.distill.sam_alignment == "crop"
+            ).to(env.device)
+            for n in cfg.distill.teachers
+        ]
         if alpha > 0
         else []
     )
