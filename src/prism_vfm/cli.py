@@ -180,6 +180,35 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     print(f"{len(rows)} variants; table in {args.out}/comparison.md and comparison.json")
 
 
+def cmd_analyze(args: argparse.Namespace) -> None:
+    from prism_vfm.analysis.report import analyze
+
+    options = dict(
+        data=args.data,
+        kind=args.kind,
+        contexts=args.contexts,
+        images=args.images,
+        batch_size=args.batch_size,
+        device=args.device,
+        img_size=args.img_size,
+    )
+    if args.analysis == "coactivation":
+        options["threshold"] = args.threshold
+    if args.analysis == "gradients":
+        options.update(teachers=args.teachers, teachers_dir=args.teachers_dir)
+    if args.analysis == "efficiency":
+        options = dict(img_size=args.img_size, batch_size=args.batch_size or 1, device=args.device)
+        options["latency"] = not args.no_latency
+    elif args.batch_size is None:
+        options.pop("batch_size")
+    out = args.out or f"analysis/{args.analysis}"
+    try:
+        summary = analyze(args.analysis, args.checkpoint, out, **options)
+    except ValueError as exc:
+        raise SystemExit(f"prism analyze {args.analysis}: {exc}") from None
+    print("\n".join(summary["files"]))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="prism",
@@ -275,6 +304,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-edges", action="store_true", help="write the edge maps as PNGs (what SEISM reads)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser(
+        "analyze",
+        help="how the experts self-organise: routing, coactivation, gradients, seeds, gates, efficiency",
+    )
+    p.add_argument(
+        "analysis", choices=["routing", "coactivation", "gradients", "seeds", "gates", "efficiency"]
+    )
+    p.add_argument(
+        "--checkpoint",
+        nargs="+",
+        required=True,
+        help="run folder(s), checkpoint or save_pretrained folder(s), official .pth file(s); seeds: one "
+        "per run, the first the reference; coactivation/gates: a run folder means all its checkpoints; "
+        "efficiency: also prism_vit_* model names",
+    )
+    p.add_argument("--data", help="folder of images (e.g. a validation set or a JPEGImages folder)")
+    p.add_argument("--out", help="folder for the PNG figures, JSON and Markdown (default analysis/<name>)")
+    p.add_argument("--kind", choices=["teacher", "task"], help="context kind (default: task for Stage 2)")
+    p.add_argument("--contexts", type=int, nargs="+", help="context ids (default: all of the kind)")
+    p.add_argument("--images", type=int, default=64, help="images analysed (the first, in sorted order)")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--img-size", type=int, nargs=2, metavar=("H", "W"), help="rebuild for this input size")
+    p.add_argument("--threshold", type=float, help="coactivation: selection frequency (default top_k/E)")
+    p.add_argument("--teachers", nargs="+", help="gradients: teacher names in id order (default: the run's)")
+    p.add_argument("--teachers-dir", help="gradients: folder of teacher weight files (default: Hub)")
+    p.add_argument("--no-latency", action="store_true", help="efficiency: skip the latency measurement")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("info", help="architecture and parameter counts of a student")
     p.add_argument("model", help="prism_vit_* model name, save_pretrained folder, or official .pth")

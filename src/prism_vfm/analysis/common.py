@@ -59,12 +59,15 @@ def default_context_names(model: nn.Module, contexts: Sequence[int], kind: Conte
 def resolve_names(
     model: nn.Module, contexts: Sequence[int], kind: ContextKind, names: Sequence[str] | None
 ) -> list[str]:
-    """``names`` (one per context) or the defaults of :func:`default_context_names`."""
+    """``names`` (one per context) or the defaults of :func:`default_context_names`; repeated names get
+    their context id appended so that every context keeps its own label."""
     if names is None:
         return default_context_names(model, contexts, kind)
     names = [str(n) for n in names]
     if len(names) != len(contexts):
         raise ValueError(f"{len(names)} context names {names} for {len(contexts)} contexts {list(contexts)}")
+    if len(set(names)) < len(names):
+        names = [f"{n} ({c})" if names.count(n) > 1 else n for n, c in zip(names, contexts, strict=True)]
     return names
 
 
