@@ -33,8 +33,24 @@ def traced_macs(model: PrismViT, batch: int = 2) -> float:
         {"moe_layers": (0, 1, 2, 3), "mlp_ratio": 2.0},
         {"moe_layers": (), "tap_layers": (3,)},
         {"img_size": (32, 48), "moe_layers": (2,)},
+        {"anchor": False},
+        {"anchor": False, "conditioning": "none", "shared_expert": False},
+        {"conditioning": "concat"},
+        {"moe_layers": (), "tap_layers": (3,), "wide_layers": (1, 3), "wide_hidden": 200},
     ],
-    ids=["default", "no-shared", "top3-e7-narrow", "top1-no-noise", "all-moe-mlp2", "dense", "rectangular"],
+    ids=[
+        "default",
+        "no-shared",
+        "top3-e7-narrow",
+        "top1-no-noise",
+        "all-moe-mlp2",
+        "dense",
+        "rectangular",
+        "no-anchor",
+        "vanilla-moe",
+        "concat-router",
+        "iso-flops-wide-dense",
+    ],
 )
 def test_analytic_gflops_equal_the_traced_count(config):
     model = tiny_student(dispatch="loop", **config)

@@ -139,3 +139,13 @@ def test_plots_are_png_figures_with_one_panel_per_layer(tmp_path):
             assert im.format == "PNG"
             width, height = im.size
             assert width > 2 * height  # two layer panels side by side
+
+
+def test_blocks_without_anchor_report_lambda_zero_and_still_route(tmp_path):
+    model = analysis_student(anchor=False, conditioning="none")
+    gates = gate_statistics(model, image_batches(1), [0, 1])
+    np.testing.assert_array_equal(gates.mean[1], [0.0, 0.0])
+    plot_gates(gates, tmp_path / "gates.png")
+    aff = routing_affinity(model, image_batches(1), [0, 1])
+    assert aff.separation[1] == pytest.approx(0.0, abs=1e-12)  # a router that ignores the context
+    np.testing.assert_allclose(aff.probs[3].sum(1), 2.0)

@@ -113,7 +113,9 @@ def gate_statistics(
 def plot_gates(gates: Gates, path: str | os.PathLike) -> Path:
     """One PNG: per MoE layer, the λ distribution of every context (violins, means marked)."""
     fig, axes = new_figure(len(gates.layers), (max(3.0, 1.0 + 0.9 * len(gates.contexts)), 3.0))
-    lo, hi = gates.lambda_range
+    # λ ≡ 0 in blocks without an anchor: widen the axis to whatever was measured.
+    lo = min(gates.lambda_range[0], *(float(m.min()) for m in gates.mean.values()))
+    hi = max(gates.lambda_range[1], *(float(m.max()) for m in gates.mean.values()))
     for ax, b in zip(axes, gates.layers, strict=True):
         data = [s if s.size else np.array([np.nan]) for s in gates.samples[b]]
         pos = np.arange(1, len(data) + 1)
