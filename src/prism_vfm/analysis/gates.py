@@ -82,30 +82,30 @@ def gate_statistics(
     total: dict[int, Tensor] = {}
     total_sq: dict[int, Tensor] = {}
     count: dict[int, int] = {}
-    kept: dict[int, list[list[Tensor]]] = {}
+    # A uniform sample of bounded size: every value draws a random key and the smallest keys are kept.
+    kept: dict[int, tuple[Tensor, Tensor]] = {}
+    gen = torch.Generator().manual_seed(seed)
     for _, layers in context_passes(student, batches, ids, kind, device):
         for i in layers:
             lam = student.blocks[i].last_lambda.reshape(len(ids), -1).to(torch.float64).cpu()
             total[i] = total.get(i, 0) + lam.sum(1)
             total_sq[i] = total_sq.get(i, 0) + (lam * lam).sum(1)
             count[i] = count.get(i, 0) + lam.shape[1]
-            kept.setdefault(i, [[] for _ in ids])
-            for c in range(len(ids)):
-                kept[i][c].append(lam[c])
+            keys = torch.rand(lam.shape, generator=gen, dtype=torch.float64)
+            if i in kept:
+                lam, keys = torch.cat([kept[i][0], lam], 1), torch.cat([kept[i][1], keys], 1)
+            if lam.shape[1] > max_samples:
+                keep = torch.topk(keys, max_samples, dim=1, largest=False).indices
+                lam, keys = lam.gather(1, keep), keys.gather(1, keep)
+            kept[i] = (lam, keys)
     if not count:
         raise ValueError("no batches: gate statistics need at least one batch of images")
-    gen = np.random.default_rng(seed)
     mean, std, samples = {}, {}, {}
     for i in count:
         m = total[i] / count[i]
         mean[i] = m.numpy()
         std[i] = (total_sq[i] / count[i] - m * m).clamp_min(0).sqrt().numpy()
-        samples[i] = []
-        for c in range(len(ids)):
-            values = torch.cat(kept[i][c]).numpy()
-            if values.size > max_samples:
-                values = gen.choice(values, max_samples, replace=False)
-            samples[i].append(values)
+        samples[i] = [row.numpy() for row in kept[i][0]]
     lo_hi = student.blocks[next(iter(count))].lambda_range
     return Gates(mean, std, samples, ids, names, kind, (float(lo_hi[0]), float(lo_hi[1])))
 
