@@ -103,3 +103,49 @@ def test_sam_teacher_alignment_on_non_square_inputs(setup, tmp_path, monkeypatch
     assert [tuple(m.shape[-2:]) for m in sam(torch.randn(1, 3, 48, 64))] == [grid] * 2
     distill = [r["loss/distill"] for r in read_scalars(run) if "loss/distill" in r]
     assert len(distill) == 2 and all(torch.isfinite(torch.tensor(distill)))
+
+
+def _ddp_worker(rank: int, port: int, root: str, out: str) -> None:
+    import os
+
+    from prism_vfm.finetune import trainer as stage2
+
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
+    torch.set_num_threads(1)
+    real = stage2.full_state
+
+    def keep_rank_state(model, optimizer):  # every rank's own weights and BN statistics, at each checkpoint
+        torch.save({k: v.clone() for k, v in model.state_dict().items()}, f"{out}/rank{rank}.pt")
+        return real(model, optimizer)
+
+    stage2.full_state = keep_rank_state
+    from pathlib import Path
+
+    Path(out).mkdir(parents=True, exist_ok=True)
+    setup = Path(root)
+    stage2.train_stage2(cfg_for(setup, Path(out) / "run", ("max_steps", 3), ("workers", 0)))
+    torch.distributed.destroy_process_group()
+
+
+def test_two_process_ddp_keeps_ranks_in_sync(setup, tmp_path):
+    # Each rank sees different images: identical weights need DDP's all-reduce (without
+    # find_unused_parameters), identical BatchNorm running statistics need them synchronised (SyncBatchNorm
+    # on CUDA; on CPU processes, where PyTorch has no SyncBatchNorm, averaged at every checkpoint).
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(port, str(setup), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    bn = [k for k in ranks[0] if k.endswith("running_mean")]
+    assert bn, "the heads have BatchNorm layers"
+    for key in ranks[0]:
+        torch.testing.assert_close(ranks[0][key], ranks[1][key], rtol=0, atol=1e-6, msg=key)
+    initial = PrismMultiTask.from_pretrained(tmp_path / "run" / "checkpoints" / "step_00000003")
+    assert any(float(initial.state_dict()[k].abs().sum()) > 0 for k in bn)  # statistics were updated
+    assert latest_checkpoint(tmp_path / "run").name == "step_00000003"

@@ -38,6 +38,7 @@ from prism_vfm.teachers import build_teacher
 from prism_vfm.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from prism_vfm.train.distributed import (
     all_reduce_sum,
+    average_floating_buffers,
     barrier,
     full_state,
     gradient_sync,
@@ -175,8 +176,15 @@ def train_stage2(cfg: Stage2Config, resume: bool = False) -> Path:
         start_step = int(saved["step"])
     if alpha == 0:
         model.student.teacher_embed.requires_grad_(False)  # unused without the teacher pass
-    if env.world_size > 1:
+    if env.world_size > 1 and env.device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    elif env.world_size > 1 and env.is_main:
+        # PyTorch's SyncBatchNorm runs on CUDA only: on CPU processes each rank normalises its own batch,
+        # and DDP broadcasts rank 0's running statistics at every forward.
+        logger.warning(
+            "CPU processes: BatchNorm normalises each process's batch (SyncBatchNorm needs CUDA); running "
+            "statistics are averaged over the processes at every checkpoint"
+        )
     step_module = MultiTaskStep(model)
     net = wrap_model(step_module, env, fsdp=False)
 
@@ -267,6 +275,8 @@ def train_stage2(cfg: Stage2Config, resume: bool = False) -> Path:
         if val_ids and (done % cfg.val_every == 0 or done == end_step):
             log.scalars(done, {f"val/{k}": v for k, v in validate(model, val_set, cfg, env.device).items()})
         if done % cfg.ckpt_every == 0 or done == end_step:
+            if env.world_size > 1 and env.device.type != "cuda":
+                average_floating_buffers(model)
             weights, optim_state = full_state(model, optimizer)
             if env.is_main:
                 state = {"optimizer": optim_state, "scheduler": scheduler.state_dict(), "step": done}

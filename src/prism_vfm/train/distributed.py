@@ -63,6 +63,21 @@ def barrier() -> None:
         dist.barrier()
 
 
+def average_floating_buffers(module: torch.nn.Module) -> None:
+    """Average every floating-point buffer (e.g. BatchNorm running statistics) over the processes, in place.
+
+    Where SyncBatchNorm is unavailable (CPU processes), each rank's running statistics follow its own
+    batches; averaging them before a checkpoint makes the saved statistics those of all the data.
+    """
+    if not dist.is_initialized():
+        return
+    world = dist.get_world_size()
+    for buffer in module.buffers():
+        if buffer.is_floating_point():
+            dist.all_reduce(buffer)
+            buffer.div_(world)
+
+
 def wrap_model(
     model: torch.nn.Module, env: DistEnv, fsdp: bool, units: Iterable[torch.nn.Module] = ()
 ) -> torch.nn.Module:
