@@ -120,3 +120,17 @@ def test_training_step_shares_the_teacher_pass_with_the_task_passes():
     torch.testing.assert_close(aux_tasks, ref_tasks, rtol=1e-5, atol=1e-7)
     ref_edge = model.decode("edge", student(x, model.task_id("edge"), kind="task"), (32, 32))
     torch.testing.assert_close(outputs["edge"], ref_edge, rtol=1e-5, atol=1e-5)
+
+
+def test_save_pretrained_keeps_the_task_order(tmp_path):
+    # task ids index the task table: a reload must not reorder them (config.json is written with sorted keys)
+    tasks = {"semseg": 21, "normals": 3, "edge": 1}
+    model = PrismMultiTask(dict(ARGS), tasks)
+    model.save_pretrained(tmp_path / "mt")
+    again = PrismMultiTask.from_pretrained(tmp_path / "mt")
+    assert again.task_names == ["semseg", "normals", "edge"]
+    x = torch.randn(1, 3, 32, 32)
+    for task in tasks:
+        torch.testing.assert_close(again.eval()(x)[task], model.eval()(x)[task], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="unique"):
+        PrismMultiTask(dict(ARGS), [("edge", 1), ("edge", 1)])

@@ -23,12 +23,22 @@ class PrismMultiTask(
     """``model(x)`` → {task: (B, C_task, H, W)}: one backbone pass per task (task context), then its head.
 
     ``student`` holds the backbone, the context tables and (optionally, for the distillation regulariser)
-    the projector heads; ``tasks`` maps task names, in task-id order, to their output channels.
+    the projector heads; ``tasks`` maps task names, in task-id order, to their output channels (a dict or
+    a sequence of (name, channels) pairs; ``config.json`` stores the pairs, as JSON objects lose their order).
     """
 
-    def __init__(self, student_args: dict[str, Any], tasks: dict[str, int]) -> None:
+    def __init__(
+        self, student_args: dict[str, Any], tasks: dict[str, int] | Sequence[Sequence[Any]]
+    ) -> None:
         super().__init__()
-        self.tasks = dict(tasks)
+        pairs = list(tasks.items()) if isinstance(tasks, dict) else [(str(t), int(c)) for t, c in tasks]
+        self.tasks = dict(pairs)
+        if len(self.tasks) != len(pairs):
+            raise ValueError(f"task names must be unique, got {[t for t, _ in pairs]}")
+        config = getattr(self, "_hub_mixin_config", None)
+        if isinstance(config, dict) and "tasks" in config:
+            # huggingface_hub writes config.json with sorted keys: keep the task-id order as a list.
+            config["tasks"] = [[t, c] for t, c in pairs]
         self.student = PrismViT(**{**student_args, "num_tasks": len(self.tasks)})
         n_levels = len(self.student.tap_layers)
         self.heads = nn.ModuleDict(
