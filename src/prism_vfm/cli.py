@@ -70,6 +70,18 @@ def cmd_smoke(args: argparse.Namespace) -> None:
     print(json.dumps(summary, indent=2))
 
 
+def cmd_demo(args: argparse.Namespace) -> None:
+    from prism_vfm.demo.pipeline import run_demo
+    from prism_vfm.metrics.multitask import HEADLINE_METRICS
+
+    if args.seed < 0:
+        raise SystemExit(f"prism demo: --seed must be >= 0, got {args.seed}")
+    result = run_demo(args.out, quick=args.quick, seed=args.seed, cache_dir=args.cache_dir)
+    scores = {t: round(s[HEADLINE_METRICS[t]], 3) for t, s in result.metrics["scores"].items()}
+    print(json.dumps({"scores": scores, "delta_m": round(result.metrics["delta_m"], 3)}, indent=2))
+    print(f"report: {result.report} (figures in {result.out / 'figures'})")
+
+
 def cmd_distill(args: argparse.Namespace) -> None:
     from prism_vfm.config import apply_overrides, load_yaml
     from prism_vfm.distill.config import Stage1Config, preset
@@ -222,6 +234,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/smoke", help="folder for the trained tiny student")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_smoke)
+
+    p = sub.add_parser(
+        "demo",
+        help="the whole method on rendered scenes on a CPU: tiny teachers, Stage 1, Stage 2, evaluation, "
+        "analysis and a report (about 10 minutes; --quick about 2)",
+    )
+    p.add_argument("--quick", action="store_true", help="smaller and shorter (checks the pipeline)")
+    p.add_argument("--out", default="runs/demo", help="folder for the data, runs, figures and report.md")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--cache-dir", help="where the tiny teachers are cached (default: ~/.cache/prism_vfm/demo_teachers)"
+    )
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser(
         "distill", help="Stage 1: distil the teachers into a student (torchrun for several GPUs)"

@@ -1,0 +1,234 @@
+"""``prism demo``: the whole method on rendered scenes, on a laptop CPU, with no downloads.
+
+data (rendered scenes in the release layouts) → three tiny teachers (pretrained once, cached) → Stage 1
+(distil them into a tiny PRISM student) → Stage 2 (multi-task fine-tuning on the PASCAL-Context layout,
+plus one single-task run per task, trained the same way, as the Δm baselines) → evaluation (every metric,
+odsF included) → analysis (routing affinity and λ per layer) → a Markdown report with figures.
+
+Every stage is the library's own code path (``train_stage1``, ``train_stage2``, ``evaluate``,
+``prism_vfm.analysis``); only the sizes are small.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prism_vfm.data.scene_sets import write_scene_images, write_scene_nyud, write_scene_pascal
+from prism_vfm.demo.teachers import DEMO_TEACHERS, DemoTeacherConfig, prepare_teachers
+from prism_vfm.distill.config import OptimConfig, Stage1Config, StudentConfig, TeacherConfig
+from prism_vfm.finetune.config import DistillConfig, Stage2Config
+from prism_vfm.losses.tasks import dataset_tasks
+from prism_vfm.metrics.multitask import HEADLINE_METRICS
+from prism_vfm.train.checkpoint import latest_checkpoint
+
+DATASET = "pascalcontext"
+
+
+@dataclass
+class DemoConfig:
+    """Sizes and lengths of every stage of the demo."""
+
+    img_size: int = 64
+    stage1_images: int = 1024
+    stage1_steps: int = 240
+    stage1_batch: int = 24
+    train_images: int = 160  # PASCAL-Context layout, train split (Stage 2)
+    val_images: int = 32  # its val split (evaluation)
+    nyud_images: int = 16  # the NYUD-v2 layout is written too, for `prism finetune --dataset nyud`
+    stage2_steps: int = 120
+    stage2_batch: int = 8
+    width: int = 96
+    depth: int = 6
+    moe_layers: tuple[int, ...] = (1, 3, 5)
+    num_experts: int = 8
+    top_k: int = 2
+    teachers: DemoTeacherConfig = field(default_factory=DemoTeacherConfig)
+
+
+def demo_config(quick: bool = False, seed: int = 0) -> DemoConfig:
+    """The full demo (about ten minutes on two CPU cores) or the ``quick`` one (about two)."""
+    if not quick:
+        return DemoConfig(teachers=DemoTeacherConfig(seed=seed))
+    return DemoConfig(
+        stage1_images=48,
+        stage1_steps=16,
+        stage1_batch=6,
+        train_images=12,
+        val_images=4,
+        nyud_images=4,
+        stage2_steps=6,
+        stage2_batch=2,
+        width=32,
+        depth=4,
+        moe_layers=(1, 2, 3),
+        num_experts=4,
+        teachers=DemoTeacherConfig(width=32, scenes=48, steps=20, batch_size=8, seed=seed),
+    )
+
+
+def default_cache_dir() -> Path:
+    """Where the demo teachers are cached: ``$XDG_CACHE_HOME/prism_vfm/demo_teachers`` (``~/.cache`` by
+    default)."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "prism_vfm" / "demo_teachers"
+
+
+def stage1_config(cfg: DemoConfig, data: Path, out: Path, weights: Path, seed: int) -> Stage1Config:
+    """Stage 1 as the presets run it, at demo size. The student starts from random weights, so its
+    pretrained-parameter group learns at the full rate (the presets slow it for an ImageNet-initialised
+    backbone)."""
+    epochs = cfg.stage1_steps * cfg.stage1_batch / cfg.stage1_images
+    return Stage1Config(
+        preset="demo",
+        data=str(data),
+        out=str(out),
+        epochs=epochs,
+        batch_size=cfg.stage1_batch,
+        workers=0,
+        seed=seed,
+        amp="fp32",
+        ckpt_every=cfg.stage1_steps,
+        keep_last=1,
+        log_every=10,
+        student=StudentConfig(
+            model="prism_vit_tiny_patch16_384",
+            img_size=cfg.img_size,
+            init="none",
+            overrides=dict(
+                patch_size=8,
+                embed_dim=cfg.width,
+                depth=cfg.depth,
+                num_heads=max(1, cfg.width // 32),
+                moe_layers=cfg.moe_layers,
+                num_experts=cfg.num_experts,
+                top_k=cfg.top_k,
+            ),
+        ),
+        teachers=TeacherConfig(names=DEMO_TEACHERS, weights=str(weights)),
+        optim=OptimConfig(
+            lr=1e-3, lr_reference_batch=cfg.stage1_batch, pretrained_lr_scale=1.0, warmup_epochs=0.1 * epochs
+        ),
+    )
+
+
+def stage2_config(
+    cfg: DemoConfig, data: Path, init: Path, out: Path, weights: Path, seed: int, tasks: tuple[str, ...] = ()
+) -> Stage2Config:
+    """Stage 2 at demo size: every task (or ``tasks``), distillation kept on, no held-out validation (the
+    demo evaluates the val split once at the end)."""
+    return Stage2Config(
+        dataset=DATASET,
+        data=str(data),
+        init=str(init),
+        out=str(out),
+        tasks=tasks,
+        img_size=(cfg.img_size, cfg.img_size),
+        iters=cfg.stage2_steps,
+        batch_size=cfg.stage2_batch,
+        workers=0,
+        seed=seed,
+        amp="fp32",
+        lr=1e-3,
+        holdout=0.0,
+        ckpt_every=cfg.stage2_steps,
+        keep_last=1,
+        log_every=10,
+        distill=DistillConfig(teachers=DEMO_TEACHERS, weights=str(weights)),
+    )
+
+
+@dataclass
+class DemoResult:
+    """Where everything went and the headline numbers."""
+
+    out: Path
+    report: Path
+    metrics: dict[str, Any]
+    timings: dict[str, float]
+    figures: dict[str, Path] = field(default_factory=dict)
+
+
+@contextlib.contextmanager
+def _stage(timings: dict[str, float], name: str) -> Iterator[None]:
+    print(f"[demo] {name}", flush=True)
+    tic = time.perf_counter()
+    yield
+    timings[name] = time.perf_counter() - tic
+
+
+def run_demo(
+    out: str | Path = "runs/demo",
+    quick: bool = False,
+    seed: int = 0,
+    cache_dir: str | Path | None = None,
+    config: DemoConfig | None = None,
+) -> DemoResult:
+    """Run the whole demo into ``out`` and return where the report and figures are."""
+    from prism_vfm.distill.trainer import train_stage1
+    from prism_vfm.evaluate import evaluate
+    from prism_vfm.finetune.trainer import train_stage2
+
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
+    cfg = config or demo_config(quick, seed)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    timings: dict[str, float] = {}
+    size = (cfg.img_size, cfg.img_size)
+    start = time.perf_counter()
+
+    with _stage(timings, "data"):
+        images = write_scene_images(out / "data" / "images", cfg.stage1_images, size, seed)
+        pascal = write_scene_pascal(
+            out / "data" / "PASCALContext", cfg.train_images, cfg.val_images, size, seed
+        )
+        write_scene_nyud(out / "data" / "NYUDv2", cfg.nyud_images, max(1, cfg.nyud_images // 4), size, seed)
+    with _stage(timings, "teachers"):
+        weights = prepare_teachers(cfg.teachers, cache)
+    with _stage(timings, "stage 1"):
+        run1 = train_stage1(stage1_config(cfg, images, out / "stage1", weights, seed))
+        student = latest_checkpoint(run1)
+    tasks = tuple(dataset_tasks(DATASET))
+    with _stage(timings, "stage 2 (multi-task)"):
+        multi = latest_checkpoint(
+            train_stage2(stage2_config(cfg, pascal.root, student, out / "stage2", weights, seed))
+        )
+    singles: dict[str, Path] = {}
+    with _stage(timings, "stage 2 (single-task baselines)"):
+        for task in tasks:
+            run = stage2_config(cfg, pascal.root, student, out / "single_task" / task, weights, seed, (task,))
+            singles[task] = latest_checkpoint(train_stage2(run))
+    with _stage(timings, "evaluation"):
+        baselines = {}
+        for task, ckpt in singles.items():
+            result = evaluate(
+                ckpt, DATASET, pascal.root, out=out / "single_task" / task / "eval", workers=0, img_size=size
+            )
+            baselines[task] = result["scores"][task][HEADLINE_METRICS[task]]
+        metrics = evaluate(
+            multi, DATASET, pascal.root, out=out / "eval", workers=0, baselines=baselines, img_size=size
+        )
+    with _stage(timings, "analysis and report"):
+        from prism_vfm.demo.report import write_report
+
+        figures = write_report(out, cfg, run1, multi, pascal.root, metrics, baselines, timings, weights, seed)
+    timings["total"] = time.perf_counter() - start
+    summary = {
+        "config": dataclasses.asdict(cfg),
+        "seed": seed,
+        "timings_s": timings,
+        "scores": metrics["scores"],
+        "single_task": baselines,
+        "delta_m": metrics["delta_m"],
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    return DemoResult(out, out / "report.md", metrics, timings, figures)

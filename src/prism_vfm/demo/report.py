@@ -1,0 +1,323 @@
+"""The demo's analysis step and report: routing affinity and λ per layer (``prism_vfm.analysis``), a grid of
+predictions next to the ground truth, the metrics table, and a Markdown page that says what they show and
+what they cannot."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from prism_vfm.analysis import gate_statistics, plot_affinity, plot_gates, routing_affinity
+from prism_vfm.data.dense_transforms import DenseTestTransform
+from prism_vfm.data.pascal_context import PascalContext
+from prism_vfm.demo.teachers import DEMO_TEACHERS, ROLES, teacher_probe
+from prism_vfm.metrics.multitask import HEADLINE_METRICS, LOWER_IS_BETTER
+from prism_vfm.models.prism_vit import PrismViT
+
+TEACHER_LABELS = [f"{n.removeprefix('demo_')} ({ROLES[n]})" for n in DEMO_TEACHERS]
+
+
+def analyse(
+    out: Path, stage1: Path, stage2: Path, data: Path, img_size: int
+) -> tuple[dict[str, Path], dict[str, Any]]:
+    """Routing affinity and λ statistics of the Stage-1 student (teacher contexts) and the Stage-2 model
+    (task contexts) on the val images, a prediction grid and their figures under ``out/figures``."""
+    from prism_vfm.evaluate import load_multitask
+
+    figures_dir = out / "figures"
+    figures_dir.mkdir(parents=True, exist_ok=True)
+    size = (img_size, img_size)
+    student = PrismViT.from_pretrained(stage1).eval()
+    multi = load_multitask(stage2, size)
+    tasks = multi.task_names
+    reader = PascalContext(data, "val", tasks, DenseTestTransform(size))
+    batches = [
+        torch.stack([reader[i]["image"] for i in range(j, min(j + 8, len(reader)))])
+        for j in range(0, len(reader), 8)
+    ]
+
+    teachers = list(range(len(DEMO_TEACHERS)))
+    task_ids = list(range(len(tasks)))
+    aff_teacher = routing_affinity(student, batches, teachers, "teacher", context_names=TEACHER_LABELS)
+    aff_task = routing_affinity(multi, batches, task_ids, "task", context_names=tasks)
+    gates_teacher = gate_statistics(student, batches, teachers, "teacher", context_names=TEACHER_LABELS)
+    gates_task = gate_statistics(multi, batches, task_ids, "task", context_names=tasks)
+    figures = {
+        "routing_teachers": plot_affinity(aff_teacher, figures_dir / "routing_teachers.png"),
+        "routing_tasks": plot_affinity(aff_task, figures_dir / "routing_tasks.png"),
+        "lambda_teachers": plot_gates(gates_teacher, figures_dir / "lambda_teachers.png"),
+        "lambda_tasks": plot_gates(gates_task, figures_dir / "lambda_tasks.png"),
+        "lambda_by_depth": _plot_lambda_by_depth(
+            gates_teacher, gates_task, figures_dir / "lambda_by_depth.png"
+        ),
+        "predictions": _plot_predictions(multi, reader, figures_dir / "predictions.png"),
+    }
+    analysis = {
+        "routing_teachers": aff_teacher.to_dict(),
+        "routing_tasks": aff_task.to_dict(),
+        "lambda_teachers": gates_teacher.to_dict(),
+        "lambda_tasks": gates_task.to_dict(),
+        "layers": aff_teacher.layers,
+        "separation_teachers": {b: aff_teacher.separation[b] for b in aff_teacher.layers},
+        "separation_tasks": {b: aff_task.separation[b] for b in aff_task.layers},
+        "lambda_mean_teachers": {b: float(gates_teacher.mean[b].mean()) for b in gates_teacher.layers},
+        "lambda_mean_tasks": {b: float(gates_task.mean[b].mean()) for b in gates_task.layers},
+    }
+    (out / "analysis.json").write_text(json.dumps(analysis, indent=2, default=float))
+    return figures, analysis
+
+
+def _new_axes(rows: int, cols: int, cell: tuple[float, float]) -> tuple[Any, np.ndarray]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(rows, cols, figsize=(cell[0] * cols, cell[1] * rows), squeeze=False)
+    return fig, axes
+
+
+def _save(fig: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _plot_lambda_by_depth(gates_teacher: Any, gates_task: Any, path: Path) -> Path:
+    fig, axes = _new_axes(1, 1, (5.0, 3.2))
+    ax = axes[0, 0]
+    for gates, style in ((gates_teacher, "-o"), (gates_task, "--s")):
+        for c, name in enumerate(gates.context_names):
+            ax.plot(gates.layers, [gates.mean[b][c] for b in gates.layers], style, label=name, alpha=0.8)
+    ax.set_xlabel("block (dual-stream)")
+    ax.set_ylabel("mean λ (anchor weight)")
+    ax.set_xticks(gates_teacher.layers)
+    ax.set_title("λ per layer: teacher contexts (solid), task contexts (dashed)", fontsize=9)
+    ax.legend(fontsize=6, ncol=2)
+    return _save(fig, path)
+
+
+def _show(task: str, value: torch.Tensor, truth: bool) -> np.ndarray:
+    """An (H, W) or (H, W, 3) picture of a label (``truth``) or a raw head output."""
+    if task in ("semseg", "human_parts"):
+        labels = value[0] if truth else value.argmax(0)
+        return np.where(labels.numpy() == 255, np.nan, labels.numpy())
+    if task == "normals":
+        n = value if truth else F.normalize(value, dim=0)
+        return ((n.permute(1, 2, 0).numpy() + 1) / 2).clip(0, 1)
+    if task == "sal":
+        p = value[0] if truth else value.softmax(0)[1]
+        return np.where(p.numpy() == 255, np.nan, p.numpy())
+    p = value[0] if truth else torch.sigmoid(value[0])
+    return np.where(p.numpy() == 255, np.nan, p.numpy())
+
+
+@torch.no_grad()
+def _plot_predictions(model: Any, reader: PascalContext, path: Path, n: int = 4) -> Path:
+    from prism_vfm.data.image_folder import IMAGENET_MEAN, IMAGENET_STD
+
+    tasks = model.task_names
+    samples = [reader[i] for i in range(min(n, len(reader)))]
+    outputs = model(torch.stack([s["image"] for s in samples]))
+    fig, axes = _new_axes(len(samples), 1 + 2 * len(tasks), (1.3, 1.4))
+    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
+    for r, sample in enumerate(samples):
+        axes[r, 0].imshow((sample["image"] * std + mean).permute(1, 2, 0).clamp(0, 1).numpy())
+        for t, task in enumerate(tasks):
+            cmap = {"semseg": "tab10", "human_parts": "tab10"}.get(task, "gray")
+            limits = (
+                {"vmin": 0, "vmax": 20 if task == "semseg" else 6}
+                if task in ("semseg", "human_parts")
+                else {}
+            )
+            for k, (picture, label) in enumerate(
+                ((_show(task, sample[task], True), "truth"), (_show(task, outputs[task][r], False), "pred"))
+            ):
+                ax = axes[r, 1 + 2 * t + k]
+                ax.imshow(
+                    picture, cmap=cmap, interpolation="nearest", **({} if picture.ndim == 3 else limits)
+                )
+                if r == 0:
+                    ax.set_title(f"{task}\n{label}", fontsize=7)
+    axes[0, 0].set_title("image", fontsize=7)
+    for ax in axes.flat:
+        ax.axis("off")
+    return _save(fig, path)
+
+
+def plot_metrics(scores: dict[str, Any], baselines: dict[str, float], path: Path) -> Path:
+    """Bar chart of the multi-task model's headline metric per task next to its single-task baseline."""
+    tasks = list(scores)
+    fig, axes = _new_axes(1, len(tasks), (1.8, 2.6))
+    for ax, task in zip(axes[0], tasks, strict=True):
+        metric = HEADLINE_METRICS[task]
+        values = [scores[task][metric], baselines.get(task, np.nan)]
+        ax.bar(["multi", "single"], values, color=["tab:blue", "tab:gray"])
+        arrow = "↓" if task in LOWER_IS_BETTER else "↑"
+        ax.set_title(f"{task}\n{metric} {arrow}", fontsize=8)
+        ax.tick_params(labelsize=7)
+    return _save(fig, path)
+
+
+def _trend(values: dict[int, float]) -> str:
+    layers = sorted(values)
+    first, last = values[layers[0]], values[layers[-1]]
+    if abs(first - last) < 0.01:
+        return f"flat ({first:.3f} in block {layers[0]}, {last:.3f} in block {layers[-1]})"
+    word = "decreases" if last < first else "increases"
+    return f"{word} with depth ({first:.3f} in block {layers[0]} → {last:.3f} in block {layers[-1]})"
+
+
+def _separation_text(sep: dict[int, float], kind: str) -> str:
+    best = max(sep, key=sep.get)
+    level = "strongly" if sep[best] > 0.3 else "clearly" if sep[best] > 0.1 else "barely"
+    rows = ", ".join(f"block {b}: {v:.3f}" for b, v in sorted(sep.items()))
+    return (
+        f"Routing separation by {kind} (normalised mutual information between {kind} and selected expert; "
+        f"0 = every {kind} uses the experts alike, 1 = the expert names the {kind}): {rows}. The experts "
+        f"{level} specialise by {kind} (highest in block {best})."
+    )
+
+
+def write_markdown(
+    out: Path,
+    cfg: Any,
+    metrics: dict[str, Any],
+    baselines: dict[str, float],
+    analysis: dict[str, Any],
+    figures: dict[str, Path],
+    probe: dict[str, dict[str, float]],
+    timings: dict[str, float],
+    seed: int,
+) -> Path:
+    """Write ``out/report.md``."""
+    scores = metrics["scores"]
+    lines = [
+        "# PRISM demo report",
+        "",
+        f"Seed {seed}. Rendered {cfg.img_size}×{cfg.img_size} scenes; student ViT of width {cfg.width}, "
+        f"{cfg.depth} blocks, dual-stream blocks {list(cfg.moe_layers)} with {cfg.num_experts} experts (top-"
+        f"{cfg.top_k}); three tiny teachers of width {cfg.teachers.width}. "
+        f"Stage 1: {cfg.stage1_steps} steps on "
+        f"{cfg.stage1_images} unlabelled images; Stage 2: {cfg.stage2_steps} steps on {cfg.train_images} "
+        f"PASCAL-Context-layout images; evaluation on {metrics['images']} val images.",
+        "",
+        "## Metrics",
+        "",
+        "Multi-task PRISM model against single-task models trained the same way (same Stage-1 student, same "
+        "steps, distillation kept on); Δm is computed against those single-task models (SPEC §9).",
+        "",
+        "| task | metric | multi-task | single-task | relative gain |",
+        "|---|---|---|---|---|",
+    ]
+    for task, values in scores.items():
+        metric = HEADLINE_METRICS[task]
+        multi, single = values[metric], baselines[task]
+        sign = -1 if task in LOWER_IS_BETTER else 1
+        gain = sign * (multi - single) / single * 100 if single else float("nan")
+        arrow = "↓" if task in LOWER_IS_BETTER else "↑"
+        lines.append(f"| {task} | {metric} {arrow} | {multi:.2f} | {single:.2f} | {gain:+.1f}% |")
+    lines += [
+        "",
+        f"**Δm = {metrics['delta_m']:+.2f}%** (positive: the multi-task model beats the single-task ones).",
+        "",
+        "All scores of every task (boundary odsF, oisF and AP included) are in `eval/metrics.json`. mIoU "
+        "averages over all 21 PASCAL classes (SPEC §9); the scenes hold 6 of them (background, TV, table, "
+        "bottle, plant, person), so its ceiling here is about 29.",
+        "",
+        "![metrics](figures/metrics.png)",
+        "",
+        "## The teachers know different things",
+        "",
+        "Linear probes on each teacher's last tap (held-out scenes; per 8×8 patch):",
+        "",
+        "| teacher | " + " | ".join(next(iter(probe.values()))) + " |",
+        "|---|" + "---|" * len(next(iter(probe.values()))),
+    ]
+    for name, row in probe.items():
+        lines.append(f"| {name} ({ROLES[name]}) | " + " | ".join(f"{v:.2f}" for v in row.values()) + " |")
+    lines += [
+        "",
+        "## Stage 1: do experts specialise by teacher?",
+        "",
+        _separation_text(analysis["separation_teachers"], "teacher"),
+        "",
+        "![routing by teacher](figures/routing_teachers.png)",
+        "",
+        "## Stage 2: are experts recombined per task?",
+        "",
+        _separation_text(analysis["separation_tasks"], "task"),
+        "",
+        "![routing by task](figures/routing_tasks.png)",
+        "",
+        "## λ per layer (the anchor's weight; 1 − λ goes to the experts)",
+        "",
+        f"Mean λ over teacher contexts {_trend(analysis['lambda_mean_teachers'])}; over task contexts "
+        f"{_trend(analysis['lambda_mean_tasks'])}. The paper reports λ high in shallow blocks and lower in "
+        "deep ones.",
+        "",
+        "![λ by depth](figures/lambda_by_depth.png)",
+        "",
+        "![λ per teacher](figures/lambda_teachers.png) ![λ per task](figures/lambda_tasks.png)",
+        "",
+        "## Predictions next to the ground truth (val images)",
+        "",
+        "![predictions](figures/predictions.png)",
+        "",
+        "## What this demo shows, and what it cannot",
+        "",
+        "- It shows the whole pipeline working end to end with the library's own code: data in the release "
+        "layouts read by the real readers, Stage-1 distillation with teacher contexts, Stage-2 multi-task "
+        "fine-tuning with task contexts, the paper's metrics (odsF without MATLAB) and Δm, and the routing "
+        "and λ analyses.",
+        "- The teachers are tiny ViTs pretrained for seconds on rendered scenes, not vision foundation "
+        "models; they stand in for DINOv2, CLIP and SAM only in that each knows something different "
+        "(texture, category, geometry). What the student learns from them says nothing about distilling the "
+        "real ones.",
+        "- The student is random-initialised and trained for minutes on 64-pixel images; the scores are not "
+        "comparable with the paper's, and the single-task baselines are equally short runs. Δm and the "
+        "routing statistics vary from seed to seed; run with a few `--seed` values before reading anything "
+        "into one difference.",
+        "- Whether expert specialisation and the λ profile appear at this scale is what the numbers above "
+        "report, not a claim about the full-size model.",
+        "",
+        "## Time per stage (seconds)",
+        "",
+        "| stage | s |",
+        "|---|---|",
+        *[f"| {k} | {v:.1f} |" for k, v in timings.items()],
+        "",
+    ]
+    path = out / "report.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def write_report(
+    out: Path,
+    cfg: Any,
+    stage1_run: Path,
+    stage2: Path,
+    data: Path,
+    metrics: dict[str, Any],
+    baselines: dict[str, float],
+    timings: dict[str, float],
+    weights: Path,
+    seed: int,
+) -> dict[str, Path]:
+    """Analysis, figures and ``report.md``; returns the figure paths by name."""
+    from prism_vfm.train.checkpoint import latest_checkpoint
+
+    figures, analysis = analyse(out, latest_checkpoint(stage1_run), stage2, data, cfg.img_size)
+    figures["metrics"] = plot_metrics(metrics["scores"], baselines, out / "figures" / "metrics.png")
+    probe = teacher_probe(cfg.teachers, weights)
+    write_markdown(out, cfg, metrics, baselines, analysis, figures, probe, timings, seed)
+    return figures

@@ -1,0 +1,231 @@
+"""Three tiny teachers that know different things about the demo scenes, like DINOv2, CLIP and SAM do.
+
+Each is a small timm ViT pretrained for a short while on its own objective over rendered scenes:
+
+- ``demo_appearance`` (stands in for DINOv2, teacher id 0): the surface texture pattern and albedo colour;
+- ``demo_semantic`` (CLIP, id 1): the class of every pixel and which classes the image holds;
+- ``demo_geometry`` (SAM, id 2): depth, surface normals and the boundaries between surfaces.
+
+Their features therefore disagree the way the real teachers' do: texture, category and geometry. The
+weights are cached as safetensors named by the teacher, a hash of its configuration and the seed, and the
+teachers go through the ordinary registry (``build_teacher(name, img_size, weights=cache_dir)``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from timm.models import vision_transformer
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from prism_vfm.data.image_folder import IMAGENET_MEAN, IMAGENET_STD
+from prism_vfm.data.scenes import SCENE_CLASSES, TEXTURES, Scene, render_scene
+from prism_vfm.data.tiny_dense import boundaries
+from prism_vfm.teachers.registry import register_teacher
+from prism_vfm.teachers.spec import TeacherSpec, TimmBuilder
+
+logger = logging.getLogger(__name__)
+
+DEMO_TEACHERS = ("demo_appearance", "demo_semantic", "demo_geometry")
+"""Names in teacher-id order: the roles of DINOv2, CLIP and SAM (SPEC §4)."""
+
+ROLES = {"demo_appearance": "DINOv2", "demo_semantic": "CLIP", "demo_geometry": "SAM"}
+
+# Output channels of each teacher's pretraining head, per pixel.
+_HEAD_CHANNELS = {
+    "demo_appearance": len(TEXTURES) + 3,  # texture logits, albedo RGB
+    "demo_semantic": len(SCENE_CLASSES),  # class logits
+    "demo_geometry": 1 + 3 + 1,  # log depth, normal, boundary logit
+}
+_TEACHER_STREAM = 3  # scene stream of the pretraining images (the data sets use 0-2)
+
+
+@dataclass(frozen=True)
+class DemoTeacherConfig:
+    """Architecture and pretraining of the tiny teachers; the cache key hashes all of it."""
+
+    img_size: int = 64
+    patch_size: int = 8
+    width: int = 64
+    depth: int = 3
+    heads: int = 2
+    scenes: int = 768
+    steps: int = 300
+    batch_size: int = 32
+    lr: float = 2e-3
+    seed: int = 0
+
+    def key(self) -> str:
+        """A short hash of the configuration (cache file names)."""
+        blob = json.dumps(dataclasses.asdict(self), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+    def file_name(self, name: str) -> str:
+        """The cached weight file of teacher ``name``."""
+        return f"{name}-{self.key()}.safetensors"
+
+
+def teacher_spec(name: str, cfg: DemoTeacherConfig) -> TeacherSpec:
+    """The registry entry of demo teacher ``name``: every block tapped, the cached file as its weights."""
+    if name not in DEMO_TEACHERS:
+        raise ValueError(f"unknown demo teacher {name!r}; expected one of {DEMO_TEACHERS}")
+    builder = TimmBuilder(
+        "vit_tiny_patch16_224",
+        dict(patch_size=cfg.patch_size, embed_dim=cfg.width, depth=cfg.depth, num_heads=cfg.heads),
+    )
+    return TeacherSpec(
+        name,
+        builder,
+        taps=tuple(range(cfg.depth)),
+        out_dim=cfg.width,
+        patch_size=cfg.patch_size,
+        files=(cfg.file_name(name),),
+        source="`prism demo` pretrains it on rendered scenes and caches it",
+        checkpoint_filter=vision_transformer.checkpoint_filter_fn,
+    )
+
+
+def scene_targets(scenes: list[Scene]) -> dict[str, Tensor]:
+    """Images (ImageNet-normalised) and every per-pixel pretraining target of a list of scenes."""
+    image = torch.from_numpy(np.stack([s.image for s in scenes])).permute(0, 3, 1, 2).float() / 255.0
+    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
+
+    def stack(key: str) -> Tensor:
+        return torch.from_numpy(np.stack([getattr(s, key) for s in scenes]))
+
+    # Boundaries between surfaces: a change of class, object or planar face (the segments SAM delineates).
+    segments = [(s.labels * 1000 + s.instance) * 10000 + s.surface + 1 for s in scenes]
+    return {
+        "image": (image - mean) / std,
+        "texture": stack("texture").long(),
+        "albedo": stack("albedo").permute(0, 3, 1, 2),
+        "labels": stack("labels").long(),
+        "depth": stack("depth").log()[:, None],
+        "normals": stack("normals").permute(0, 3, 1, 2),
+        "edges": torch.from_numpy(np.stack([boundaries(s) for s in segments])).float()[:, None],
+    }
+
+
+class _PretrainNet(nn.Module):
+    """The teacher ViT plus a pixel head: each patch token predicts its patch's pixels (pixel shuffle)."""
+
+    def __init__(self, vit: nn.Module, channels: int, patch: int, classes: int) -> None:
+        super().__init__()
+        self.vit, self.patch = vit, patch
+        self.pixels = nn.Linear(vit.embed_dim, channels * patch * patch)
+        self.presence = nn.Linear(vit.embed_dim, classes)  # from CLS: which classes the image holds
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        tokens = self.vit.forward_features(x)
+        h, w = x.shape[-2] // self.patch, x.shape[-1] // self.patch
+        patches = self.pixels(tokens[:, 1:]).transpose(1, 2).reshape(x.shape[0], -1, h, w)
+        return F.pixel_shuffle(patches, self.patch), self.presence(tokens[:, 0])
+
+
+def _loss(name: str, out: Tensor, presence: Tensor, batch: dict[str, Tensor]) -> Tensor:
+    if name == "demo_appearance":
+        texture = F.cross_entropy(out[:, : len(TEXTURES)], batch["texture"])
+        return texture + 5.0 * F.l1_loss(out[:, len(TEXTURES) :], batch["albedo"])
+    if name == "demo_semantic":
+        present = F.one_hot(batch["labels"], len(SCENE_CLASSES)).amax(dim=(1, 2)).float()
+        return F.cross_entropy(out, batch["labels"]) + F.binary_cross_entropy_with_logits(presence, present)
+    depth = F.l1_loss(out[:, :1], batch["depth"])
+    normals = (1 - F.cosine_similarity(out[:, 1:4], batch["normals"], dim=1)).mean()
+    edges = F.binary_cross_entropy_with_logits(out[:, 4:], batch["edges"], pos_weight=torch.tensor(5.0))
+    return depth + normals + edges
+
+
+def pretrain_teacher(
+    name: str, cfg: DemoTeacherConfig, data: dict[str, Tensor], progress: bool = True
+) -> dict:
+    """Train teacher ``name`` on ``data`` (``scene_targets``) and return the timm model's state dict."""
+    torch.manual_seed(cfg.seed + DEMO_TEACHERS.index(name))
+    vit = teacher_spec(name, cfg).builder((cfg.img_size, cfg.img_size), False)
+    net = _PretrainNet(vit, _HEAD_CHANNELS[name], cfg.patch_size, len(SCENE_CLASSES)).train()
+    optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, cfg.lr, total_steps=cfg.steps, pct_start=0.1)
+    g = torch.Generator().manual_seed(cfg.seed)
+    n = len(data["image"])
+    bar = tqdm(range(cfg.steps), desc=f"teacher {name}", unit="step", disable=not progress, leave=False)
+    for _ in bar:
+        idx = torch.randint(n, (cfg.batch_size,), generator=g)
+        batch = {k: v[idx] for k, v in data.items()}
+        out, presence = net(batch["image"])
+        loss = _loss(name, out, presence, batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    return {k: v.detach().contiguous() for k, v in vit.state_dict().items()}
+
+
+def prepare_teachers(cfg: DemoTeacherConfig, cache_dir: str | Path, progress: bool = True) -> Path:
+    """Register the three demo teachers and make sure their weights are in ``cache_dir``, pretraining the
+    missing ones; returns the folder to pass as the teachers' ``weights``."""
+    cache = Path(cache_dir)
+    cache.mkdir(parents=True, exist_ok=True)
+    for name in DEMO_TEACHERS:
+        register_teacher(teacher_spec(name, cfg), overwrite=True)
+    missing = [n for n in DEMO_TEACHERS if not (cache / cfg.file_name(n)).is_file()]
+    if not missing:
+        logger.info("demo teachers found in %s", cache)
+        return cache
+    size = (cfg.img_size, cfg.img_size)
+    scenes = [render_scene(cfg.seed, i, size, _TEACHER_STREAM) for i in range(cfg.scenes)]
+    data = scene_targets(scenes)
+    for name in missing:
+        state = pretrain_teacher(name, cfg, data, progress)
+        tmp = cache / f".{cfg.file_name(name)}.tmp"
+        save_file(state, tmp, metadata={"config": json.dumps(dataclasses.asdict(cfg)), "teacher": name})
+        tmp.replace(cache / cfg.file_name(name))  # never leave a half-written file under the final name
+    return cache
+
+
+def teacher_probe(
+    cfg: DemoTeacherConfig, cache_dir: str | Path, scenes: int = 64
+) -> dict[str, dict[str, float]]:
+    """How much each teacher's last tap knows about each kind of ground truth: the accuracy / error of a
+    linear probe fitted by least squares on held-out scenes. Shows that the teachers differ."""
+    from prism_vfm.teachers import build_teacher
+
+    prepare_teachers(cfg, cache_dir, progress=False)
+    size = (cfg.img_size, cfg.img_size)
+    data = scene_targets([render_scene(cfg.seed, i, size, _TEACHER_STREAM + 1) for i in range(scenes)])
+    grid = cfg.img_size // cfg.patch_size
+    labels = F.adaptive_max_pool2d(
+        F.one_hot(data["labels"], len(SCENE_CLASSES)).permute(0, 3, 1, 2).float(), grid
+    )
+    texture = F.adaptive_avg_pool2d(
+        F.one_hot(data["texture"], len(TEXTURES)).permute(0, 3, 1, 2).float(), grid
+    )
+    depth = F.adaptive_avg_pool2d(data["depth"], grid)
+    result = {}
+    for name in DEMO_TEACHERS:
+        teacher = build_teacher(name, cfg.img_size, cache_dir)
+        feats = teacher(data["image"])[-1].permute(0, 2, 3, 1).reshape(-1, cfg.width)
+        feats = torch.cat([feats, torch.ones(len(feats), 1)], 1)
+        half = len(feats) // 2
+        scores = {}
+        for target, kind in ((labels, "class"), (texture, "texture"), (depth, "depth")):
+            y = target.permute(0, 2, 3, 1).reshape(len(feats), -1)
+            w = torch.linalg.lstsq(feats[:half], y[:half]).solution
+            pred = feats[half:] @ w
+            if kind == "depth":
+                scores["depth R²"] = float(
+                    1 - (pred - y[half:]).pow(2).sum() / (y[half:] - y[half:].mean()).pow(2).sum()
+                )
+            else:
+                scores[f"{kind} accuracy"] = float((pred.argmax(1) == y[half:].argmax(1)).float().mean())
+        result[name] = scores
+    return result

@@ -1,0 +1,94 @@
+"""prism demo: the quick run leaves every artefact; the tiny teachers are cached and registered."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from PIL import Image
+
+from prism_vfm.cli import main
+from prism_vfm.demo.pipeline import demo_config, run_demo
+from prism_vfm.demo.teachers import DEMO_TEACHERS, DemoTeacherConfig, prepare_teachers
+from prism_vfm.losses.tasks import dataset_tasks
+from prism_vfm.teachers import build_teacher
+
+FIGURES = (
+    "routing_teachers",
+    "routing_tasks",
+    "lambda_teachers",
+    "lambda_tasks",
+    "lambda_by_depth",
+    "predictions",
+    "metrics",
+)
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    torch.manual_seed(0)
+    return run_demo(root / "run", quick=True, seed=0, cache_dir=root / "cache")
+
+
+@pytest.mark.timeout(600)
+def test_quick_demo_writes_metrics_of_every_task_with_delta_m(quick):
+    saved = json.loads((quick.out / "eval" / "metrics.json").read_text())
+    tasks = dataset_tasks("pascalcontext")
+    assert set(saved["scores"]) == set(tasks)
+    assert {"odsF", "oisF", "AP"} <= set(saved["scores"]["edge"])
+    assert set(saved["baselines"]) == set(tasks)  # Δm against the single-task runs, not the paper's
+    assert math.isfinite(saved["delta_m"]) and saved["delta_m"] == pytest.approx(quick.metrics["delta_m"])
+    for task in tasks:
+        assert (quick.out / "single_task" / task / "eval" / "metrics.json").is_file()
+    summary = json.loads((quick.out / "summary.json").read_text())
+    assert summary["timings_s"]["total"] > 0 and set(summary["single_task"]) == set(tasks)
+
+
+def test_quick_demo_figures_are_valid_pngs(quick):
+    assert set(FIGURES) <= set(quick.figures)
+    for name in FIGURES:
+        path = quick.out / "figures" / f"{name}.png"
+        with Image.open(path) as image:
+            image.verify()
+            assert image.format == "PNG" and min(image.size) > 50, name
+
+
+def test_quick_demo_report_shows_analysis_and_states_its_limits(quick):
+    report = quick.report.read_text()
+    for needle in (
+        "Δm",
+        "odsF",
+        "not vision foundation",
+        "Stage 1: do experts specialise by teacher",
+        "λ per layer",
+    ):
+        assert needle in report, needle
+    for name in FIGURES:
+        assert f"figures/{name}.png" in report, name
+    analysis = json.loads((quick.out / "analysis.json").read_text())
+    layers = demo_config(quick=True).moe_layers
+    assert [int(b) for b in analysis["separation_teachers"]] == list(layers)
+    assert all(0.5 <= v <= 1.0 for v in analysis["lambda_mean_tasks"].values())
+
+
+def test_teachers_are_cached_and_loaded_through_the_registry(tmp_path):
+    cfg = DemoTeacherConfig(width=16, depth=2, scenes=4, steps=2, batch_size=2, img_size=32)
+    weights = prepare_teachers(cfg, tmp_path, progress=False)
+    files = sorted(weights.glob("*.safetensors"))
+    assert [f.name for f in files] == sorted(cfg.file_name(n) for n in DEMO_TEACHERS)
+    stamps = [f.stat().st_mtime_ns for f in files]
+    prepare_teachers(cfg, tmp_path, progress=False)  # second call: nothing retrained
+    assert [f.stat().st_mtime_ns for f in files] == stamps
+    maps = [build_teacher(n, 32, weights)(torch.randn(2, 3, 32, 32)) for n in DEMO_TEACHERS]
+    assert all(len(m) == 2 and m[0].shape == (2, 16, 4, 4) for m in maps)
+    assert not torch.allclose(maps[0][-1], maps[1][-1])  # different objectives, different features
+    other = DemoTeacherConfig(width=16, depth=2, scenes=4, steps=2, batch_size=2, img_size=32, seed=1)
+    assert other.key() != cfg.key()
+
+
+def test_demo_refuses_a_negative_seed(tmp_path, capsys):
+    with pytest.raises(SystemExit, match="seed"):
+        main(["demo", "--quick", "--seed", "-1", "--out", str(tmp_path)])
