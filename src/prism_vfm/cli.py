@@ -238,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "demo",
         help="the whole method on rendered scenes on a CPU: tiny teachers, Stage 1, Stage 2, evaluation, "
-        "analysis and a report (about 10 minutes; --quick about 2)",
+        "analysis and a report (under 10 minutes; --quick under 1)",
     )
     p.add_argument("--quick", action="store_true", help="smaller and shorter (checks the pipeline)")
     p.add_argument("--out", default="runs/demo", help="folder for the data, runs, figures and report.md")

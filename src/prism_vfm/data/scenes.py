@@ -273,7 +273,7 @@ def _object(rng: np.random.Generator, name: str, x: float, z: float, instance: i
     """An object of class ``name`` on the floor at (x, z); returns it and its footprint radius."""
     texture = int(rng.integers(len(TEXTURES)))
     colours = rng.uniform(0.05, 0.95, (2, 3))
-    label, angle, scale = CLASS_INDEX[name], rng.uniform(0, np.pi), rng.uniform(0.06, 0.2)
+    label, angle, scale = CLASS_INDEX[name], rng.uniform(0, np.pi), rng.uniform(0.1, 0.25)
     if name in ("tvmonitor", "diningtable"):
         if name == "tvmonitor":
             half = np.array([rng.uniform(0.25, 0.4), rng.uniform(0.18, 0.28), 0.05])

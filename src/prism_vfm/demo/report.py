@@ -208,7 +208,8 @@ def write_markdown(
         f"{cfg.top_k}); three tiny teachers of width {cfg.teachers.width}. "
         f"Stage 1: {cfg.stage1_steps} steps on "
         f"{cfg.stage1_images} unlabelled images; Stage 2: {cfg.stage2_steps} steps on {cfg.train_images} "
-        f"PASCAL-Context-layout images; evaluation on {metrics['images']} val images.",
+        f"PASCAL-Context-layout images; evaluation on {metrics['images']} val images. The NYUD-v2 layout is "
+        "written too (`data/NYUDv2`, for `prism finetune --dataset nyud`).",
         "",
         "## Metrics",
         "",
@@ -235,9 +236,11 @@ def write_markdown(
         "",
         "![metrics](figures/metrics.png)",
         "",
-        "## The teachers know different things",
+        "## What each teacher knows",
         "",
-        "Linear probes on each teacher's last tap (held-out scenes; per 8×8 patch):",
+        "Linear probes on each teacher's last tap (fitted on half of 64 held-out scenes, scored on the "
+        "other half; per 8×8 patch; class and texture on patches of objects, where texture says nothing "
+        "about class):",
         "",
         "| teacher | " + " | ".join(next(iter(probe.values()))) + " |",
         "|---|" + "---|" * len(next(iter(probe.values()))),
@@ -289,7 +292,7 @@ def write_markdown(
         "- Whether expert specialisation and the λ profile appear at this scale is what the numbers above "
         "report, not a claim about the full-size model.",
         "",
-        "## Time per stage (seconds)",
+        "## Time per stage (seconds; the analysis and this report come after, see `summary.json`)",
         "",
         "| stage | s |",
         "|---|---|",
