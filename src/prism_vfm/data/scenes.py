@@ -269,8 +269,9 @@ def _figure(rng: np.random.Generator, position: np.ndarray, instance: int) -> li
 _OBJECT_KINDS = ("tvmonitor", "diningtable", "bottle", "pottedplant")
 
 
-def _object(rng: np.random.Generator, name: str, x: float, z: float, instance: int) -> tuple[_Surface, float]:
-    """An object of class ``name`` on the floor at (x, z); returns it and its footprint radius."""
+def _object(rng: np.random.Generator, name: str, instance: int) -> tuple[_Surface, float]:
+    """An object of class ``name`` standing on the floor at the origin (``_move`` places it once its
+    footprint fits); returns it and its footprint radius."""
     texture = int(rng.integers(len(TEXTURES)))
     colours = rng.uniform(0.05, 0.95, (2, 3))
     label, angle, scale = CLASS_INDEX[name], rng.uniform(0, np.pi), rng.uniform(0.1, 0.25)
@@ -280,15 +281,15 @@ def _object(rng: np.random.Generator, name: str, x: float, z: float, instance: i
         else:
             half = np.array([rng.uniform(0.45, 0.7), rng.uniform(0.22, 0.35), rng.uniform(0.25, 0.4)])
         rot = _rot_y(rng.uniform(-0.6, 0.6))
-        geometry = {"centre": np.array([x, half[1], z]), "rot": rot, "half": half}
+        geometry = {"centre": np.array([0.0, half[1], 0.0]), "rot": rot, "half": half}
         surface = _Surface("box", geometry, label, 0, instance, texture, colours, scale, angle)
         return surface, float(np.hypot(half[0], half[2]))
     if name == "bottle":
         r = rng.uniform(0.08, 0.14)
-        geometry = {"base": np.array([x, 0.0, z]), "radius": r, "height": rng.uniform(0.35, 0.6)}
+        geometry = {"base": np.zeros(3), "radius": r, "height": rng.uniform(0.35, 0.6)}
         return _Surface("cylinder", geometry, label, 0, instance, texture, colours, scale, angle), r
     r = rng.uniform(0.2, 0.35)
-    geometry = {"centre": np.array([x, r, z]), "radius": r}
+    geometry = {"centre": np.array([0.0, r, 0.0]), "radius": r}
     return _Surface("sphere", geometry, label, 0, instance, texture, colours, scale, angle), r
 
 
@@ -347,7 +348,7 @@ def render_scene(seed: int, index: int, size: tuple[int, int] = (64, 64), stream
         instance += 1
     for _ in range(int(rng.integers(2, 6))):
         name = _OBJECT_KINDS[int(rng.integers(len(_OBJECT_KINDS)))]
-        obj, radius = _object(rng, name, 0.0, 0.0, instance)
+        obj, radius = _object(rng, name, instance)
         if (spot := place(radius, 1.8, 6.0)) is None:
             continue
         _move(obj, spot[0], spot[1])
