@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from tqdm import tqdm
 
 from prism_vfm.data.pascal_context import PERSON_CATEGORY
 from prism_vfm.data.scenes import CLASS_INDEX, FIGURE_PARTS, SCENE_CLASSES, Scene, render_scene
@@ -125,15 +126,19 @@ def write_scene_nyud(
 
 
 def write_scene_images(
-    root: str | os.PathLike[str], n: int = 512, size: tuple[int, int] = (64, 64), seed: int = 0
+    root: str | os.PathLike[str],
+    n: int = 512,
+    size: tuple[int, int] = (64, 64),
+    seed: int = 0,
+    progress: bool = False,
 ) -> Path:
     """Write ``n`` unlabelled scene photos ``<root>/<index>.png`` (a flat Stage-1 image folder); returns
-    ``root``."""
+    ``root``. ``progress`` shows a progress bar."""
     if n < 1:
         raise ValueError(f"an image folder needs at least one image, got n={n}")
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    for index in range(n):
+    for index in tqdm(range(n), desc="render images", unit="img", disable=not progress, leave=False):
         scene = render_scene(seed, index, size, STREAMS["images"])
         Image.fromarray(scene.image).save(root / f"{index:06d}.png")
     return root

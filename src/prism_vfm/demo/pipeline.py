@@ -195,7 +195,7 @@ def run_demo(
     start = time.perf_counter()
 
     with _stage(timings, "data"):
-        images = write_scene_images(out / "data" / "images", cfg.stage1_images, size, seed)
+        images = write_scene_images(out / "data" / "images", cfg.stage1_images, size, seed, progress=True)
         pascal = write_scene_pascal(
             out / "data" / "PASCALContext", cfg.train_images, cfg.val_images, size, seed
         )
