@@ -4,6 +4,7 @@ what they cannot."""
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 from typing import Any
@@ -168,12 +169,18 @@ def plot_metrics(scores: dict[str, Any], baselines: dict[str, float], path: Path
 
 
 def _trend(values: dict[int, float]) -> str:
+    """How a per-layer quantity changes with depth, with every value."""
     layers = sorted(values)
-    first, last = values[layers[0]], values[layers[-1]]
-    if abs(first - last) < 0.01:
-        return f"flat ({first:.3f} in block {layers[0]}, {last:.3f} in block {layers[-1]})"
-    word = "decreases" if last < first else "increases"
-    return f"{word} with depth ({first:.3f} in block {layers[0]} → {last:.3f} in block {layers[-1]})"
+    steps = [values[b] - values[a] for a, b in itertools.pairwise(layers)]
+    if all(abs(d) < 0.005 for d in steps):
+        word = "is flat"
+    elif all(d < 0 for d in steps):
+        word = "decreases with depth"
+    elif all(d > 0 for d in steps):
+        word = "increases with depth"
+    else:
+        word = "is not monotonic in depth"
+    return f"{word} ({', '.join(f'block {b}: {values[b]:.3f}' for b in layers)})"
 
 
 def _separation_text(sep: dict[int, float], kind: str) -> str:
