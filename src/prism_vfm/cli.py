@@ -284,7 +284,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
     p.add_argument("--ablation", help="the Stage-1 run's ablation variant (its loss and teacher switches)")
     p.set_defaults(func=cmd_finetune)
-    p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser(
         "sweep", help="train ablation variants with shared settings and write one comparison table"
