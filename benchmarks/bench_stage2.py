@@ -100,6 +100,7 @@ def bench_inference(
         results["shared"],
         None if args.quick else TARGET_INFERENCE,
         flops["per task"] / flops["shared"],
+        at_least=True,
     )
 
 

@@ -265,10 +265,16 @@ def report(title: str, results: dict[str, Result]) -> None:
 
 
 def ratio(
-    label: str, num: Result, den: Result, target: float | None = None, flops: float | None = None
+    label: str,
+    num: Result,
+    den: Result,
+    target: float | None = None,
+    flops: float | None = None,
+    at_least: bool = False,
 ) -> None:
     """Print ``ratio <label>: x`` (of medians over all calls), then of medians over quiet calls, the
-    median of the per-round ratios, the ratio of minimums, the FLOP ratio and the target."""
+    median of the per-round ratios, the ratio of minimums, the FLOP ratio and the target (an upper
+    bound, or a lower bound with ``at_least``, e.g. for a speed-up)."""
     value = num.median / den.median
     parts = [f"ratio {label}: {value:.3f}"]
     quiet_num, quiet_den = num.quiet_times, den.quiet_times
@@ -283,10 +289,14 @@ def ratio(
     if flops is not None:
         parts.append(f"FLOP ratio {flops:.3f}")
     if target is not None:
-        verdict = f"all calls {'met' if value <= target else 'NOT met'}"
+
+        def met(x: float) -> str:
+            return "met" if (x >= target if at_least else x <= target) else "NOT met"
+
+        verdict = f"all calls {met(value)}"
         if quiet_value is not None:
-            verdict += f", quiet calls {'met' if quiet_value <= target else 'NOT met'}"
-        parts.append(f"target <= {target}: {verdict}")
+            verdict += f", quiet calls {met(quiet_value)}"
+        parts.append(f"target {'>=' if at_least else '<='} {target}: {verdict}")
     print(" | ".join(parts))
 
 
