@@ -8,7 +8,7 @@ from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
 from prism_vfm.layers.moe import ConditionedMoE, MoEConfig
-from prism_vfm.layers.router import Routing, load_balancing_loss
+from prism_vfm.layers.router import Routing
 
 
 class DualStreamBlock(nn.Module):
@@ -92,12 +92,7 @@ class DualStreamBlock(nn.Module):
         gate = moe.router.input_gate_of(u)
         routing = moe.router(u_all, cond, gate=None if gate is None else rep(gate))
         moe_out = moe.routed(u_all, routing.indices, routing.weights, None if shared is None else rep(shared))
-        if self.training and moe.cfg.lb_coef:
-            aux = moe.cfg.lb_coef * load_balancing_loss(
-                routing.logits, routing.indices, routing.weights, groups=passes, per_group=per_group
-            )
-        else:
-            aux = x.new_zeros((passes,) if per_group else ())
+        aux = moe.balance_loss(routing, passes, per_group)
         self.last_routing = Routing(routing.logits.detach(), routing.indices, routing.weights.detach())
         self.last_lambda = rep(lam).detach()
         if anchor is not None:

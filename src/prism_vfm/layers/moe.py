@@ -61,13 +61,16 @@ class ConditionedMoE(nn.Module):
         routing = self.router(u, cond)
         shared = self.shared(u) if self.shared is not None else None
         out = self.routed(u, routing.indices, routing.weights, shared)
-        if self.training and self.cfg.lb_coef:
-            aux = self.cfg.lb_coef * load_balancing_loss(
-                routing.logits, routing.indices, routing.weights, groups=lb_groups, per_group=per_group
-            )
-        else:
-            aux = u.new_zeros((lb_groups,) if per_group else ())
-        return out, routing, aux
+        return out, routing, self.balance_loss(routing, lb_groups, per_group)
+
+    def balance_loss(self, routing: Routing, groups: int = 1, per_group: bool = False) -> Tensor:
+        """``lb_coef`` × the load-balancing loss of ``routing`` (zero in eval mode or with ``lb_coef=0``),
+        balanced over ``groups`` equal parts of the batch: their mean, or one term each with ``per_group``."""
+        if not (self.training and self.cfg.lb_coef):
+            return routing.logits.new_zeros((groups,) if per_group else (), dtype=torch.float32)
+        return self.cfg.lb_coef * load_balancing_loss(
+            routing.logits, routing.indices, routing.weights, groups=groups, per_group=per_group
+        )
 
     def routed(self, u: Tensor, indices: Tensor, weights: Tensor, shared: Tensor | None = None) -> Tensor:
         """Weighted sum of the selected experts for every token (dropless, sorted by expert).
