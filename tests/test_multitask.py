@@ -107,8 +107,12 @@ def test_training_step_shares_the_teacher_pass_with_the_task_passes():
     model = tiny_multitask(expert_dropout=0.0, noisy_gating=False, teacher_dims=(16, 24, 8), projectors=True)
     model.train()
     x, ids = torch.randn(3, 3, 32, 32), torch.tensor([1, 1, 0])
-    outputs, projections, aux_tasks, aux_teacher = MultiTaskStep(model)(x, ids)
     student = model.student
+    embedded = []  # the patch embedding (and the blocks before the first dual-stream block) run once
+    hook = student.patch_embed.register_forward_hook(lambda _m, _i, out: embedded.append(out.shape[0]))
+    outputs, projections, aux_tasks, aux_teacher = MultiTaskStep(model)(x, ids)
+    hook.remove()
+    assert embedded == [3]
     taps, ref_aux_teacher = student(x, ids, kind="teacher", return_aux=True)
     ref_proj = student.project_by_teacher(taps, ids, student.grid_size(x))
     assert projections.keys() == ref_proj.keys() == {0, 1}

@@ -176,11 +176,11 @@ def train_stage2(cfg: Stage2Config, resume: bool = False) -> Path:
         start_step = int(saved["step"])
     if alpha == 0:
         model.student.teacher_embed.requires_grad_(False)  # unused without the teacher pass
-    if env.world_size > 1 and env.device.type == "cuda":
+    # PyTorch's SyncBatchNorm runs on CUDA only.
+    cpu_processes = env.world_size > 1 and env.device.type != "cuda"
+    if env.world_size > 1 and not cpu_processes:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    elif env.world_size > 1 and env.is_main:
-        # PyTorch's SyncBatchNorm runs on CUDA only: on CPU processes each rank normalises its own batch,
-        # and DDP broadcasts rank 0's running statistics at every forward.
+    elif cpu_processes and env.is_main:
         logger.warning(
             "CPU processes: BatchNorm normalises each process's batch (SyncBatchNorm needs CUDA); running "
             "statistics are averaged over the processes at every checkpoint"
@@ -275,7 +275,7 @@ def train_stage2(cfg: Stage2Config, resume: bool = False) -> Path:
         if val_ids and (done % cfg.val_every == 0 or done == end_step):
             log.scalars(done, {f"val/{k}": v for k, v in validate(model, val_set, cfg, env.device).items()})
         if done % cfg.ckpt_every == 0 or done == end_step:
-            if env.world_size > 1 and env.device.type != "cuda":
+            if cpu_processes:
                 average_floating_buffers(model)
             weights, optim_state = full_state(model, optimizer)
             if env.is_main:
