@@ -25,10 +25,9 @@ import dataclasses
 import time
 
 import torch
-from torch.utils.data import DataLoader
 
 import harness
-from prism_vfm.data.image_folder import UnlabelledImageFolder, stage1_train_transform
+from prism_vfm.data.image_folder import build_stage1_loader
 from prism_vfm.distill.assignment import balanced_teacher_split
 from prism_vfm.distill.config import preset
 from prism_vfm.distill.student import build_student
@@ -112,16 +111,7 @@ def main(argv: list[str] | None = None) -> None:
         )
     if args.data:
         workers = cfg.workers if args.workers is None else args.workers
-        images = UnlabelledImageFolder(args.data)
-        loader = DataLoader(
-            images,
-            batch_size=batch,
-            shuffle=True,
-            num_workers=workers,
-            pin_memory=device.type == "cuda",
-            drop_last=True,
-        )
-        images.transform = stage1_train_transform(img)
+        loader = build_stage1_loader(args.data, img, batch, workers, seed=0)
         it = iter(loader)
         next(it)  # workers started
         tic, n = time.perf_counter(), 0

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from prism_vfm.data.synthetic import write_tiny_image_folder
 from tests.conftest import REPO_ROOT
 
 EXPECTED = {
@@ -21,6 +22,7 @@ EXPECTED = {
     "bench_stage1.py": [
         "throughput:",
         "teacher share of the step:",
+        "data loader (0 workers):",
     ],
     "bench_stage2.py": [
         "ratio eval batch 1 speed-up per task / shared:",
@@ -37,9 +39,13 @@ EXPECTED = {
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("script", sorted(EXPECTED))
-def test_benchmark_quick_run_prints_its_ratios(script):
+def test_benchmark_quick_run_prints_its_ratios(script, tmp_path):
+    extra = []
+    if script == "bench_stage1.py":  # the data-loader measurement too, on a generated image folder
+        write_tiny_image_folder(tmp_path / "images")
+        extra = ["--data", str(tmp_path / "images"), "--workers", "0", "--loader-batches", "2"]
     result = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "benchmarks" / script), "--quick"],
+        [sys.executable, str(REPO_ROOT / "benchmarks" / script), "--quick", *extra],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,
