@@ -99,11 +99,11 @@ def distill_loss(
     x: Tensor,
     ctx: Tensor,
     lb_weight: float,
-) -> tuple[Tensor, dict[str, Any]]:
+) -> tuple[Tensor, dict[str, Tensor]]:
     """One Stage-1 forward: the student (``net``, ``model`` or its DDP/FSDP wrapper) on teacher contexts
     ``ctx``, its projections, the frozen teachers on their own samples, and the loss.
 
-    Returns the loss and its terms (detached), plus ``"present"``: the teacher ids in this batch.
+    Returns the loss and its terms (detached, ``"aux"`` included).
     """
     taps, aux = net(x, ctx.to(x.device), return_aux=True)
     student = model.project_by_teacher(taps, ctx, model.grid_size(x))
@@ -113,9 +113,12 @@ def distill_loss(
         }
     terms = criterion(student, targets)
     loss = terms["total"] + lb_weight * aux
-    out: dict[str, Any] = {k: v.detach() for k, v in terms.items()}
-    out["aux"], out["present"] = aux.detach(), sorted(student)
-    return loss, out
+    # Heads of teachers absent from this batch ("single" assignment) join the graph with zero weight, so
+    # DDP needs no find_unused_parameters (FSDP2 needs no such help).
+    if isinstance(net, DDP):
+        for t in set(range(len(teachers))) - set(student):
+            loss = loss + 0.0 * sum(p.sum() for p in model.projectors[t].parameters())
+    return loss, {**{k: v.detach() for k, v in terms.items()}, "aux": aux.detach()}
 
 
 def train_stage1(cfg: Stage1Config, resume: bool = False) -> Path:
@@ -208,12 +211,6 @@ def train_stage1(cfg: Stage1Config, resume: bool = False) -> Path:
             with gradient_sync(net, micro == cfg.accum - 1):
                 with autocast(cfg.amp, env.device):
                     loss, terms = distill_loss(net, model, teachers, criterion, x, ctx, cfg.loss.lb_weight)
-                    # Heads of teachers absent from this batch ("single" assignment) join the graph with zero
-                    # weight, so DDP needs no find_unused_parameters (FSDP2 needs no such help).
-                    if isinstance(net, DDP):
-                        for t in set(range(len(teachers))) - set(terms["present"]):
-                            loss = loss + 0.0 * sum(p.sum() for p in model.projectors[t].parameters())
-                    del terms["present"]
                 (loss / cfg.accum).backward()
             for k, v in terms.items():
                 terms_sum[k] = terms_sum.get(k, 0.0) + v.detach() / cfg.accum
