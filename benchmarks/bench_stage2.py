@@ -20,7 +20,6 @@ ViT-L-width teachers, at 224 px to keep CPU runs short (``--img-size 512`` is PA
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -90,7 +89,7 @@ def bench_inference(
     worst = max(float((shared[t].float() - separate[t].float()).abs().max()) for t in tasks)
     runs = {"per task": lambda: per_task(model, x), "shared": lambda: model(x)}
     flops = {name: harness.count_flops(run) for name, run in runs.items()}
-    cases = [harness.Case(name, _no_grad(run, amp)) for name, run in runs.items()]
+    cases = [harness.Case(name, harness.inference_call(run, amp)) for name, run in runs.items()]
     results = harness.run_interleaved(cases, args.repeats, args.warmup, device)
     harness.measure_memory(cases, results, device)
     harness.report(f"eval: all {len(tasks)} tasks, batch {b} (max |shared - per task| {worst:.1e})", results)
@@ -131,7 +130,7 @@ def bench_training(model: PrismMultiTask, args: argparse.Namespace, device: torc
         for p in model.parameters():
             p.grad = None
 
-    runs = {"per pass": _train(separate, amp), "shared": _train(batched, amp)}
+    runs = {"per pass": harness.train_call(separate, amp), "shared": harness.train_call(batched, amp)}
     flops = {name: harness.count_flops(run) for name, run in runs.items()}
     zero_grads()
     cases = [harness.Case(name, run, zero_grads) for name, run in runs.items()]
@@ -147,23 +146,6 @@ def bench_training(model: PrismMultiTask, args: argparse.Namespace, device: torc
         None,
         flops["per pass"] / flops["shared"],
     )
-
-
-def _no_grad(fn: Callable[[], object], amp: object) -> Callable[[], None]:
-    def run() -> None:
-        with torch.no_grad(), amp:  # type: ignore[attr-defined]
-            fn()
-
-    return run
-
-
-def _train(loss: Callable[[], Tensor], amp: object) -> Callable[[], None]:
-    def run() -> None:
-        with amp:  # type: ignore[attr-defined]
-            value = loss()
-        value.backward()
-
-    return run
 
 
 if __name__ == "__main__":

@@ -79,21 +79,6 @@ def main(argv: list[str] | None = None) -> None:
     def dense_loss() -> Tensor:
         return dense.forward_features(x).float().mean()
 
-    def train(loss: Callable[[], Tensor]) -> Callable[[], None]:
-        def run() -> None:
-            with amp:
-                value = loss()
-            value.backward()
-
-        return run
-
-    def infer(fn: Callable[[], object]) -> Callable[[], None]:
-        def run() -> None:
-            with torch.no_grad(), amp:
-                fn()
-
-        return run
-
     harness.describe(args, device, memory=True)
     print(
         f"sizes: batch {args.batch}, {size[0]}x{size[1]} images, width {student.embed_dim}, "
@@ -111,14 +96,14 @@ def main(argv: list[str] | None = None) -> None:
         dense.train(mode == "train")
         if mode == "train":
             runs = {
-                "dense timm ViT-B": train(dense_loss),
-                "student": train(student_loss(project=False)),
-                "student + projectors": train(student_loss(project=True)),
+                "dense timm ViT-B": harness.train_call(dense_loss, amp),
+                "student": harness.train_call(student_loss(project=False), amp),
+                "student + projectors": harness.train_call(student_loss(project=True), amp),
             }
         else:
             runs = {
-                "dense timm ViT-B": infer(lambda: dense.forward_features(x)),
-                "student": infer(lambda: student(x, teachers)),
+                "dense timm ViT-B": harness.inference_call(lambda: dense.forward_features(x), amp),
+                "student": harness.inference_call(lambda: student(x, teachers), amp),
             }
         cases = [harness.Case(name, run, zero_grads) for name, run in runs.items()]
         flops = {name: harness.count_flops(run) for name, run in runs.items()}

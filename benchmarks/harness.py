@@ -79,6 +79,27 @@ def autocast(args: argparse.Namespace, device: torch.device) -> AbstractContextM
     return torch.autocast(device.type, dtype=DTYPES[args.dtype])
 
 
+def train_call(loss: Callable[[], torch.Tensor], amp: AbstractContextManager) -> Callable[[], None]:
+    """A timed call: ``loss()`` under ``amp``, then its backward."""
+
+    def run() -> None:
+        with amp:
+            value = loss()
+        value.backward()
+
+    return run
+
+
+def inference_call(fn: Callable[[], object], amp: AbstractContextManager) -> Callable[[], None]:
+    """A timed call: ``fn()`` under ``amp`` without gradients."""
+
+    def run() -> None:
+        with torch.no_grad(), amp:
+            fn()
+
+    return run
+
+
 @dataclass
 class Case:
     """One thing to time: ``run`` is the timed work; ``reset`` runs, untimed, before every call."""
