@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
         }
         results = harness.run_interleaved(cases, args.repeats, args.warmup, device)
         if device.type == "cuda":
-            harness.measure_memory(cases, results, device)
+            harness.measure_memory(cases, results, device, list(blocks.values()))
         what = "forward + backward, train mode" if mode == "train" else "forward only, eval mode, no_grad"
         harness.report(f"{mode}: {what}", results)
         a, c = results["(a) timm Mlp"], results["(c) dense floor"]

@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     cases = [harness.Case("teachers", run_teachers), harness.Case("step", run_step)]
     results = harness.run_interleaved(cases, args.repeats, args.warmup, device)
-    harness.measure_memory(cases, results, device)
+    harness.measure_memory(cases, results, device, [model])
     harness.report(
         "stage-1 step: distill_loss + backward + clip + AdamW; teachers: their forwards alone", results
     )

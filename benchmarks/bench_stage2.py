@@ -135,7 +135,7 @@ def bench_training(model: PrismMultiTask, args: argparse.Namespace, device: torc
     zero_grads()
     cases = [harness.Case(name, run, zero_grads) for name, run in runs.items()]
     results = harness.run_interleaved(cases, args.repeats, args.warmup, device)
-    harness.measure_memory(cases, results, device)
+    harness.measure_memory(cases, results, device, [model])
     harness.report(
         f"train: {len(tasks)} task passes + the teacher pass, forward + backward, batch {b}", results
     )

@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
         flops = {name: harness.count_flops(run) for name, run in runs.items()}
         zero_grads()
         results = harness.run_interleaved(cases, args.repeats, args.warmup, device)
-        harness.measure_memory(cases, results, device)
+        harness.measure_memory(cases, results, device, [student])
         what = "forward + backward, train mode" if mode == "train" else "forward only, eval mode, no_grad"
         harness.report(f"{mode}: {what}", results)
         base = "dense timm ViT-B"

@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from prism_vfm.layers.experts import release_grad_memory
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 QUIET_SHARE = 0.05
 ALLOCATOR_ENV = ("MALLOC_", "GLIBC_TUNABLES", "LD_PRELOAD", "THP_MEM_ALLOC_ENABLE", "PYTORCH_")
@@ -43,7 +45,8 @@ CUDA_MEMORY = "torch.cuda.max_memory_allocated during the call, minus what was a
 CPU_MEMORY = (
     "peak resident set size (Linux VmHWM, reset through /proc/self/clear_refs before the call) minus "
     "the resident size before it, after malloc_trim: what the call newly touches, allocator slack and "
-    "fragmentation included, so an upper bound on its tensors' peak"
+    "fragmentation included, so an upper bound on its tensors' peak; gradient memory the experts keep "
+    "between steps is given back before the call, so it counts here"
 )
 
 
@@ -239,11 +242,22 @@ def run_interleaved(
     return results
 
 
-def measure_memory(cases: Sequence[Case], results: dict[str, Result], device: torch.device) -> None:
-    """One more, untimed, call per case for its peak memory (kept apart: resetting the meter costs time)."""
+def measure_memory(
+    cases: Sequence[Case],
+    results: dict[str, Result],
+    device: torch.device,
+    models: Sequence[torch.nn.Module] = (),
+) -> None:
+    """One more, untimed, call per case for its peak memory (kept apart: resetting the meter costs time).
+
+    The gradient memory the ``models``' experts keep between steps on the CPU is given back before each
+    call, so that it counts in the peak of the call that uses it rather than hiding in the baseline.
+    """
     meter = PeakMemory(device)
     for case in cases:
         case.reset()
+        for model in models:
+            release_grad_memory(model)
         meter.start()
         case.run()
         results[case.name].peak_bytes = meter.stop()

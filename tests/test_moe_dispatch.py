@@ -137,3 +137,64 @@ def test_cuda_default_backend_matches_loop_in_bf16():
         got = moe.routed(u, indices, weights)
         want = ref.routed(u, indices, weights)
     torch.testing.assert_close(got.float(), want.float(), atol=3e-2, rtol=3e-2)
+
+
+def _expert_step(moe: ConditionedMoE, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    u = torch.randn(19, 32, generator=g)
+    indices, weights = routing(19, 5, 2, seed=seed)
+    (moe.routed(u, indices, weights) * torch.randn(19, 32, generator=g)).sum().backward()
+
+
+def test_gradient_memory_is_reused_only_when_nobody_holds_it():
+    moe = make_moe("loop")
+    experts = moe.experts
+    _expert_step(moe, 1)
+    first_ptr = experts.w1.grad.data_ptr()
+    first = experts.w1.grad.clone()
+
+    # The previous gradient is still .grad: the next backward must accumulate into it from new memory.
+    _expert_step(moe, 2)
+    assert experts.w1.grad.data_ptr() == first_ptr
+    moe_ref = make_moe("loop")
+    moe_ref.experts.keep_grad_memory = False
+    _expert_step(moe_ref, 1)
+    _expert_step(moe_ref, 2)
+    torch.testing.assert_close(experts.w1.grad, moe_ref.experts.w1.grad)
+
+    # Someone keeps the gradient past zero_grad: it must survive the next backward untouched.
+    held = experts.w2.grad
+    held_values = held.clone()
+    moe.zero_grad(set_to_none=True)
+    _expert_step(moe, 3)
+    assert experts.w2.grad.data_ptr() != held.data_ptr()
+    torch.testing.assert_close(held, held_values)
+
+    # Nobody holds it any more: the memory kept from last time is handed out again.
+    kept_ptr = experts.w1.grad.data_ptr()
+    moe.zero_grad(set_to_none=True)
+    _expert_step(moe, 4)
+    assert experts.w1.grad.data_ptr() == kept_ptr == experts.grad_memory._storages["w1"].data_ptr()
+    moe_ref.zero_grad(set_to_none=True)
+    _expert_step(moe_ref, 4)
+    for name in ("w1", "b1", "w2", "b2"):
+        torch.testing.assert_close(getattr(experts, name).grad, getattr(moe_ref.experts, name).grad)
+    assert not torch.equal(experts.w1.grad, first)
+
+
+def test_gradient_memory_is_not_shared_by_copies_and_autograd_grad_results_stay_intact():
+    import copy
+
+    moe = make_moe("loop")
+    twin = copy.deepcopy(moe)
+    _expert_step(moe, 1)
+    _expert_step(twin, 1)
+    assert moe.experts.w1.grad.data_ptr() != twin.experts.w1.grad.data_ptr()
+
+    u = torch.randn(19, 32)
+    indices, weights = routing(19, 5, 2)
+    w1 = moe.experts.w1
+    grads = [torch.autograd.grad(moe.routed(u * s, indices, weights).sum(), w1)[0] for s in (1.0, 2.0)]
+    assert grads[0].data_ptr() != grads[1].data_ptr()
+    assert not torch.allclose(grads[0], grads[1])
+    torch.testing.assert_close(grads[0], torch.autograd.grad(moe.routed(u, indices, weights).sum(), w1)[0])
