@@ -302,3 +302,19 @@ def test_from_pretrained_fetches_from_the_hub_when_not_a_folder(tmp_path, monkey
     assert asked == {"repo_id": "someone/prism-tiny", "filename": "model.safetensors"}
     x = torch.randn(1, 3, 32, 32)
     torch.testing.assert_close(loaded(x, 0), model(x, 0), rtol=0, atol=0)
+
+
+def test_statistics_and_trace_cover_only_the_dual_stream_blocks_the_forward_runs():
+    # Block 3 is a dual-stream block after the last tap (2): the forward never runs it.
+    model = tiny_student(tap_layers=(1, 2)).eval()
+    assert model.routed_layers == (1,)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        model(x, _ids(0, 1))
+    stats = model.routing_stats()
+    assert stats["layers"] == [1] and len(stats["expert_counts"]) == len(stats["lambda_mean"]) == 1
+    assert stats["expert_counts"][0].sum().item() == 2 * 17 * 2
+    trace = model.trace(x, _ids(0, 1))
+    assert trace["layers"] == [1]
+    assert all(len(trace[key]) == 1 for key in ("router_logits", "topk", "topk_weights", "lambda"))
+    assert model.blocks[3].last_routing is None

@@ -88,10 +88,12 @@ def context_passes(
     """Run every batch once under every context (one batched pass) in eval mode, without gradients.
 
     Yields ``(batch size, MoE block indices reached)`` after each pass; the routing and λ of the pass are
-    then in each reached block's ``last_routing`` / ``last_lambda``, batched context-major (C·B, N, ·).
-    Blocks after the last feature tap are not run by the model's forward and are not reported.
+    then in each reached block's ``last_routing`` / ``last_lambda`` (and in ``student.routing_stats()``),
+    batched context-major (C·B, N, ·). Blocks after the last feature tap are not run by the model's
+    forward and are not reported.
     """
-    layers = moe_block_indices(student)
+    moe_block_indices(student)
+    layers = list(student.routed_layers)
     with eval_mode(student), torch.no_grad():
         for x in batches:
             if not isinstance(x, Tensor) or x.ndim != 4:
@@ -99,7 +101,5 @@ def context_passes(
                     "batches must yield image tensors of shape (B, 3, H, W), got "
                     f"{type(x).__name__} {tuple(x.shape) if isinstance(x, Tensor) else ''}"
                 )
-            for i in layers:
-                student.blocks[i].last_routing = None
             student.forward_contexts(x.to(device), contexts, kind)
-            yield x.shape[0], [i for i in layers if student.blocks[i].last_routing is not None]
+            yield x.shape[0], layers

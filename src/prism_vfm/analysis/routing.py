@@ -127,19 +127,15 @@ def routing_affinity(
     student = student_of(model).to(device)
     ids = check_contexts(student, contexts, kind)
     names = resolve_names(model, ids, kind, context_names)
-    e, k = student.moe_config.num_experts, student.moe_config.top_k
+    k = student.moe_config.top_k
+    rows = torch.tensor(ids)
     counts: dict[int, Tensor] = {}
     tokens: dict[int, int] = {}
-    for b, layers in context_passes(student, batches, ids, kind, device):
-        for i in layers:
-            r = student.blocks[i].last_routing
-            n_tok = r.indices.shape[1]
-            # context-major rows: pass c covers samples [c·B, (c+1)·B)
-            idx = r.indices.reshape(len(ids), b * n_tok * r.indices.shape[-1])
-            used = (r.weights > 0).reshape(idx.shape).to(torch.float64)
-            hist = torch.zeros(len(ids), e, dtype=torch.float64, device=idx.device).scatter_add_(1, idx, used)
-            counts[i] = counts.get(i, 0) + hist.cpu()
-            tokens[i] = tokens.get(i, 0) + b * n_tok
+    for b, _ in context_passes(student, batches, ids, kind, device):
+        stats = student.routing_stats()
+        for i, hist in zip(stats["layers"], stats["expert_counts"], strict=True):
+            counts[i] = counts.get(i, 0) + hist.cpu().double()[rows]
+            tokens[i] = tokens.get(i, 0) + b * student.blocks[i].last_routing.indices.shape[1]
     if not counts:
         raise ValueError("no batches: routing affinity needs at least one batch of images")
     probs = {i: (c / tokens[i]).numpy() for i, c in counts.items()}

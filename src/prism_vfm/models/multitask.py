@@ -92,7 +92,7 @@ class PrismMultiTask(
         per_task, _ = self.forward_task_taps(x, tasks)
         size = tuple(x.shape[-2:])
         b = x.shape[0]
-        blocks = self.student.dual_stream_blocks
+        blocks = [self.student.blocks[i] for i in self.student.routed_layers]
         return {
             "tasks": {t: self.decode(t, per_task[t], size) for t in tasks},
             "taps": per_task,

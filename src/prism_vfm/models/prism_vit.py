@@ -332,6 +332,11 @@ class PrismViT(
         return [self.blocks[i] for i in self.moe_layers]
 
     @property
+    def routed_layers(self) -> tuple[int, ...]:
+        """Indices of the dual-stream blocks the forward runs: those up to the last feature tap."""
+        return tuple(i for i in self.moe_layers if i <= self.tap_layers[-1])
+
+    @property
     def uses_context(self) -> bool:
         """Whether the output depends on the context ids (some router reads the context tables)."""
         return bool(self.moe_layers) and self.moe_config.conditioning != "none"
@@ -340,15 +345,17 @@ class PrismViT(
     def trace(self, x: Tensor, context: Tensor | int, kind: ContextKind = "teacher") -> dict[str, Any]:
         """One forward pass with everything the analysis tools and conformance tests read.
 
-        Returns ``taps`` (list of (B, N, D)); per MoE layer ``router_logits`` (B, N, E, the values top-k
-        was taken of), ``topk`` (B, N, k, ``torch.topk`` order), ``topk_weights`` (B, N, k) and ``lambda``
-        (B, N, 1); ``aux_loss``; and, for teacher contexts on a model with projector heads,
-        ``projections`` {teacher id: per tap (B_t, C, h, w)} computed on each sample's own teacher.
+        Returns ``taps`` (list of (B, N, D)); per MoE layer the forward runs (block indices under
+        ``layers``, see :attr:`routed_layers`) ``router_logits`` (B, N, E, the values top-k was taken of),
+        ``topk`` (B, N, k, ``torch.topk`` order), ``topk_weights`` (B, N, k) and ``lambda`` (B, N, 1);
+        ``aux_loss``; and, for teacher contexts on a model with projector heads, ``projections``
+        {teacher id: per tap (B_t, C, h, w)} computed on each sample's own teacher.
         """
         taps, aux = self.forward_taps(x, context, kind)
-        blocks = self.dual_stream_blocks
+        blocks = [self.blocks[i] for i in self.routed_layers]
         out: dict[str, Any] = {
             "taps": taps,
+            "layers": list(self.routed_layers),
             "router_logits": [b.last_routing.logits for b in blocks],
             "topk": [b.last_routing.indices for b in blocks],
             "topk_weights": [b.last_routing.weights for b in blocks],
@@ -364,9 +371,10 @@ class PrismViT(
     def routing_stats(self) -> dict[str, Any]:
         """Statistics of the last forward pass, from what it kept (no recomputation, no host sync).
 
-        ``expert_counts``: per MoE layer (n_contexts, E) number of (token, expert) assignments with a
-        positive weight per context id; ``lambda_mean``: per MoE layer (n_contexts,) mean λ over the
-        tokens of each context (NaN for contexts absent from the batch); ``kind``: the context kind.
+        ``expert_counts``: per MoE layer the forward ran (block indices under ``layers``, see
+        :attr:`routed_layers`) the (n_contexts, E) number of (token, expert) assignments with a positive
+        weight per context id; ``lambda_mean``: per such layer (n_contexts,) mean λ over the tokens of each
+        context (NaN for contexts absent from the batch); ``kind``: the context kind.
         """
         if self._last_context is None:
             raise RuntimeError(
@@ -376,7 +384,7 @@ class PrismViT(
         ids, kind = self._last_context
         n_ctx = self.context_table(kind).num_embeddings
         counts, lambdas = [], []
-        for block in self.dual_stream_blocks:
+        for block in (self.blocks[i] for i in self.routed_layers):
             r = block.last_routing
             b, n, k = r.indices.shape
             e = self.moe_config.num_experts
@@ -390,7 +398,8 @@ class PrismViT(
                 0, ids, torch.full_like(ids, n, dtype=torch.float32)
             )
             lambdas.append(lam_sum / tokens)
-        return {"kind": kind, "expert_counts": counts, "lambda_mean": lambdas}
+        layers = list(self.routed_layers)
+        return {"kind": kind, "layers": layers, "expert_counts": counts, "lambda_mean": lambdas}
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         """Parameters split by origin for the Stage-1 learning rates (SPEC §6).
