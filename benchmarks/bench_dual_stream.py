@@ -74,6 +74,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dim", type=int, default=768)
     parser.add_argument("--backends", default="loop,padded,grouped", help="comma-separated dispatch backends")
     parser.add_argument("--modes", default="train,eval", help="comma-separated: train (fwd+bwd), eval (fwd)")
+    parser.add_argument(
+        "--fresh-grad-memory",
+        action="store_true",
+        help="also time the loop backend with keep_grad_memory=False (fresh weight-gradient memory each "
+        "backward, as before GradMemory)",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.batch, args.tokens, args.dim = 2, 17, 64
@@ -91,6 +97,10 @@ def main(argv: list[str] | None = None) -> None:
     with amp:
         auto = default_backend(u, torch.empty(cfg.num_experts, dim, hidden, device=device))
     blocks = build_blocks(args.backends.split(","), auto, dim, cfg, u, amp, device)
+    if args.fresh_grad_memory:
+        fresh = build_blocks(["loop"], "loop", dim, cfg, u, amp, device)["loop"]
+        fresh.moe.experts.keep_grad_memory = False
+        blocks[FRESH] = fresh
     loop_block = blocks.get("loop", blocks[auto])
     leaves = [u, cond, *(p for m in (mlp, floor, *blocks.values()) for p in m.parameters())]
 
@@ -171,6 +181,9 @@ def main(argv: list[str] | None = None) -> None:
         harness.ratio(f"{mode} (c)/(a) floor vs timm Mlp", c, a, None, flops["c"] / flops["a"])
     print("\nFLOP ratio: matrix-product FLOPs counted by torch.utils.flop_counter (loop backend for (b)).")
     harness.finish()
+
+
+FRESH = "loop, fresh gradient memory"
 
 
 def ffn_name(backend: str) -> str:
