@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from prism_vfm.losses.decorrelation import DecorrelationLoss
-from prism_vfm.losses.distill import DistillLoss, align_maps, feature_distill_loss
+from prism_vfm.losses.distill import DistillLoss, align_maps, distillation_criterion, feature_distill_loss
 from tests.conftest import load_json
 
 STORED_CASES = ("stored_c64", "teacher_smaller_c64")
@@ -109,6 +109,37 @@ def test_distill_loss_reproduces_official_output_dict(case, variant):
     out = DistillLoss(variant)(case.student, case.teacher)
     assert set(out) == set(expected)
     assert not _mismatches({k: v.item() for k, v in out.items()}, expected)
+
+
+@pytest.mark.parametrize("form", ["none", "official"])
+def test_configured_criterion_is_the_official_loss(stored_case, form):
+    variant = "cos+l1" if form == "none" else "cos+l1+decorrelation"
+    out = distillation_criterion(form)(stored_case.student, stored_case.teacher)
+    assert not _mismatches(
+        {k: v.item() for k, v in out.items()}, stored_case.reference[f"DistillLoss('{variant}')"]
+    )
+
+
+def test_configured_criterion_passes_form_taps_and_weights_on(stored_case):
+    crit = distillation_criterion(
+        "paper", decorrelation_taps=(1,), decorrelation_weight=2.0, cos_weight=0.5, l1_weight=0.25
+    )
+    direct = DistillLoss(
+        "cos+l1+decorrelation",
+        decorrelation=DecorrelationLoss(form="paper"),
+        decorrelation_taps=(1,),
+        decorrelation_weight=2.0,
+        cos_weight=0.5,
+        l1_weight=0.25,
+    )
+    got, want = (
+        crit(stored_case.student, stored_case.teacher),
+        direct(stored_case.student, stored_case.teacher),
+    )
+    assert set(got) == set(want)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    with pytest.raises(ValueError, match="decorrelation must be"):
+        distillation_criterion("spatial")
 
 
 def test_per_tap_cosine_and_smooth_l1_parts_match_official(case):

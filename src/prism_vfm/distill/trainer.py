@@ -27,8 +27,7 @@ from prism_vfm.data.sampling import SeededAugmentation, ShardedBatchSampler, mix
 from prism_vfm.distill.assignment import balanced_teacher_split, single_teacher
 from prism_vfm.distill.config import Stage1Config
 from prism_vfm.distill.student import build_student
-from prism_vfm.losses.decorrelation import DecorrelationLoss
-from prism_vfm.losses.distill import DistillLoss
+from prism_vfm.losses.distill import DistillLoss, distillation_criterion
 from prism_vfm.models.prism_vit import PrismViT
 from prism_vfm.teachers import build_teacher
 from prism_vfm.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -78,16 +77,12 @@ def _assign(cfg: Stage1Config, batch: int, n_teachers: int, step: int, shard: in
 
 def build_criterion(cfg: Stage1Config) -> DistillLoss:
     """The distillation loss of ``cfg.loss`` (cosine + smooth-L1, plus decorrelation unless off)."""
-    decorrelation = (
-        None if cfg.loss.decorrelation == "none" else DecorrelationLoss(form=cfg.loss.decorrelation)
-    )
-    return DistillLoss(
-        "cos+l1" if decorrelation is None else "cos+l1+decorrelation",
-        cos_weight=cfg.loss.cos_weight,
-        l1_weight=cfg.loss.l1_weight,
-        decorrelation=decorrelation,
+    return distillation_criterion(
+        cfg.loss.decorrelation,
         decorrelation_taps=cfg.loss.decorrelation_taps,
         decorrelation_weight=cfg.loss.decorrelation_weight,
+        cos_weight=cfg.loss.cos_weight,
+        l1_weight=cfg.loss.l1_weight,
     )
 
 

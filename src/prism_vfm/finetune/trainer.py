@@ -29,8 +29,7 @@ from prism_vfm.data.pascal_context import PascalContext
 from prism_vfm.data.sampling import SeededAugmentation, ShardedBatchSampler, mix_seed
 from prism_vfm.distill.assignment import balanced_teacher_split
 from prism_vfm.finetune.config import Stage2Config, resolved
-from prism_vfm.losses.decorrelation import DecorrelationLoss
-from prism_vfm.losses.distill import DistillLoss
+from prism_vfm.losses.distill import distillation_criterion
 from prism_vfm.losses.tasks import MultiTaskLoss, dataset_tasks
 from prism_vfm.metrics.multitask import MultiTaskMeter
 from prism_vfm.models.multitask import PrismMultiTask
@@ -210,13 +209,8 @@ def train_stage2(cfg: Stage2Config, resume: bool = False) -> Path:
         persistent_workers=cfg.workers > 0,
     )
     task_loss = MultiTaskLoss(cfg.dataset, cfg.tasks)
-    decorrelation = (
-        None if cfg.distill.decorrelation == "none" else DecorrelationLoss(form=cfg.distill.decorrelation)
-    )
-    distill = DistillLoss(
-        "cos+l1" if decorrelation is None else "cos+l1+decorrelation",
-        decorrelation=decorrelation,
-        decorrelation_taps=cfg.distill.decorrelation_taps,
+    distill = distillation_criterion(
+        cfg.distill.decorrelation, decorrelation_taps=cfg.distill.decorrelation_taps
     )
     log = RunLogger(run_dir, enabled=env.is_main)
     batches = iter(loader)

@@ -182,3 +182,26 @@ class DistillLoss(nn.Module):
                 )
             terms.append(decorrelation(maps[tap]))
         return self.decorrelation_weight * torch.stack(terms).sum()
+
+
+def distillation_criterion(
+    decorrelation: Literal["official", "paper", "none"] = "official",
+    *,
+    decorrelation_taps: Sequence[int] = (0, 1),
+    decorrelation_weight: float = 0.5,
+    cos_weight: float = 0.9,
+    l1_weight: float = 0.1,
+) -> DistillLoss:
+    """The distillation objective as the configurations name it: cosine + smooth-L1 on every tap, plus
+    the decorrelation term in its ``"official"`` or ``"paper"`` form, or without it (``"none"``)."""
+    if decorrelation not in ("official", "paper", "none"):
+        raise ValueError(f"decorrelation must be 'official', 'paper' or 'none', got {decorrelation!r}")
+    term = None if decorrelation == "none" else DecorrelationLoss(form=decorrelation)
+    return DistillLoss(
+        "cos+l1" if term is None else "cos+l1+decorrelation",
+        cos_weight=cos_weight,
+        l1_weight=l1_weight,
+        decorrelation=term,
+        decorrelation_taps=decorrelation_taps,
+        decorrelation_weight=decorrelation_weight,
+    )
