@@ -7,25 +7,31 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
+if TYPE_CHECKING:
+    from prism_vfm import PrismViT
 
-def _load_any(source: str, img_size: Sequence[int] | None) -> torch.nn.Module:
+
+def _load_any(source: str, img_size: Sequence[int] | None) -> PrismViT:
     """A student from a timm model name, a ``save_pretrained`` folder or an official ``.pth``."""
     import timm
 
     from prism_vfm import PrismViT, load_official
 
-    size = tuple(img_size) if img_size else None
+    size = cast("tuple[int, int] | None", tuple(img_size) if img_size else None)  # --img-size H W
     path = Path(source)
     if path.is_dir():
-        return PrismViT.from_pretrained(path, **({"img_size": size} if size else {}))
+        extra: dict[str, Any] = {"img_size": size} if size else {}
+        return PrismViT.from_pretrained(path, **extra)
     if path.suffix in (".pth", ".pt", ".bin") or path.exists():
         return load_official(path, img_size=size)
     if source in timm.list_models("prism_vit_*"):
         with torch.device("meta"):  # parameter counts need no storage
-            return timm.create_model(source, pretrained=False, **({"img_size": size} if size else {}))
+            kwargs: dict[str, Any] = {"img_size": size} if size else {}
+            return cast(PrismViT, timm.create_model(source, pretrained=False, **kwargs))
     raise SystemExit(
         f"prism: {source!r} is neither a folder, an official .pth nor a registered prism_vit_* model"
     )

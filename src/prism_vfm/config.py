@@ -12,9 +12,12 @@ import types
 import typing
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import yaml
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 T = TypeVar("T")
 
@@ -61,7 +64,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, Mapping):
             raise ConfigError(f"{key}: expected a section (mapping), got {value!r}")
-        return from_dict(tp, value, prefix=f"{key}.")
+        return from_dict(cast("type[DataclassInstance]", tp), value, prefix=f"{key}.")
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -97,7 +100,7 @@ def _hints(cls: type) -> dict[str, Any]:
 def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
     """Build dataclass ``cls`` from a (nested) mapping; unknown keys and wrong types raise ConfigError."""
     hints = _hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = {f.name for f in dataclasses.fields(cast("type[DataclassInstance]", cls))}
     unknown = sorted(set(data) - names)
     if unknown:
         raise ConfigError(
@@ -185,7 +188,7 @@ def _is_section(cls: type, dotted: str) -> bool:
     for part in dotted.split("."):
         if not dataclasses.is_dataclass(tp):
             return False
-        tp = _hints(tp).get(part)
+        tp = _hints(cast(type, tp)).get(part)
         if tp is None:
             return False
     return dataclasses.is_dataclass(tp)

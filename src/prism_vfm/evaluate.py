@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -45,7 +45,7 @@ def load_multitask(checkpoint: str | Path, img_size: tuple[int, int]) -> PrismMu
         model.load_state_dict_resampled(load_file(path / "model.safetensors"), strict=True)
         return model.eval()
     if path.is_file():
-        return load_official_multitask(path, img_size=tuple(img_size))
+        return load_official_multitask(path, img_size=cast("tuple[int, int]", tuple(img_size)))
     raise FileNotFoundError(f"checkpoint {path} does not exist")
 
 
@@ -70,7 +70,7 @@ def evaluate(
     """
     if dataset not in DATASETS:
         raise ValueError(f"unknown dataset {dataset!r}; expected one of {sorted(DATASETS)}")
-    size = tuple(img_size) if img_size else DEFAULT_INPUT_SIZE[dataset]
+    size = cast("tuple[int, int]", tuple(img_size)) if img_size else DEFAULT_INPUT_SIZE[dataset]
     model = load_multitask(checkpoint, size).to(device)
     tasks = model.task_names
     reader = DATASETS[dataset](data, split, tasks, DenseTestTransform(size))
@@ -90,7 +90,10 @@ def evaluate(
             ids = [m["id"] for m in batch["meta"]]
             sizes = [tuple(m["size"]) for m in batch["meta"]]
             truth = [
-                reader.label_map(i) if dataset == "pascalcontext" else reader.boundary_gt(i) for i in ids
+                cast(PascalContext, reader).label_map(i)
+                if dataset == "pascalcontext"
+                else cast(NYUDv2, reader).boundary_gt(i)
+                for i in ids
             ]
             boundaries.update(outputs["edge"].float(), truth, sizes)
             if save_edges and out_dir is not None:
@@ -129,6 +132,6 @@ def markdown_table(result: Mapping[str, Any]) -> str:
 
 
 def _collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    out = {k: torch.stack([s[k] for s in samples]) for k in samples[0] if k != "meta"}
+    out: dict[str, Any] = {k: torch.stack([s[k] for s in samples]) for k in samples[0] if k != "meta"}
     out["meta"] = [s["meta"] for s in samples]
     return out

@@ -19,7 +19,7 @@ from prism_vfm.losses.distill import DistillLoss
 from prism_vfm.models.prism_vit import PrismViT
 
 
-def _tiny_teacher(seed: int, width: int) -> nn.Module:
+def _tiny_teacher(seed: int, width: int) -> nn.ModuleList:
     """A frozen random convnet with two taps on an 8x8 grid (stride 4), like a ViT at a finer patch."""
     g = torch.Generator().manual_seed(seed)
     net = nn.ModuleList([nn.Conv2d(3, width, 4, stride=4), nn.Conv2d(width, width, 3, padding=1)])
@@ -28,7 +28,7 @@ def _tiny_teacher(seed: int, width: int) -> nn.Module:
     return net.eval().requires_grad_(False)
 
 
-def _teacher_taps(net: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+def _teacher_taps(net: nn.ModuleList, x: torch.Tensor) -> list[torch.Tensor]:
     first = torch.tanh(net[0](x))
     return [first, torch.tanh(net[1](first))]
 

@@ -16,7 +16,7 @@ import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from prism_vfm.ablation.variants import apply_ablation, describe
 from prism_vfm.config import to_dict
@@ -101,7 +101,7 @@ def _run_variant(
                 workers=eval_workers,
                 baselines=baselines,
                 device=device,
-                img_size=tuple(resolved(cfg2).img_size),
+                img_size=cast(tuple[int, int], tuple(resolved(cfg2).img_size)),  # (H, W)
             )
             row["scores"] = {t: s[HEADLINE_METRICS[t]] for t, s in result["scores"].items()}
             row["delta_m"] = result["delta_m"]

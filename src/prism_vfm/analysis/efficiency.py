@@ -13,7 +13,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -70,7 +70,8 @@ def analytic_macs(model: nn.Module, img_size: int | Sequence[int]) -> dict[str, 
                 k = _top_k(block)
                 per_token = mod.w1[0].numel() + mod.w2[0].numel() + mod.w2.shape[-1]  # + the slot sum
                 parts["routed experts"] = parts.get("routed experts", 0) + n * k * per_token
-        attn_dim = block.attn.qkv.out_features // 3
+        qkv = cast(nn.Linear, cast(nn.Module, block.attn).qkv)
+        attn_dim = qkv.out_features // 3
         parts["attention"] = parts.get("attention", 0) + 2 * n * n * attn_dim  # q·kᵀ and attn·v
     head = getattr(student, "head", None)
     if isinstance(head, nn.Linear):

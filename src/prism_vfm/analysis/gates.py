@@ -6,7 +6,7 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from prism_vfm.analysis.common import check_contexts, context_passes, resolve_names, student_of
 from prism_vfm.analysis.plotting import new_figure, save
+from prism_vfm.layers.dual_stream import DualStreamBlock
 from prism_vfm.models.prism_vit import ContextKind
 
 
@@ -87,7 +88,7 @@ def gate_statistics(
     gen = torch.Generator().manual_seed(seed)
     for _, layers in context_passes(student, batches, ids, kind, device):
         for i in layers:
-            lam = student.blocks[i].last_lambda.reshape(len(ids), -1).to(torch.float64).cpu()
+            lam = cast(Tensor, student.blocks[i].last_lambda).reshape(len(ids), -1).to(torch.float64).cpu()
             total[i] = total.get(i, 0) + lam.sum(1)
             total_sq[i] = total_sq.get(i, 0) + (lam * lam).sum(1)
             count[i] = count.get(i, 0) + lam.shape[1]
@@ -106,7 +107,7 @@ def gate_statistics(
         mean[i] = m.numpy()
         std[i] = (total_sq[i] / count[i] - m * m).clamp_min(0).sqrt().numpy()
         samples[i] = [row.numpy() for row in kept[i][0]]
-    lo_hi = student.blocks[next(iter(count))].lambda_range
+    lo_hi = cast(DualStreamBlock, student.blocks[next(iter(count))]).lambda_range
     return Gates(mean, std, samples, ids, names, kind, (float(lo_hi[0]), float(lo_hi[1])))
 
 

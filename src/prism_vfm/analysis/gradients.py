@@ -142,8 +142,8 @@ def _ffn_modules(student: PrismViT) -> list[_Module]:
             anchor = getattr(block, "anchor", None)
             if isinstance(anchor, nn.Module) and any(True for _ in anchor.parameters()):
                 out.append(_Module(f"block {i} anchor", "anchor", i, list(anchor.parameters())))
-        elif isinstance(getattr(block, "mlp", None), nn.Module):
-            out.append(_Module(f"block {i} dense FFN", "dense", i, list(block.mlp.parameters())))
+        elif isinstance(mlp := getattr(block, "mlp", None), nn.Module):
+            out.append(_Module(f"block {i} dense FFN", "dense", i, list(mlp.parameters())))
     return out
 
 
@@ -279,8 +279,8 @@ def plot_gradient_conflict(conflict: GradientConflict, path: str | os.PathLike) 
     layers = sorted(inter)
     width = 0.8 / max(len(present), 1)
     for j, kind in enumerate(present):
-        values = [inter[layer].get(kind, np.nan) for layer in layers]
-        ax.bar(np.arange(len(layers)) + j * width, values, width, color=_KIND_COLOURS[kind], label=kind)
+        heights = [inter[layer].get(kind, np.nan) for layer in layers]
+        ax.bar(np.arange(len(layers)) + j * width, heights, width, color=_KIND_COLOURS[kind], label=kind)
     ax.set_xticks(np.arange(len(layers)) + width * (len(present) - 1) / 2, [str(x) for x in layers])
     ax.set_xlabel("block")
     ax.set_ylabel("effective number of teachers")

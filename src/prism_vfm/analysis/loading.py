@@ -13,7 +13,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import yaml
@@ -47,7 +47,7 @@ class LoadedModel:
 
     @property
     def student(self) -> PrismViT:
-        return self.model.student if isinstance(self.model, PrismMultiTask) else self.model
+        return self.model.student if isinstance(self.model, PrismMultiTask) else cast(PrismViT, self.model)
 
     @property
     def default_kind(self) -> str:
@@ -114,7 +114,7 @@ def load_for_analysis(
     ``img_size`` (H, W) rebuilds the model for another input size (position embedding resampled).
     """
     path = expand_checkpoints([source], series=False)[0]
-    size = tuple(int(s) for s in img_size) if img_size else None
+    size = cast("tuple[int, int] | None", tuple(int(s) for s in img_size) if img_size else None)  # (H, W)
     teachers, weights = None, None
     if path.is_dir():
         config_file = path / "config.json"
@@ -126,7 +126,8 @@ def load_for_analysis(
             saved = (saved, saved) if isinstance(saved, int) else tuple(saved)
             model: nn.Module = load_multitask(path, size or saved)
         else:
-            model = PrismViT.from_pretrained(path, **({"img_size": size} if size else {}))
+            extra: dict[str, Any] = {"img_size": size} if size else {}
+            model = PrismViT.from_pretrained(path, **extra)
         run_cfg = _run_config(path)
         block = run_cfg.get("teachers") or {}
         distill = run_cfg.get("distill") or {}

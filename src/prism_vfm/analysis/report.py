@@ -11,7 +11,7 @@ import json
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -29,6 +29,7 @@ from prism_vfm.analysis.loading import LoadedModel, expand_checkpoints, image_ba
 from prism_vfm.analysis.plotting import new_figure, save
 from prism_vfm.analysis.routing import Affinity, plot_affinity, routing_affinity
 from prism_vfm.analysis.seeds import align_affinities, plot_seed_alignment
+from prism_vfm.models.prism_vit import ContextKind
 from prism_vfm.utils.io import atomic_write
 
 ANALYSES = ("routing", "coactivation", "gradients", "seeds", "gates", "efficiency")
@@ -59,9 +60,13 @@ def _write(out: Path, name: str, summary: dict[str, Any], markdown: str, figures
     files = [str(p) for p in figures]
     files += [str(out / f"{name}.json"), str(out / f"{name}.md")]
     summary = {**summary, "files": files}
-    atomic_write(out / f"{name}.json", lambda p: Path(p).write_text(json.dumps(summary, indent=2)))
-    atomic_write(out / f"{name}.md", lambda p: Path(p).write_text(markdown))
+    atomic_write(out / f"{name}.json", lambda p: _write_text(p, json.dumps(summary, indent=2)))
+    atomic_write(out / f"{name}.md", lambda p: _write_text(p, markdown))
     return summary
+
+
+def _write_text(path: str, text: str) -> None:
+    Path(path).write_text(text)
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -73,8 +78,10 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _contexts(loaded: LoadedModel, kind: str | None, contexts: Sequence[int] | None) -> tuple[str, list[int]]:
-    kind = kind or loaded.default_kind
+def _contexts(
+    loaded: LoadedModel, kind: str | None, contexts: Sequence[int] | None
+) -> tuple[ContextKind, list[int]]:
+    kind = cast(ContextKind, kind or loaded.default_kind)  # context_table rejects any other kind
     table = loaded.student.context_table(kind)  # raises for task contexts of a Stage-1 model
     return kind, list(range(table.num_embeddings)) if contexts is None else [int(c) for c in contexts]
 
@@ -360,7 +367,7 @@ def _efficiency_model(
     import timm
 
     if not Path(source).exists() and source in timm.list_models("prism_vit_*"):
-        kwargs = {"img_size": tuple(img_size)} if img_size else {}
+        kwargs: dict[str, Any] = {"img_size": tuple(img_size)} if img_size else {}
         # Counting needs shapes only; timing needs (random) weights.
         with torch.device(device if latency else "meta"):
             return timm.create_model(source, pretrained=False, **kwargs).eval(), source

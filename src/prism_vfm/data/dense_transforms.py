@@ -51,7 +51,7 @@ def _map(
     sample: Sample, image_fn: Callable[[Tensor], Tensor], label_fn: Callable[[str, Tensor], Tensor]
 ) -> Sample:
     """A new sample with ``image_fn(image)`` and ``label_fn(task, label)`` for each label."""
-    out = {"image": image_fn(sample["image"])}
+    out: Sample = {"image": image_fn(sample["image"])}
     out.update({task: label_fn(task, sample[task]) for task in _labels(sample)})
     if "meta" in sample:
         out["meta"] = dict(sample["meta"])

@@ -48,7 +48,7 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     if img.mode == "I" or img.mode.startswith("I;16"):
         # Pillow's own I;16 -> L conversion clips at 255 instead of rescaling, which turns most 16-bit
         # images white.
-        values = np.clip(np.asarray(img, dtype=np.int64), 0, 65535)
+        values: np.ndarray = np.clip(np.asarray(img, dtype=np.int64), 0, 65535)
         gray = ((values + 128) // 257).astype(np.uint8)
     elif img.mode == "F":
         values = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0)
@@ -230,7 +230,7 @@ def build_stage1_loader(
     dataset = UnlabelledImageFolder(root, stage1_train_transform(img_size), max_workers=num_workers)
     # A DistributedSampler even on one process: the order is then a function of (seed, epoch) alone, so
     # set_epoch works everywhere and a resumed run replays the uninterrupted run's order.
-    sampler = DistributedSampler(
+    sampler: DistributedSampler[int] = DistributedSampler(
         dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=drop_last
     )
     # The rank offset keeps ranks from drawing identical crop and flip sequences.

@@ -338,8 +338,10 @@ class PascalContext(DenseReleaseDataset):
             elif task == "human_parts":
                 labels[task] = self._human_parts(sample_id, size)
             elif task == "normals":
+                assert label_map is not None  # read above whenever normals or edge are a task
                 labels[task] = self._normals(sample_id, size, label_map)
             elif task == "edge":
+                assert label_map is not None
                 labels[task] = edge_from_label_map(label_map).astype(np.float32)
             elif task == "sal":
                 labels[task] = self._saliency(sample_id, size)

@@ -91,10 +91,13 @@ class Scene:
         return self.instance > 0
 
 
+_Geometry = dict[str, np.ndarray | float]
+
+
 @dataclass
 class _Surface:
     kind: str  # "plane", "box", "sphere", "cylinder"
-    geometry: dict[str, np.ndarray | float]
+    geometry: _Geometry
     label: int
     part: int = 0
     instance: int = 0
@@ -281,7 +284,7 @@ def _object(rng: np.random.Generator, name: str, instance: int) -> tuple[_Surfac
         else:
             half = np.array([rng.uniform(0.45, 0.7), rng.uniform(0.22, 0.35), rng.uniform(0.25, 0.4)])
         rot = _rot_y(rng.uniform(-0.6, 0.6))
-        geometry = {"centre": np.array([0.0, half[1], 0.0]), "rot": rot, "half": half}
+        geometry: _Geometry = {"centre": np.array([0.0, half[1], 0.0]), "rot": rot, "half": half}
         surface = _Surface("box", geometry, label, 0, instance, texture, colours, scale, angle)
         return surface, float(np.hypot(half[0], half[2]))
     if name == "bottle":
@@ -368,6 +371,7 @@ def render_scene(seed: int, index: int, size: tuple[int, int] = (64, 64), stream
         if not mine.any():
             continue
         w = _pattern(s.texture, uv[mine], s.scale, s.angle)[:, None]
+        assert s.colours is not None  # every surface is built with its colours
         colours = s.colours if len(s.colours) == 2 else np.repeat(s.colours, 2, axis=0)
         albedo[mine] = (1 - w) * colours[0] + w * colours[1]
         for key, value in (

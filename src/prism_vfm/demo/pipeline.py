@@ -20,7 +20,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from prism_vfm.data.scene_sets import write_scene_images, write_scene_nyud, write_scene_pascal
 from prism_vfm.demo.teachers import DEMO_TEACHERS, DemoTeacherConfig, prepare_teachers
@@ -30,7 +30,7 @@ from prism_vfm.losses.tasks import dataset_tasks
 from prism_vfm.metrics.multitask import HEADLINE_METRICS
 from prism_vfm.train.checkpoint import latest_checkpoint
 
-DATASET = "pascalcontext"
+DATASET: Final = "pascalcontext"
 OUTPUTS = ("data", "stage1", "stage2", "single_task", "eval", "figures")
 """The folders a demo writes under its output folder (replaced when it runs there again)."""
 
@@ -205,16 +205,20 @@ def run_demo(
     with _stage(timings, "stage 1"):
         run1 = train_stage1(stage1_config(cfg, images, out / "stage1", weights, seed))
         student = latest_checkpoint(run1)
+        assert student is not None  # every stage saves a checkpoint at its last step
     tasks = tuple(dataset_tasks(DATASET))
     with _stage(timings, "stage 2 (multi-task)"):
         multi = latest_checkpoint(
             train_stage2(stage2_config(cfg, pascal.root, student, out / "stage2", weights, seed))
         )
+        assert multi is not None
     singles: dict[str, Path] = {}
     with _stage(timings, "stage 2 (single-task baselines)"):
         for task in tasks:
             run = stage2_config(cfg, pascal.root, student, out / "single_task" / task, weights, seed, (task,))
-            singles[task] = latest_checkpoint(train_stage2(run))
+            single = latest_checkpoint(train_stage2(run))
+            assert single is not None
+            singles[task] = single
     with _stage(timings, "evaluation"):
         baselines = {}
         for task, ckpt in singles.items():

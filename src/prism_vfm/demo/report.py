@@ -184,7 +184,7 @@ def _trend(values: dict[int, float]) -> str:
 
 
 def _separation_text(sep: dict[int, float], kind: str) -> str:
-    best = max(sep, key=sep.get)
+    best = max(sep, key=sep.__getitem__)
     level = "strongly" if sep[best] > 0.3 else "clearly" if sep[best] > 0.1 else "barely"
     rows = ", ".join(f"block {b}: {v:.3f}" for b, v in sorted(sep.items()))
     return (
@@ -326,7 +326,9 @@ def write_report(
     """Analysis, figures and ``report.md``; returns the figure paths by name."""
     from prism_vfm.train.checkpoint import latest_checkpoint
 
-    figures, analysis = analyse(out, latest_checkpoint(stage1_run), stage2, data, cfg.img_size)
+    stage1 = latest_checkpoint(stage1_run)
+    assert stage1 is not None  # Stage 1 saves a checkpoint at its last step
+    figures, analysis = analyse(out, stage1, stage2, data, cfg.img_size)
     figures["metrics"] = plot_metrics(metrics["scores"], baselines, out / "figures" / "metrics.png")
     probe = teacher_probe(cfg.teachers, weights)
     write_markdown(out, cfg, metrics, baselines, analysis, figures, probe, timings, seed)

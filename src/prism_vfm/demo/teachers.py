@@ -19,6 +19,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -32,7 +33,7 @@ from prism_vfm.data.image_folder import IMAGENET_MEAN, IMAGENET_STD
 from prism_vfm.data.scenes import BACKGROUND_CLASSES, SCENE_CLASSES, TEXTURES, Scene, render_scene
 from prism_vfm.data.tiny_dense import boundaries
 from prism_vfm.teachers.registry import register_teacher
-from prism_vfm.teachers.spec import TeacherSpec, TimmBuilder
+from prism_vfm.teachers.spec import CheckpointFilter, TeacherSpec, TimmBuilder
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +92,8 @@ def teacher_spec(name: str, cfg: DemoTeacherConfig) -> TeacherSpec:
         patch_size=cfg.patch_size,
         files=(cfg.file_name(name),),
         source="`prism demo` pretrains it on rendered scenes and caches it",
-        checkpoint_filter=vision_transformer.checkpoint_filter_fn,
+        # timm types the filter's model as its VisionTransformer, which the builder makes.
+        checkpoint_filter=cast(CheckpointFilter, vision_transformer.checkpoint_filter_fn),
     )
 
 
@@ -119,7 +121,9 @@ def scene_targets(scenes: list[Scene]) -> dict[str, Tensor]:
 class _PretrainNet(nn.Module):
     """The teacher ViT plus a pixel head: each patch token predicts its patch's pixels (pixel shuffle)."""
 
-    def __init__(self, vit: nn.Module, channels: int, patch: int, classes: int) -> None:
+    def __init__(
+        self, vit: vision_transformer.VisionTransformer, channels: int, patch: int, classes: int
+    ) -> None:
         super().__init__()
         self.vit, self.patch = vit, patch
         self.pixels = nn.Linear(vit.embed_dim, channels * patch * patch)
@@ -151,7 +155,8 @@ def pretrain_teacher(
 ) -> dict:
     """Train teacher ``name`` on ``data`` (``scene_targets``) and return the timm model's state dict."""
     torch.manual_seed(cfg.seed + DEMO_TEACHERS.index(name))
-    vit = teacher_spec(name, cfg).builder((cfg.img_size, cfg.img_size), False)
+    builder = teacher_spec(name, cfg).builder
+    vit = cast(vision_transformer.VisionTransformer, builder((cfg.img_size, cfg.img_size), False))
     net = _PretrainNet(vit, _HEAD_CHANNELS[name], cfg.patch_size, len(SCENE_CLASSES)).train()
     optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, cfg.lr, total_steps=cfg.steps, pct_start=0.1)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import cast
 
 import timm
 import torch
+from torch import Tensor
 
 from prism_vfm.distill.config import StudentConfig
 from prism_vfm.models.prism_vit import PrismViT
@@ -23,8 +25,9 @@ def build_student(cfg: StudentConfig, teacher_dims: Sequence[int]) -> PrismViT:
     """
     kwargs = dict(cfg.overrides, img_size=cfg.img_size, teacher_dims=tuple(teacher_dims))
     if cfg.init in ("timm", "none"):
-        return timm.create_model(cfg.model, pretrained=cfg.init == "timm", **kwargs)
-    model = timm.create_model(cfg.model, pretrained=False, **kwargs)
+        return cast(PrismViT, timm.create_model(cfg.model, pretrained=cfg.init == "timm", **kwargs))
+    # cfg.model names one of the registered PrismViT students.
+    model = cast(PrismViT, timm.create_model(cfg.model, pretrained=False, **kwargs))
     path = Path(cfg.init)
     if path.is_dir():
         from safetensors.torch import load_file
@@ -41,7 +44,8 @@ def build_student(cfg: StudentConfig, teacher_dims: Sequence[int]) -> PrismViT:
         raise FileNotFoundError(
             f"student init {path} does not exist (expected 'timm', 'none', a folder or a file)"
         )
-    state = state.get("model", state)
+    # A training checkpoint holds the state dict under "model".
+    state = cast("dict[str, Tensor]", state.get("model", state))
     if not any(k in state for k in ("pos_embed", "backbone.pos_embed", "backbone.backbone.pos_embed")):
         raise ValueError(f"student init {path} is not a ViT / PRISM state dict (no pos_embed entry)")
     converted = checkpoint_filter_fn(state, model)

@@ -13,7 +13,7 @@ import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -111,8 +111,9 @@ def distill_loss(
     # Heads of teachers absent from this batch ("single" assignment) join the graph with zero weight, so
     # DDP needs no find_unused_parameters (FSDP2 needs no such help).
     if isinstance(net, DDP):
+        heads = cast(nn.ModuleList, model.projectors)  # projected above: the heads exist
         for t in set(range(len(teachers))) - set(student):
-            loss = loss + 0.0 * sum(p.sum() for p in model.projectors[t].parameters())
+            loss = loss + 0.0 * sum(p.sum() for p in heads[t].parameters())
     return loss, {**{k: v.detach() for k, v in terms.items()}, "aux": aux.detach()}
 
 
@@ -155,7 +156,10 @@ def train_stage1(cfg: Stage1Config, resume: bool = False) -> Path:
         start_step = int(saved["step"])
         if env.is_main:
             logger.info("resuming %s at step %d", ckpt, start_step)
-    units = [*model.blocks, *(head for heads in (model.projectors or []) for head in heads)]
+    units = [
+        *model.blocks,
+        *(head for heads in (model.projectors or []) for head in cast(nn.ModuleList, heads)),
+    ]
     net = wrap_model(model, env, cfg.fsdp, units)
 
     # optimiser and per-iteration schedule (built after sharding: FSDP replaces the parameters)
@@ -222,7 +226,7 @@ def train_stage1(cfg: Stage1Config, resume: bool = False) -> Path:
             scalars = {f"loss/{k}": float(all_reduce_sum(v) / env.world_size) for k, v in terms_sum.items()}
             scalars.update(
                 {
-                    "lr": scheduler.get_last_lr()[0],
+                    "lr": cast(float, scheduler.get_last_lr()[0]),  # lr given as a float
                     "images_per_s": rate,
                     "grad_norm": to_local_scalar(grad_norm),
                     "data/skipped_images": float(all_reduce_sum(torch.tensor(images.skipped))),
@@ -244,7 +248,8 @@ def train_stage1(cfg: Stage1Config, resume: bool = False) -> Path:
                     "step": done,
                     "epoch": done / steps_per_epoch,
                 }
-                save_checkpoint(run_dir, done, weights, state, cfg.keep_last, model._hub_mixin_config)
+                config = cast("dict[str, Any] | None", model._hub_mixin_config)  # init kwargs: a dict
+                save_checkpoint(run_dir, done, weights, state, cfg.keep_last, config)
     bar.close()
     log.close()
     barrier()  # the last checkpoint is on disk before any rank returns
@@ -265,10 +270,3 @@ def _routing_scalars(model: PrismViT, names: list[str]) -> dict[str, float]:
                 out[f"routing/layer{layer}/{name}/max_load"] = float(share[c].max() * e)
                 out[f"routing/layer{layer}/{name}/lambda"] = float(lam[c])
     return {k: v for k, v in out.items() if math.isfinite(v)}
-
-
-def summarize(run_dir: Path) -> dict[str, Any]:
-    """The last logged scalars of a run (for the command line and tests)."""
-    from prism_vfm.train.logging import read_scalars
-
-    return read_scalars(Path(run_dir))

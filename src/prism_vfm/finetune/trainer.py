@@ -12,7 +12,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from safetensors.torch import load_file
@@ -33,6 +33,7 @@ from prism_vfm.losses.distill import distillation_criterion
 from prism_vfm.losses.tasks import MultiTaskLoss, dataset_tasks
 from prism_vfm.metrics.multitask import MultiTaskMeter
 from prism_vfm.models.multitask import PrismMultiTask
+from prism_vfm.models.prism_vit import ContextKind
 from prism_vfm.teachers import build_teacher
 from prism_vfm.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from prism_vfm.train.distributed import (
@@ -71,7 +72,7 @@ class MultiTaskStep(nn.Module):
     ) -> tuple[dict[str, Tensor], dict[int, list[Tensor]] | None, Tensor, Tensor]:
         model, student = self.model, self.model.student
         tasks = model.task_names
-        passes: list[tuple[str, Tensor | int]] = [("task", model.task_id(t)) for t in tasks]
+        passes: list[tuple[ContextKind, Tensor | int]] = [("task", model.task_id(t)) for t in tasks]
         if teacher_ids is not None:
             passes.append(("teacher", teacher_ids.to(x.device)))
         taps, aux = student.forward_passes(x, passes)
@@ -125,7 +126,8 @@ def build_multitask(cfg: Stage2Config, teacher_dims: tuple[int, ...]) -> PrismMu
         raise ValueError(f"Stage-2 init {path} lacks backbone entries, e.g. {lost[:5]}")
     if cfg.task_table_init == "copy_dinov2" and len(cfg.tasks) > 3:
         with torch.no_grad():
-            model.student.task_embed.weight[3] = model.student.teacher_embed.weight[0]
+            task_embed = cast(nn.Embedding, model.student.task_embed)  # num_tasks = len(cfg.tasks) > 3
+            task_embed.weight[3] = model.student.teacher_embed.weight[0]
     return model
 
 
@@ -144,18 +146,19 @@ def train_stage2(cfg: Stage2Config, resume: bool = False) -> Path:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_yaml(cfg, run_dir / "config.yaml")
     torch.manual_seed(cfg.seed)
+    img_size = cast("tuple[int, int]", cfg.img_size)  # (H, W) after resolved()
 
     dataset_cls = DATASETS[cfg.dataset]
     full = dataset_cls(cfg.data, "train", cfg.tasks, transform=None)
     train_ids, val_ids = _split(len(full), cfg.holdout, cfg.seed)
     train_set = Subset(full, train_ids)
-    val_set = Subset(dataset_cls(cfg.data, "train", cfg.tasks, DenseTestTransform(cfg.img_size)), val_ids)
+    val_set = Subset(dataset_cls(cfg.data, "train", cfg.tasks, DenseTestTransform(img_size)), val_ids)
 
     alpha = cfg.distill.alpha
     teachers = (
         [
             build_teacher(
-                n, cfg.img_size, cfg.distill.weights, crop_padding=cfg.distill.sam_alignment == "crop"
+                n, img_size, cfg.distill.weights, crop_padding=cfg.distill.sam_alignment == "crop"
             ).to(env.device)
             for n in cfg.distill.teachers
         ]
@@ -202,7 +205,7 @@ def train_stage2(cfg: Stage2Config, resume: bool = False) -> Path:
         len(train_set), cfg.batch_size, end_step, cfg.seed, env.rank, env.world_size, cfg.accum, start_step
     )
     loader = DataLoader(
-        SeededAugmentation(train_set, DenseTrainTransform(cfg.img_size), cfg.seed),
+        SeededAugmentation(train_set, DenseTrainTransform(img_size), cfg.seed),
         batch_sampler=sampler,
         num_workers=cfg.workers,
         pin_memory=env.device.type == "cuda",
@@ -242,8 +245,9 @@ def train_stage2(cfg: Stage2Config, resume: bool = False) -> Path:
                     if isinstance(
                         net, DDP
                     ):  # heads of absent teachers join with zero weight (no unused params)
+                        heads = cast(nn.ModuleList, model.student.projectors)  # built: alpha > 0
                         for t in set(range(len(teachers))) - set(projections):
-                            loss = loss + 0.0 * sum(p.sum() for p in model.student.projectors[t].parameters())
+                            loss = loss + 0.0 * sum(p.sum() for p in heads[t].parameters())
                     terms["distill"] = d["total"]
                 terms["aux_tasks"], terms["total"] = aux_tasks, loss
                 (loss / cfg.accum).backward()
@@ -259,7 +263,7 @@ def train_stage2(cfg: Stage2Config, resume: bool = False) -> Path:
         if done % cfg.log_every == 0 or done == end_step:
             scalars = {f"loss/{k}": float(all_reduce_sum(v) / env.world_size) for k, v in sums.items()}
             scalars.update(
-                lr=scheduler.get_last_lr()[0],
+                lr=cast(float, scheduler.get_last_lr()[0]),  # lr given as a float
                 grad_norm=to_local_scalar(grad_norm),
                 images_per_s=seen / (time.perf_counter() - tic),
             )
@@ -274,7 +278,8 @@ def train_stage2(cfg: Stage2Config, resume: bool = False) -> Path:
             weights, optim_state = full_state(model, optimizer)
             if env.is_main:
                 state = {"optimizer": optim_state, "scheduler": scheduler.state_dict(), "step": done}
-                save_checkpoint(run_dir, done, weights, state, cfg.keep_last, model._hub_mixin_config)
+                config = cast("dict[str, Any] | None", model._hub_mixin_config)  # init kwargs: a dict
+                save_checkpoint(run_dir, done, weights, state, cfg.keep_last, config)
     bar.close()
     log.close()
     barrier()  # the last checkpoint is on disk before any rank returns

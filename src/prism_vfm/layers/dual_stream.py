@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from timm.layers import Mlp
 from timm.models.vision_transformer import Block
@@ -31,13 +33,15 @@ class DualStreamBlock(nn.Module):
         for name in ("ls1", "ls2", "drop_path1", "drop_path2"):
             if not isinstance(getattr(block, name, nn.Identity()), nn.Identity):
                 raise ValueError(f"dual-stream blocks take no LayerScale or drop-path; the block has {name}")
-        dim = block.norm1.normalized_shape[0]
+        # timm types a Block's layers as nn.Module: a ViT block has a LayerNorm and an Mlp.
+        dim = cast(nn.LayerNorm, block.norm1).normalized_shape[0]
         self.norm1 = block.norm1
         self.attn = block.attn
         self.norm2 = block.norm2
-        self.anchor: Mlp | None = block.mlp if anchor else None
+        mlp = cast(Mlp, block.mlp)
+        self.anchor: Mlp | None = mlp if anchor else None
         self.moe = ConditionedMoE(dim, moe)
-        self.moe.init_from_mlp(block.mlp)
+        self.moe.init_from_mlp(mlp)
         self.lambda_gate = nn.Linear(dim, 1) if anchor else None
         if self.lambda_gate is not None:
             nn.init.constant_(self.lambda_gate.bias, lambda_bias_init)

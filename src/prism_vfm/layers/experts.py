@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -91,7 +92,8 @@ class GroupedExperts(nn.Module):
 
     def _grouped(self, x: Tensor, expert_ids: Tensor, counts: Tensor) -> Tensor:
         offs = torch.cumsum(counts, 0).to(torch.int32)
-        w1, w2 = self.w1, self.w2
+        w1: Tensor = self.w1
+        w2: Tensor = self.w2
         if torch.is_autocast_enabled(x.device.type):
             # grouped_mm is not on autocast's op list: cast explicitly to the autocast dtype.
             dtype = torch.get_autocast_dtype(x.device.type)
@@ -111,6 +113,11 @@ class GroupedExperts(nn.Module):
         return y[expert_ids, slot]
 
     def _loop(self, x: Tensor, counts: Tensor) -> Tensor:
+        # Tensors, not Parameters: under autocast they are rebound to cast copies.
+        w1: Tensor
+        b1: Tensor
+        w2: Tensor
+        b2: Tensor
         w1, b1, w2, b2 = self.w1, self.b1, self.w2, self.b2
         if torch.is_autocast_enabled(x.device.type):
             # A custom autograd function bypasses autocast: cast explicitly, as autocast would for addmm.
@@ -150,7 +157,8 @@ class GradMemory:
         if storage is None or storage.nbytes() != nbytes or _storage_use_count(storage._cdata) != 1:
             storage = torch.UntypedStorage(nbytes, device=like.device)
             self._storages[key] = storage
-        return like.new_empty(0).set_(storage, 0, like.shape)
+        # The stub lacks the (source, offset, size) overload; the stride defaults to contiguous.
+        return like.new_empty(0).set_(storage, 0, like.shape)  # type: ignore[call-overload]
 
     def clear(self) -> None:
         """Give the kept memory back (it is freed once no gradient refers to it any more)."""
@@ -188,7 +196,7 @@ class _SegmentMLP(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx: torch.autograd.function.FunctionCtx,
+        ctx: Any,
         x: Tensor,
         w1: Tensor,
         b1: Tensor,
@@ -214,7 +222,7 @@ class _SegmentMLP(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx: torch.autograd.function.FunctionCtx, grad_y: Tensor) -> tuple[Tensor | None, ...]:
+    def backward(ctx: Any, grad_y: Tensor) -> tuple[Tensor | None, ...]:
         x, w1, w2, *hidden = ctx.saved_tensors
         need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:5]
         grad_y = grad_y.contiguous()
@@ -227,16 +235,16 @@ class _SegmentMLP(torch.autograd.Function):
         for (e, s), pre, h in zip(ctx.segments, hidden[0::2], hidden[1::2], strict=True):
             g = grad_y[s]
             if need_w2:
-                torch.mm(h.t(), g, out=grad_w2[e])
+                torch.mm(h.t(), g, out=cast(Tensor, grad_w2)[e])
             if need_b2:
-                torch.sum(g, 0, out=grad_b2[e])
+                torch.sum(g, 0, out=cast(Tensor, grad_b2)[e])
             grad_pre = torch.ops.aten.gelu_backward(g @ w2[e].t(), pre)
             if need_w1:
-                torch.mm(x[s].t(), grad_pre, out=grad_w1[e])
+                torch.mm(x[s].t(), grad_pre, out=cast(Tensor, grad_w1)[e])
             if need_b1:
-                torch.sum(grad_pre, 0, out=grad_b1[e])
+                torch.sum(grad_pre, 0, out=cast(Tensor, grad_b1)[e])
             if need_x:
-                torch.mm(grad_pre, w1[e].t(), out=grad_x[s])
+                torch.mm(grad_pre, w1[e].t(), out=cast(Tensor, grad_x)[s])
         return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, None, None, None
 
 

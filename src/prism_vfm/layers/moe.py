@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 from timm.layers import Mlp
@@ -98,9 +99,10 @@ class ConditionedMoE(nn.Module):
     def init_from_mlp(self, mlp: Mlp) -> None:
         """Start the shared and every routed expert as copies of a pretrained dense MLP (exact when the
         widths agree; see :func:`resize_mlp_param` otherwise)."""
-        self.experts.copy_from_mlp(mlp.fc1, mlp.fc2)
+        # timm types the layers as Conv2d | Linear; a token MLP (use_conv=False) has nn.Linear ones.
+        self.experts.copy_from_mlp(cast(nn.Linear, mlp.fc1), cast(nn.Linear, mlp.fc2))
         if self.shared is not None:
-            hidden = self.shared.fc1.out_features
+            hidden = cast(nn.Linear, self.shared.fc1).out_features
             resized = {k: resize_mlp_param(k, v, hidden) for k, v in mlp.state_dict().items()}
             self.shared.load_state_dict(resized)
 
@@ -114,14 +116,14 @@ class _GatherSlots(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: torch.autograd.function.FunctionCtx, tokens: Tensor, order: Tensor, k: int) -> Tensor:
+    def forward(ctx: Any, tokens: Tensor, order: Tensor, k: int) -> Tensor:
         ctx.save_for_backward(order)
         ctx.k = k
         return tokens.index_select(0, torch.div(order, k, rounding_mode="floor"))
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor | None, None, None]:
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None]:
         (order,) = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
             return None, None, None

@@ -8,6 +8,7 @@ unit's. The wide MLP is the iso-FLOPs dense baseline's FFN, initialised from the
 from __future__ import annotations
 
 import copy
+from typing import cast
 
 import torch
 from timm.layers import Mlp
@@ -58,7 +59,8 @@ def net2net_widen(mlp: Mlp, wide: int) -> Mlp:
     if not isinstance(getattr(mlp, "norm", nn.Identity()), nn.Identity):
         raise ValueError("Net2Net widening of an MLP with a normalisation between its layers is not exact")
     out = copy.deepcopy(mlp)
-    fc1, fc2 = mlp.fc1, mlp.fc2
+    # timm types the layers as Conv2d | Linear; a token MLP (use_conv=False) has nn.Linear ones.
+    fc1, fc2 = cast(nn.Linear, mlp.fc1), cast(nn.Linear, mlp.fc2)
     out.fc1 = nn.Linear(fc1.in_features, wide, bias=fc1.bias is not None)
     out.fc2 = nn.Linear(wide, fc2.out_features, bias=fc2.bias is not None)
     out.fc1.to(fc1.weight)

@@ -81,6 +81,7 @@ class ConditionedRouter(nn.Module):
             return u
         gamma, beta = self.film(cond).unsqueeze(1).chunk(2, dim=-1)
         s = self.input_gate_of(u) if gate is None else gate
+        assert s is not None  # FiLM comes with its input gate
         # u + s·(f − u) with f − u = γ·u + β.
         return torch.addcmul(u, s, torch.addcmul(beta, gamma, u))
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
-from typing import Any
+from pathlib import Path
+from typing import Any, cast
 
 from huggingface_hub import PyTorchModelHubMixin, hf_hub_download
 from huggingface_hub.constants import SAFETENSORS_SINGLE_FILE
 from safetensors.torch import load_file
+from torch import nn
 
 
 class HubMixin(PyTorchModelHubMixin):
@@ -26,7 +28,7 @@ class HubMixin(PyTorchModelHubMixin):
         *,
         model_id: str,
         revision: str | None,
-        cache_dir: str | None,
+        cache_dir: str | Path | None,
         force_download: bool,
         local_files_only: bool,
         token: str | bool | None,
@@ -52,4 +54,5 @@ class HubMixin(PyTorchModelHubMixin):
             )
         model = cls(**model_kwargs)
         model.load_state_dict_resampled(load_file(path, device=str(map_location)), strict=strict)
-        return model.eval()
+        # Every class using the mixin is an nn.Module.
+        return cast(nn.Module, model).eval()

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 
+from prism_vfm.layers.dual_stream import DualStreamBlock
+from prism_vfm.layers.router import Routing
 from prism_vfm.models.dense_head import DenseHead
 from prism_vfm.models.hub import HubMixin
 from prism_vfm.models.prism_vit import PrismViT, resample_pos_embed
@@ -51,7 +53,8 @@ class PrismMultiTask(
         """``load_state_dict`` that first resamples the student's ``pos_embed`` to this model's patch grid."""
         state_dict = dict(state_dict)
         pos = state_dict.get("student.pos_embed")
-        if pos is not None and pos.shape != self.student.pos_embed.shape:
+        # Never None here: the student is built with timm's default learned position embedding.
+        if pos is not None and pos.shape != cast(nn.Parameter, self.student.pos_embed).shape:
             state_dict["student.pos_embed"] = resample_pos_embed(pos, self.student.patch_embed.grid_size)
         return self.load_state_dict(state_dict, strict=strict, assign=assign)
 
@@ -82,7 +85,7 @@ class PrismMultiTask(
     def forward(self, x: Tensor, tasks: Sequence[str] | None = None) -> dict[str, Tensor]:
         """Raw head outputs {task: (B, C, H, W)} for every task (or the given ones)."""
         per_task, _ = self.forward_task_taps(x, tasks)
-        size = tuple(x.shape[-2:])
+        size = cast("tuple[int, int]", tuple(x.shape[-2:]))
         return {t: self.decode(t, taps, size) for t, taps in per_task.items()}
 
     @torch.no_grad()
@@ -90,17 +93,19 @@ class PrismMultiTask(
         """Task outputs under ``"tasks"`` plus, per task, the taps, selected experts and λ of its pass."""
         tasks = self.task_names
         per_task, _ = self.forward_task_taps(x, tasks)
-        size = tuple(x.shape[-2:])
+        size = cast("tuple[int, int]", tuple(x.shape[-2:]))
         b = x.shape[0]
-        blocks = [self.student.blocks[i] for i in self.student.routed_layers]
+        blocks = [cast(DualStreamBlock, self.student.blocks[i]) for i in self.student.routed_layers]
+        # The task passes just ran every one of these blocks, so each has kept its routing and λ.
         return {
             "tasks": {t: self.decode(t, per_task[t], size) for t in tasks},
             "taps": per_task,
             "topk": {
-                t: [blk.last_routing.indices[i * b : (i + 1) * b] for blk in blocks]
+                t: [cast(Routing, blk.last_routing).indices[i * b : (i + 1) * b] for blk in blocks]
                 for i, t in enumerate(tasks)
             },
             "lambda": {
-                t: [blk.last_lambda[i * b : (i + 1) * b] for blk in blocks] for i, t in enumerate(tasks)
+                t: [cast(Tensor, blk.last_lambda)[i * b : (i + 1) * b] for blk in blocks]
+                for i, t in enumerate(tasks)
             },
         }

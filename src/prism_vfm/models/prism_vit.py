@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
-from timm.layers import resample_abs_pos_embed, trunc_normal_
-from timm.models.vision_transformer import VisionTransformer
+from timm.layers import Mlp, resample_abs_pos_embed, trunc_normal_
+from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 
 from prism_vfm.layers.dual_stream import DualStreamBlock
 from prism_vfm.layers.moe import MoEConfig
 from prism_vfm.layers.net2net import net2net_widen
+from prism_vfm.layers.router import Routing
 from prism_vfm.models.hub import HubMixin
 
 ContextKind = Literal["teacher", "task"]
@@ -23,7 +24,7 @@ class ProjectorHead(nn.Sequential):
 
     def __init__(self, dim: int, out_dim: int) -> None:
         super().__init__(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, out_dim))
-        for layer in (self[0], self[2]):
+        for layer in (cast(nn.Linear, self[0]), cast(nn.Linear, self[2])):
             trunc_normal_(layer.weight, std=0.02)
             nn.init.zeros_(layer.bias)
 
@@ -83,7 +84,9 @@ class PrismViT(
         wide_layers: Sequence[int] = (),
         wide_hidden: int = 0,
     ) -> None:
-        img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        img_size = (
+            (img_size, img_size) if isinstance(img_size, int) else cast("tuple[int, int]", tuple(img_size))
+        )
         super().__init__(
             img_size=img_size,
             patch_size=patch_size,
@@ -139,10 +142,14 @@ class PrismViT(
         )
         for i in self.moe_layers:
             self.blocks[i] = DualStreamBlock(
-                self.blocks[i], self.moe_config, tuple(lambda_range), lambda_bias_init, anchor=anchor
+                cast(Block, self.blocks[i]),
+                self.moe_config,
+                cast("tuple[float, float]", tuple(lambda_range)),
+                lambda_bias_init,
+                anchor=anchor,
             )
         for i in self.wide_layers:
-            self.blocks[i].mlp = net2net_widen(self.blocks[i].mlp, self.wide_hidden)
+            self.blocks[i].mlp = net2net_widen(cast(Mlp, self.blocks[i].mlp), self.wide_hidden)
         self.teacher_embed = nn.Embedding(self.num_teachers, embed_dim)
         # No empty task table in Stage 1: a parameter that never receives a gradient would force DDP's
         # find_unused_parameters.
@@ -259,12 +266,12 @@ class PrismViT(
             return [t.repeat(p, 1, 1) for t in taps], x.new_zeros(p, dtype=torch.float32)
         first = self.moe_layers[0]
         h = self._embed(x)
-        taps: list[Tensor] = []
+        taps = []
         for i, block in enumerate(self.blocks[:first]):
             h = block(h)
             if i in self.tap_layers:
                 taps.append(self.norm(h).repeat(p, 1, 1))
-        h, aux = self.blocks[first].forward_contexts(h, cond, p, per_group=True)
+        h, aux = cast(DualStreamBlock, self.blocks[first]).forward_contexts(h, cond, p, per_group=True)
         if first in self.tap_layers:
             taps.append(self.norm(h))
         if first < self.tap_layers[-1]:
@@ -313,7 +320,7 @@ class PrismViT(
         """Project every tap into teacher ``teacher``'s feature space: per tap (B, C_teacher, h, w)."""
         if self.projectors is None:
             raise RuntimeError("this model was built with projectors=False")
-        heads = self.projectors[teacher]
+        heads = cast(nn.ModuleList, self.projectors[teacher])
         return [self.to_maps(head(t), grid) for head, t in zip(heads, taps, strict=True)]
 
     def project_by_teacher(
@@ -329,7 +336,7 @@ class PrismViT(
     # ------------------------------------------------------------------ introspection
     @property
     def dual_stream_blocks(self) -> list[DualStreamBlock]:
-        return [self.blocks[i] for i in self.moe_layers]
+        return [cast(DualStreamBlock, self.blocks[i]) for i in self.moe_layers]
 
     @property
     def routed_layers(self) -> tuple[int, ...]:
@@ -352,17 +359,20 @@ class PrismViT(
         {teacher id: per tap (B_t, C, h, w)} computed on each sample's own teacher.
         """
         taps, aux = self.forward_taps(x, context, kind)
-        blocks = [self.blocks[i] for i in self.routed_layers]
+        blocks = [cast(DualStreamBlock, self.blocks[i]) for i in self.routed_layers]
+        # The forward just ran every one of these blocks, so each has kept its routing.
+        routings = [cast(Routing, b.last_routing) for b in blocks]
         out: dict[str, Any] = {
             "taps": taps,
             "layers": list(self.routed_layers),
-            "router_logits": [b.last_routing.logits for b in blocks],
-            "topk": [b.last_routing.indices for b in blocks],
-            "topk_weights": [b.last_routing.weights for b in blocks],
+            "router_logits": [r.logits for r in routings],
+            "topk": [r.indices for r in routings],
+            "topk_weights": [r.weights for r in routings],
             "lambda": [b.last_lambda for b in blocks],
             "aux_loss": aux,
         }
         if kind == "teacher" and self.projectors is not None:
+            assert self._last_context is not None  # set by forward_taps
             ids, _ = self._last_context
             out["projections"] = self.project_by_teacher(taps, ids, self.grid_size(x))
         return out
@@ -384,15 +394,16 @@ class PrismViT(
         ids, kind = self._last_context
         n_ctx = self.context_table(kind).num_embeddings
         counts, lambdas = [], []
-        for block in (self.blocks[i] for i in self.routed_layers):
-            r = block.last_routing
+        for block in (cast(DualStreamBlock, self.blocks[i]) for i in self.routed_layers):
+            # The last forward ran every routed layer, so each has kept its routing and λ.
+            r = cast(Routing, block.last_routing)
             b, n, k = r.indices.shape
             e = self.moe_config.num_experts
             bins = (ids.view(b, 1, 1) * e + r.indices).reshape(-1)
             used = (r.weights > 0).reshape(-1).to(torch.float32)
             counts.append(torch.zeros(n_ctx * e, device=ids.device).index_add_(0, bins, used).view(n_ctx, e))
             lam_sum = torch.zeros(n_ctx, device=ids.device).index_add_(
-                0, ids, block.last_lambda.float().sum((1, 2))
+                0, ids, cast(Tensor, block.last_lambda).float().sum((1, 2))
             )
             tokens = torch.zeros(n_ctx, device=ids.device).index_add_(
                 0, ids, torch.full_like(ids, n, dtype=torch.float32)
@@ -442,7 +453,8 @@ class PrismViT(
         """``load_state_dict`` that first resamples ``pos_embed`` (bicubic) to this model's patch grid."""
         state_dict = dict(state_dict)
         pos = state_dict.get("pos_embed")
-        if pos is not None and pos.shape != self.pos_embed.shape:
+        # Never None here: the model is built with timm's default learned position embedding.
+        if pos is not None and pos.shape != cast(nn.Parameter, self.pos_embed).shape:
             state_dict["pos_embed"] = resample_pos_embed(
                 pos, self.patch_embed.grid_size, self.num_prefix_tokens
             )

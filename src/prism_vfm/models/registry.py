@@ -12,7 +12,7 @@ pretrained MLP of every dual-stream block becomes its anchor, its shared expert 
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, cast
 
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import Tensor
@@ -78,7 +78,8 @@ def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: PrismViT) -> dict
     """
     from prism_vfm.compat.official import official_to_ours, read_official
 
-    state_dict = state_dict.get("model", state_dict)
+    # A training checkpoint holds the state dict under "model".
+    state_dict = cast("dict[str, Tensor]", state_dict.get("model", state_dict))
     if any(k.startswith(("backbone.pos_embed", "backbone.backbone.")) for k in state_dict):
         converted = official_to_ours(read_official(state_dict).student)
         if all(i in model.moe_layers for i in _dual_stream_indices(converted)):
@@ -124,8 +125,10 @@ def _anchors_as_mlps(state_dict: dict[str, Tensor], model: PrismViT) -> dict[str
     out = {}
     for key, value in state_dict.items():
         m = re.match(r"^blocks\.(\d+)\.anchor\.(.*)$", key)
-        dense = m is not None and int(m.group(1)) not in model.moe_layers
-        out[f"blocks.{m.group(1)}.mlp.{m.group(2)}" if dense else key] = value
+        if m is not None and int(m.group(1)) not in model.moe_layers:
+            out[f"blocks.{m.group(1)}.mlp.{m.group(2)}"] = value
+        else:
+            out[key] = value
     return out
 
 
@@ -168,4 +171,5 @@ def create_student(preset: str, pretrained: bool = False, **kwargs: Any) -> Pris
         raise ValueError(f"unknown preset {preset!r}; expected one of {sorted(STUDENT_PRESETS)}")
     spec = dict(STUDENT_PRESETS[preset])
     name = spec.pop("model")
-    return timm.create_model(name, pretrained=pretrained, **{**spec, **kwargs})
+    # Every preset names one of the PrismViT models registered above.
+    return cast(PrismViT, timm.create_model(name, pretrained=pretrained, **{**spec, **kwargs}))

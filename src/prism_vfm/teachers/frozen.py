@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from typing import Protocol, cast
 
 import torch
 import torch.nn.functional as F
@@ -18,10 +19,23 @@ def sam_resize_pad(images: Tensor, long_side: int = 1024) -> Tensor:
 
     The padding is zero in normalised space (the mean colour), as SAM pads after normalising.
     """
-    h, w = resize_longest_side(tuple(images.shape[-2:]), long_side)
+    in_h, in_w = images.shape[-2:]
+    h, w = resize_longest_side((in_h, in_w), long_side)
     if (h, w) != tuple(images.shape[-2:]):
         images = F.interpolate(images, size=(h, w), mode="bicubic", align_corners=False)
     return F.pad(images, (0, long_side - w, 0, long_side - h))
+
+
+class _FeatureModel(Protocol):
+    """timm's feature-extraction interface, which every teacher model offers (checked at construction)."""
+
+    def forward_intermediates(
+        self, x: Tensor, *, indices: list[int], norm: bool, output_fmt: str, intermediates_only: bool
+    ) -> list[Tensor]: ...
+
+    def prune_intermediate_layers(
+        self, indices: list[int], *, prune_norm: bool, prune_head: bool
+    ) -> object: ...
 
 
 class FrozenTeacher(nn.Module):
@@ -59,7 +73,8 @@ class FrozenTeacher(nn.Module):
                     "must follow timm's feature-extraction interface"
                 )
         _check_geometry(spec, model)
-        model.prune_intermediate_layers(list(spec.taps), prune_norm=True, prune_head=True)
+        features = cast(_FeatureModel, model)
+        features.prune_intermediate_layers(list(spec.taps), prune_norm=True, prune_head=True)
         self.model = model.requires_grad_(False)
         self.spec = spec
         self.img_size = to_2tuple(img_size)
@@ -104,11 +119,11 @@ class FrozenTeacher(nn.Module):
         with torch.no_grad(), autocast:
             if self.spec.preprocess == "sam":
                 images = sam_resize_pad(images, self.spec.long_side)
-            maps = self.model.forward_intermediates(
+            maps = cast(_FeatureModel, self.model).forward_intermediates(
                 images, indices=list(self.spec.taps), norm=False, output_fmt="NCHW", intermediates_only=True
             )
         if self.crop_padding:
-            h, w = self.spec.content_grid_size(size)
+            h, w = self.spec.content_grid_size((size[0], size[1]))
             maps = [m[..., :h, :w] for m in maps]
         return [m.float() for m in maps]
 

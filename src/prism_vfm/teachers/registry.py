@@ -23,16 +23,19 @@ official code.
 
 from __future__ import annotations
 
+from typing import TypedDict, cast
+
 from timm.models import vision_transformer, vision_transformer_sam
 
-from prism_vfm.teachers.spec import TeacherSpec, TimmBuilder
+from prism_vfm.teachers.spec import CheckpointFilter, Preprocess, TeacherSpec, TimmBuilder
 
 TAPS = {"L": (5, 11, 17, 23), "B": (2, 5, 8, 11)}
 WIDTH = {"L": 1024, "B": 768}
 # Official teacher ids are positions in this order (SPEC §4): the teacher-embedding rows follow it.
 TEACHER_ORDER = ("dinov2", "clip", "sam")
 
-_VIT_FILTER = vision_transformer.checkpoint_filter_fn
+# timm types the ViT filter's model as its VisionTransformer; the teachers using it are built as one.
+_VIT_FILTER = cast(CheckpointFilter, vision_transformer.checkpoint_filter_fn)
 _SAM_FILTER = vision_transformer_sam.checkpoint_filter_fn
 
 _REGISTRY: dict[str, TeacherSpec] = {}
@@ -79,8 +82,20 @@ def _meta(url: str) -> str:
     return f"Meta's original {url}"
 
 
-_L, _B = dict(taps=TAPS["L"], out_dim=WIDTH["L"]), dict(taps=TAPS["B"], out_dim=WIDTH["B"])
-_SAM = dict(patch_size=16, preprocess="sam", long_side=1024, checkpoint_filter=_SAM_FILTER)
+class _Width(TypedDict):
+    taps: tuple[int, ...]
+    out_dim: int
+
+
+class _SamInput(TypedDict):
+    patch_size: int
+    preprocess: Preprocess
+    long_side: int
+    checkpoint_filter: CheckpointFilter
+
+
+_L, _B = _Width(taps=TAPS["L"], out_dim=WIDTH["L"]), _Width(taps=TAPS["B"], out_dim=WIDTH["B"])
+_SAM = _SamInput(patch_size=16, preprocess="sam", long_side=1024, checkpoint_filter=_SAM_FILTER)
 _DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2/dinov2_vit{0}14/dinov2_vit{0}14_pretrain.pth"
 _SAM_URL = "https://dl.fbaipublicfiles.com/segment_anything/{}"
 

@@ -55,7 +55,11 @@ def save_checkpoint(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    atomic_write(root / "latest", lambda p: Path(p).write_text(final.name + "\n"))
+
+    def write_latest(p: str) -> None:
+        Path(p).write_text(final.name + "\n")
+
+    atomic_write(root / "latest", write_latest)
     for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -80,7 +84,7 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"cpu": torch.get_rng_state()}
+    state: dict[str, Any] = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state

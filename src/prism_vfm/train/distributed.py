@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.distributed as dist
@@ -104,7 +105,7 @@ def gradient_sync(net: torch.nn.Module, enabled: bool) -> contextlib.AbstractCon
     if isinstance(net, DistributedDataParallel):
         return contextlib.nullcontext() if enabled else net.no_sync()
     if hasattr(net, "set_requires_gradient_sync"):
-        net.set_requires_gradient_sync(enabled)
+        cast(Callable[[bool], None], net.set_requires_gradient_sync)(enabled)
     return contextlib.nullcontext()
 
 
