@@ -81,6 +81,8 @@ def main(argv: list[str] | None = None) -> None:
         "backward, as before GradMemory)",
     )
     args = parser.parse_args(argv)
+    if harness.in_processes(args, argv):
+        return
     if args.quick:
         args.batch, args.tokens, args.dim = 2, 17, 64
     device = harness.setup(args)

@@ -46,6 +46,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--loader-batches", type=int, default=20)
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="device peak (H100 SXM bf16 dense)")
     args = parser.parse_args(argv)
+    if harness.in_processes(args, argv):
+        return
     cfg = preset(args.preset)
     img = args.img_size or cfg.student.img_size
     cfg = dataclasses.replace(

@@ -42,6 +42,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dataset", default="pascalcontext", choices=sorted(TASK_OUTPUT_CHANNELS))
     parser.add_argument("--modes", default="eval,train", help="comma-separated: eval, train")
     args = parser.parse_args(argv)
+    if harness.in_processes(args, argv):
+        return
     if args.quick:
         args.img_size, args.batches, args.train_batch = 32, "1,2", 2
     device = harness.setup(args)

@@ -50,6 +50,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--modes", default="train,eval", help="comma-separated: train (fwd+bwd), eval (fwd)")
     parser.set_defaults(repeats=5)
     args = parser.parse_args(argv)
+    if harness.in_processes(args, argv):
+        return
     if args.quick:
         args.batch = 3
     device = harness.setup(args)

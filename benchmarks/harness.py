@@ -20,10 +20,13 @@ import ctypes.util
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -60,6 +63,84 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--quick", action="store_true", help="tiny sizes, one thread, 2 rounds: a smoke run, not a result"
     )
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="run the whole measurement this many times, each in a fresh process, one after another, and "
+        "summarise every ratio across them (a machine's speed can drift between processes by more than "
+        "it does within one run; default 1)",
+    )
+
+
+def in_processes(args: argparse.Namespace, argv: Sequence[str] | None) -> bool:
+    """With ``--processes N`` (N > 1): run this script N times in fresh processes, print each run, then
+    every ratio summarised across them (median, range; the target judged on the median). Returns whether
+    it did, in which case the caller has nothing left to do."""
+    if args.processes <= 1:
+        return False
+    rest = list(sys.argv[1:] if argv is None else argv)
+    runs: list[dict[str, dict[str, Any]]] = []
+    for i in range(args.processes):
+        print(f"===== process {i + 1} of {args.processes}", flush=True)
+        child = subprocess.run(
+            [sys.executable, sys.argv[0], *_without_processes(rest), "--processes", "1"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        print(child.stdout, end="", flush=True)
+        if child.returncode != 0:
+            print(child.stderr, file=sys.stderr)
+            raise SystemExit(f"process {i + 1} of {args.processes} failed (exit status {child.returncode})")
+        runs.append(parse_ratios(child.stdout))
+    print(f"\n===== every ratio across {args.processes} processes (median, then range)")
+    for label in dict.fromkeys(k for run in runs for k in run):
+        seen = [run[label] for run in runs if label in run]
+        value = statistics.median(r["value"] for r in seen)
+        parts = [f"across {len(seen)} processes {label}: {value:.3f}"]
+        parts.append(f"range {min(r['value'] for r in seen):.3f}–{max(r['value'] for r in seen):.3f}")
+        paired = [r["per-round"] for r in seen if "per-round" in r]
+        if paired:
+            parts.append(f"per-round {statistics.median(paired):.3f} ({min(paired):.3f}–{max(paired):.3f})")
+        target = seen[0].get("target")
+        if target is not None:
+            op, bound = target
+            met = value >= bound if op == ">=" else value <= bound
+            parts.append(f"target {op} {bound:g}: median {'met' if met else 'NOT met'}")
+        print(" | ".join(parts))
+    return True
+
+
+def parse_ratios(text: str) -> dict[str, dict[str, Any]]:
+    """The ``ratio ...`` lines :func:`ratio` printed: {label: {"value", "per-round", "target": (op, x)}}."""
+    out: dict[str, dict[str, Any]] = {}
+    for line in text.splitlines():
+        if not line.startswith("ratio "):
+            continue
+        head, *parts = line.split(" | ")
+        label, _, value = head[len("ratio ") :].rpartition(": ")
+        entry: dict[str, Any] = {"value": float(value)}
+        for part in parts:
+            if part.startswith("per-round "):
+                entry["per-round"] = float(part.split()[1])
+            elif part.startswith("target "):
+                op, bound = part.split(":")[0].split()[1:3]
+                entry["target"] = (op, float(bound))
+        out[label] = entry
+    return out
+
+
+def _without_processes(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--processes":
+            skip = True
+        elif not a.startswith("--processes="):
+            out.append(a)
+    return out
 
 
 def setup(args: argparse.Namespace) -> torch.device:

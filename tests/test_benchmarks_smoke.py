@@ -59,3 +59,55 @@ def test_benchmark_quick_run_prints_its_ratios(script, tmp_path):
     if script == "bench_stage2.py":  # the shared passes compute what the per-task passes compute
         gaps = [float(v) for v in re.findall(r"max \|shared - per task\| ([-+.e0-9]+)\)", result.stdout)]
         assert len(gaps) == 2 and max(gaps) < 1e-4, result.stdout
+
+
+@pytest.mark.timeout(180)
+def test_processes_option_summarises_every_ratio_across_fresh_processes():
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(REPO_ROOT / "benchmarks" / "bench_dual_stream.py"),
+            "--quick",
+            "--processes",
+            "2",
+            "--backends",
+            "loop",
+            "--modes",
+            "train",
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("===== process ") == 2
+    label = "train [loop, auto] (b)/(c) dispatch overhead"
+    runs = [float(v) for v in re.findall(rf"^ratio {re.escape(label)}: ([.0-9]+)", result.stdout, re.M)]
+    summary = re.search(
+        rf"^across 2 processes {re.escape(label)}: ([.0-9]+) \| range ([.0-9]+)–([.0-9]+)",
+        result.stdout,
+        re.M,
+    )
+    assert len(runs) == 2 and summary, result.stdout
+    median, low, high = (float(v) for v in summary.groups())
+    assert abs(median - sum(runs) / 2) < 2e-3 and (low, high) == (round(min(runs), 3), round(max(runs), 3))
+
+
+def test_ratio_lines_parse_back_with_their_target():
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+    try:
+        import harness
+    finally:
+        sys.path.remove(str(REPO_ROOT / "benchmarks"))
+    text = (
+        "ratio eval batch 1 speed-up per task / shared: 1.560 | quiet calls 1.540 | per-round 1.550 | "
+        "minimums 1.500 | FLOP ratio 1.098 | target >= 1.12: all calls met\n"
+        "not a ratio line\n"
+        "ratio train (c)/(a) floor vs timm Mlp: 5.278 | per-round 5.330 | minimums 5.221"
+    )
+    parsed = harness.parse_ratios(text)
+    assert parsed == {
+        "eval batch 1 speed-up per task / shared": {"value": 1.56, "per-round": 1.55, "target": (">=", 1.12)},
+        "train (c)/(a) floor vs timm Mlp": {"value": 5.278, "per-round": 5.33},
+    }
