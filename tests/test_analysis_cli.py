@@ -270,3 +270,31 @@ def test_clear_errors(images, tmp_path, capsys):
         main(["analyze", "seeds", "--checkpoint", str(tmp_path / "m"), "--data", str(images)])
     with pytest.raises(SystemExit, match="--teachers"):
         main(["analyze", "gradients", "--checkpoint", str(tmp_path / "m"), "--data", str(images)])
+
+
+def test_analyze_splits_options_into_the_probe_and_the_runners_own(monkeypatch, tmp_path):
+    from prism_vfm.analysis import report
+
+    seen = {}
+
+    def fake(name):
+        def run(checkpoints, out, probe, **extra):
+            seen[name] = (probe, extra)
+            return {}
+
+        return run
+
+    for name in ("routing", "gradients", "coactivation"):
+        monkeypatch.setattr(report, f"run_{name}", fake(name))
+    report.analyze("routing", ["a"], tmp_path, data="imgs", kind="task", contexts=[1, 0], device="cpu")
+    report.analyze("gradients", ["a"], tmp_path, data="imgs", teachers=["dinov2_l"])
+    report.analyze("coactivation", ["a"], tmp_path, images=5, threshold=0.2)
+    assert seen["routing"] == (report.Probe(data="imgs", kind="task", contexts=[1, 0]), {})
+    # gradient conflict keeps its smaller default batches unless told otherwise
+    assert seen["gradients"] == (
+        report.Probe(data="imgs", images=16, batch_size=4),
+        {"teachers": ["dinov2_l"]},
+    )
+    assert seen["coactivation"] == (report.Probe(images=5), {"threshold": 0.2})
+    with pytest.raises(ValueError, match="unknown analysis"):
+        report.analyze("routes", ["a"], tmp_path)

@@ -10,11 +10,13 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from prism_vfm.analysis.coactivation import (
     coactivation,
@@ -35,23 +37,67 @@ from prism_vfm.utils.io import atomic_write
 ANALYSES = ("routing", "coactivation", "gradients", "seeds", "gates", "efficiency")
 
 
+@dataclass(frozen=True)
+class Probe:
+    """What an analysis runs a model on: the first ``images`` images of the folder ``data`` in batches of
+    ``batch_size``, under the context ids ``contexts`` of ``kind`` (default: the model's own kind and every
+    id of its table), on ``device``, at ``img_size`` (default: the model's input size)."""
+
+    data: str | os.PathLike | None = None
+    kind: str | None = None
+    contexts: Sequence[int] | None = None
+    images: int = 64
+    batch_size: int = 8
+    device: str = "cpu"
+    img_size: Sequence[int] | None = None
+
+    def folder(self, analysis: str) -> Path:
+        """The image folder; an error naming the analysis when none was given."""
+        if self.data is None:
+            raise ValueError(f"analysis {analysis!r} needs images: give --data (a folder of images)")
+        return Path(self.data)
+
+    def load(self, path: str | os.PathLike) -> LoadedModel:
+        return load_for_analysis(path, self.img_size, self.device)
+
+    def contexts_of(self, loaded: LoadedModel) -> tuple[ContextKind, list[int]]:
+        """The context kind and ids to run ``loaded`` under."""
+        kind = cast(ContextKind, self.kind or loaded.default_kind)  # context_table rejects any other kind
+        table = loaded.student.context_table(kind)  # raises for task contexts of a Stage-1 model
+        ids = list(range(table.num_embeddings)) if self.contexts is None else [int(c) for c in self.contexts]
+        return kind, ids
+
+    def batches(self, folder: Path, loaded: LoadedModel) -> list[Tensor]:
+        return image_batches(folder, loaded.student.patch_embed.img_size, self.images, self.batch_size)
+
+
+# Gradient conflict keeps every teacher's FFN gradients for a batch: fewer, smaller batches by default.
+DEFAULT_PROBES = {"gradients": Probe(images=16, batch_size=4)}
+
+
 def analyze(
     analysis: str, checkpoints: Sequence[str | os.PathLike], out: str | os.PathLike, **options: Any
 ) -> dict:
-    """Run ``analysis`` (one of :data:`ANALYSES`); ``options`` are the keyword arguments of its runner."""
+    """Run ``analysis`` (one of :data:`ANALYSES`). ``options``: the fields of :class:`Probe` (``data``,
+    ``kind``, ``contexts``, ``images``, ``batch_size``, ``device``, ``img_size``) and the runner's own
+    keyword arguments; for ``efficiency``, the keyword arguments of :func:`run_efficiency`."""
     runners: dict[str, Callable[..., dict]] = {
         "routing": run_routing,
         "coactivation": run_coactivation,
         "gradients": run_gradients,
         "seeds": run_seeds,
         "gates": run_gates,
-        "efficiency": run_efficiency,
     }
-    if analysis not in runners:
+    if analysis not in ANALYSES:
         raise ValueError(f"unknown analysis {analysis!r}; expected one of {list(ANALYSES)}")
     if not checkpoints:
         raise ValueError(f"analysis {analysis!r} needs at least one checkpoint")
-    return runners[analysis](checkpoints, Path(out), **options)
+    if analysis == "efficiency":
+        return run_efficiency(checkpoints, Path(out), **options)
+    names = {f.name for f in fields(Probe)}
+    probe = replace(DEFAULT_PROBES.get(analysis, Probe()), **{k: v for k, v in options.items() if k in names})
+    extra = {k: v for k, v in options.items() if k not in names}
+    return runners[analysis](checkpoints, Path(out), probe, **extra)
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -78,36 +124,14 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _contexts(
-    loaded: LoadedModel, kind: str | None, contexts: Sequence[int] | None
-) -> tuple[ContextKind, list[int]]:
-    kind = cast(ContextKind, kind or loaded.default_kind)  # context_table rejects any other kind
-    table = loaded.student.context_table(kind)  # raises for task contexts of a Stage-1 model
-    return kind, list(range(table.num_embeddings)) if contexts is None else [int(c) for c in contexts]
-
-
-def _needs_data(data: str | os.PathLike | None, analysis: str) -> Path:
-    if data is None:
-        raise ValueError(f"analysis {analysis!r} needs images: give --data (a folder of images)")
-    return Path(data)
-
-
-def _affinities(
-    sources: Sequence[Path],
-    data: Path,
-    kind: str | None,
-    contexts: Sequence[int] | None,
-    images: int,
-    batch_size: int,
-    device: str,
-    img_size: Sequence[int] | None,
-) -> list[tuple[str, Affinity]]:
+def _affinities(sources: Sequence[Path], probe: Probe, analysis: str) -> list[tuple[str, Affinity]]:
+    folder = probe.folder(analysis)
     out = []
     for path in sources:
-        loaded = load_for_analysis(path, img_size, device)
-        k, ids = _contexts(loaded, kind, contexts)
-        batches = image_batches(data, loaded.student.patch_embed.img_size, images, batch_size)
-        aff = routing_affinity(loaded.model, batches, ids, k, device, loaded.context_names(k, ids))
+        loaded = probe.load(path)
+        k, ids = probe.contexts_of(loaded)
+        batches = probe.batches(folder, loaded)
+        aff = routing_affinity(loaded.model, batches, ids, k, probe.device, loaded.context_names(k, ids))
         out.append((loaded.label, aff))
     return out
 
@@ -130,19 +154,11 @@ def _affinity_markdown(label: str, aff: Affinity) -> str:
 def run_routing(
     checkpoints: Sequence[str | os.PathLike],
     out: Path,
-    data: str | os.PathLike | None = None,
-    kind: str | None = None,
-    contexts: Sequence[int] | None = None,
-    images: int = 64,
-    batch_size: int = 8,
-    device: str = "cpu",
-    img_size: Sequence[int] | None = None,
+    probe: Probe = Probe(),
 ) -> dict:
     """Routing affinity of each checkpoint (a run folder: its latest): heatmaps, matrices, separation."""
     sources = expand_checkpoints(checkpoints, series=False)
-    results = _affinities(
-        sources, _needs_data(data, "routing"), kind, contexts, images, batch_size, device, img_size
-    )
+    results = _affinities(sources, probe, "routing")
     labels = _unique_labels([label for label, _ in results])
     figures = [
         plot_affinity(aff, out / ("routing.png" if len(results) == 1 else f"routing_{label}.png"))
@@ -160,20 +176,12 @@ def run_routing(
 def run_coactivation(
     checkpoints: Sequence[str | os.PathLike],
     out: Path,
-    data: str | os.PathLike | None = None,
-    kind: str | None = None,
-    contexts: Sequence[int] | None = None,
-    images: int = 64,
-    batch_size: int = 8,
-    device: str = "cpu",
-    img_size: Sequence[int] | None = None,
+    probe: Probe = Probe(),
     threshold: float | None = None,
 ) -> dict:
     """Shared experts per layer and context pair along checkpoints (a run folder: all its checkpoints)."""
     sources = expand_checkpoints(checkpoints, series=True)
-    results = _affinities(
-        sources, _needs_data(data, "coactivation"), kind, contexts, images, batch_size, device, img_size
-    )
+    results = _affinities(sources, probe, "coactivation")
     labels = _unique_labels([label for label, _ in results])
     series = [coactivation(aff, threshold) for _, aff in results]
     traj = coactivation_series(series, labels)
@@ -196,13 +204,7 @@ def run_coactivation(
 def run_seeds(
     checkpoints: Sequence[str | os.PathLike],
     out: Path,
-    data: str | os.PathLike | None = None,
-    kind: str | None = None,
-    contexts: Sequence[int] | None = None,
-    images: int = 64,
-    batch_size: int = 8,
-    device: str = "cpu",
-    img_size: Sequence[int] | None = None,
+    probe: Probe = Probe(),
 ) -> dict:
     """Affinities of several runs (the first is the reference) aligned by Hungarian matching."""
     sources = expand_checkpoints(checkpoints, series=False)
@@ -210,9 +212,7 @@ def run_seeds(
         raise ValueError(
             f"seed stability needs two or more runs (the first is the reference), got {len(sources)}"
         )
-    results = _affinities(
-        sources, _needs_data(data, "seeds"), kind, contexts, images, batch_size, device, img_size
-    )
+    results = _affinities(sources, probe, "seeds")
     labels = _unique_labels([Path(c).name or str(c) for c in checkpoints])  # run names, not "step_…"
     alignment = align_affinities(results[0][1], [a for _, a in results[1:]], labels)
     figures = [plot_seed_alignment(alignment, out / "seeds.png")]
@@ -230,23 +230,19 @@ def run_seeds(
 def run_gates(
     checkpoints: Sequence[str | os.PathLike],
     out: Path,
-    data: str | os.PathLike | None = None,
-    kind: str | None = None,
-    contexts: Sequence[int] | None = None,
-    images: int = 64,
-    batch_size: int = 8,
-    device: str = "cpu",
-    img_size: Sequence[int] | None = None,
+    probe: Probe = Probe(),
 ) -> dict:
     """λ per layer and context: the distribution at the last checkpoint and the mean along all of them."""
     sources = expand_checkpoints(checkpoints, series=True)
-    images_dir = _needs_data(data, "gates")
+    folder = probe.folder("gates")
     labels, series = [], []
     for path in sources:
-        loaded = load_for_analysis(path, img_size, device)
-        k, ids = _contexts(loaded, kind, contexts)
-        batches = image_batches(images_dir, loaded.student.patch_embed.img_size, images, batch_size)
-        series.append(gate_statistics(loaded.model, batches, ids, k, device, loaded.context_names(k, ids)))
+        loaded = probe.load(path)
+        k, ids = probe.contexts_of(loaded)
+        batches = probe.batches(folder, loaded)
+        series.append(
+            gate_statistics(loaded.model, batches, ids, k, probe.device, loaded.context_names(k, ids))
+        )
         labels.append(loaded.label)
     labels = _unique_labels(labels)
     traj = gate_trajectory(series, labels)
@@ -278,15 +274,9 @@ def run_gates(
 def run_gradients(
     checkpoints: Sequence[str | os.PathLike],
     out: Path,
-    data: str | os.PathLike | None = None,
-    contexts: Sequence[int] | None = None,
-    images: int = 16,
-    batch_size: int = 4,
-    device: str = "cpu",
-    img_size: Sequence[int] | None = None,
+    probe: Probe = DEFAULT_PROBES["gradients"],
     teachers: Sequence[str] | None = None,
     teachers_dir: str | None = None,
-    kind: str | None = None,
 ) -> dict:
     """Per-teacher distillation gradients of every FFN module of one checkpoint (a run folder: its latest).
 
@@ -295,26 +285,26 @@ def run_gradients(
     """
     from prism_vfm.teachers import build_teacher
 
-    if kind not in (None, "teacher"):
-        raise ValueError(f"gradient conflict is between teachers: kind must be 'teacher', got {kind!r}")
+    if probe.kind not in (None, "teacher"):
+        raise ValueError(f"gradient conflict is between teachers: kind must be 'teacher', got {probe.kind!r}")
     sources = expand_checkpoints(checkpoints, series=False)
     if len(sources) != 1:
         raise ValueError(f"gradient conflict analyses one checkpoint, got {len(sources)}")
-    loaded = load_for_analysis(sources[0], img_size, device)
+    loaded = probe.load(sources[0])
     names = list(teachers) if teachers else loaded.teachers
     if not names:
         raise ValueError(
             f"{sources[0]} does not record its teachers: give them with --teachers (registry names in "
             "teacher-id order, e.g. dinov2_l clip_l sam_l)"
         )
-    ids = list(range(len(names))) if contexts is None else [int(c) for c in contexts]
+    ids = list(range(len(names))) if probe.contexts is None else [int(c) for c in probe.contexts]
     if len(ids) != len(names):
         raise ValueError(f"{len(names)} teachers {names} for {len(ids)} teacher ids {ids}")
     size = tuple(loaded.student.patch_embed.img_size)
     weights = teachers_dir or loaded.teacher_weights or "hub"
     built = []
     for name, t in zip(names, ids, strict=True):
-        teacher = build_teacher(name, size, weights).to(device)
+        teacher = build_teacher(name, size, weights).to(probe.device)
         if t < len(loaded.student.teacher_dims) and teacher.out_dim != loaded.student.teacher_dims[t]:
             raise ValueError(
                 f"teacher {name!r} gives {teacher.out_dim} channels but the student's projector heads of "
@@ -322,8 +312,8 @@ def run_gradients(
                 "distilled from, in teacher-id order"
             )
         built.append(teacher)
-    batches = image_batches(_needs_data(data, "gradients"), size, images, batch_size)
-    conflict = gradient_conflict(loaded.model, batches, built, ids, names, device)
+    batches = probe.batches(probe.folder("gradients"), loaded)
+    conflict = gradient_conflict(loaded.model, batches, built, ids, names, probe.device)
     figures = [plot_gradient_conflict(conflict, out / "gradients.png")]
     summary = {"analysis": "gradients", "checkpoint": loaded.label, **conflict.to_dict()}
     md = f"# Gradient conflict ({loaded.label}, {conflict.info['batches']} batches)\n\n"
