@@ -111,3 +111,36 @@ def test_ratio_lines_parse_back_with_their_target():
         "eval batch 1 speed-up per task / shared": {"value": 1.56, "per-round": 1.55, "target": (">=", 1.12)},
         "train (c)/(a) floor vs timm Mlp": {"value": 5.278, "per-round": 5.33},
     }
+
+
+@pytest.mark.timeout(300)
+def test_run_all_keeps_every_output_and_collects_the_ratios(tmp_path):
+    out = tmp_path / "results"
+    script = REPO_ROOT / "benchmarks" / "run_all.py"
+    command = [sys.executable, str(script), "--quick", "--out", str(out), "--only", "dual_stream,boundary"]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["boundary.txt", "dual_stream.txt", "summary.txt"]
+    assert "ratio train [loop, auto] (b)/(c) dispatch overhead:" in (out / "dual_stream.txt").read_text()
+    summary = (out / "summary.txt").read_text()
+    assert summary.startswith("dual_stream: exit 0")
+    assert "  ratio train [loop, auto] (b)/(c) dispatch overhead:" in summary
+    assert "boundary: exit 0" in summary
+    bad = subprocess.run(
+        [sys.executable, str(script), "--out", str(out), "--only", "nope"], capture_output=True, text=True
+    )
+    assert bad.returncode != 0 and "unknown run(s) ['nope']" in bad.stderr
+
+
+def test_run_all_plans_the_gpu_settings_of_the_readme():
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+    try:
+        import run_all
+    finally:
+        sys.path.remove(str(REPO_ROOT / "benchmarks"))
+    runs = dict(run_all.plan("cuda", quick=False))
+    assert list(runs)[0] == "cuda_tests"
+    stage1 = ["--device", "cuda", "--dtype", "bf16", "--preset", "LB", "--img-size", "384", "--batch", "64"]
+    assert runs["stage1"][2:] == stage1
+    assert runs["stage2"][2:] == ["--device", "cuda", "--dtype", "bf16", "--img-size", "512"]
+    assert "boundary" not in runs
