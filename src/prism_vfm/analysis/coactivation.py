@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from prism_vfm.analysis.plotting import heatmap_grid, new_figure, save
+from prism_vfm.analysis.plotting import checkpoint_curves, heatmap_grid
 from prism_vfm.analysis.routing import Affinity
 
 
@@ -125,16 +125,11 @@ def plot_coactivation(coact: Coactivation, path: str | os.PathLike) -> Path:
 
 def plot_coactivation_series(series: dict[str, Any], path: str | os.PathLike) -> Path:
     """One PNG: shared-expert count per context pair against checkpoint, a panel per layer."""
-    layers = series["layers"]
-    labels = series["labels"]
-    fig, axes = new_figure(len(layers))
-    for ax, (blk, pairs) in zip(axes, layers.items(), strict=True):
-        for pair, counts in pairs.items():
-            ax.plot(range(len(labels)), counts, marker="o", label=pair)
-        ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
-        ax.set_ylabel("shared experts")
-        ax.set_title(f"block {blk}", fontsize=10)
-        ax.yaxis.get_major_locator().set_params(integer=True)
-    axes[0].legend(fontsize=8)
-    fig.suptitle(f"Co-activation over training (frequency ≥ {series['threshold']:.3f})")
-    return save(fig, path)
+    return checkpoint_curves(
+        series["layers"],
+        series["labels"],
+        path,
+        "shared experts",
+        f"Co-activation over training (frequency ≥ {series['threshold']:.3f})",
+        integer=True,
+    )

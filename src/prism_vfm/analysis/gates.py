@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from prism_vfm.analysis.common import check_contexts, context_passes, resolve_names, student_of
-from prism_vfm.analysis.plotting import new_figure, save
+from prism_vfm.analysis.plotting import checkpoint_curves, new_figure, save
 from prism_vfm.layers.dual_stream import DualStreamBlock
 from prism_vfm.models.prism_vit import ContextKind
 
@@ -161,15 +161,6 @@ def gate_trajectory(series: Sequence[Gates], labels: Sequence[str]) -> dict[str,
 
 def plot_gate_trajectory(trajectory: Mapping[str, Any], path: str | os.PathLike) -> Path:
     """One PNG: mean λ per context against checkpoint, a panel per layer."""
-    layers = trajectory["layers"]
-    labels = trajectory["labels"]
-    fig, axes = new_figure(len(layers))
-    for ax, (b, per_ctx) in zip(axes, layers.items(), strict=True):
-        for name, values in per_ctx.items():
-            ax.plot(range(len(labels)), values, marker="o", label=name)
-        ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
-        ax.set_ylabel("mean λ")
-        ax.set_title(f"block {b}", fontsize=10)
-    axes[0].legend(fontsize=8)
-    fig.suptitle("Mean λ over training")
-    return save(fig, path)
+    return checkpoint_curves(
+        trajectory["layers"], trajectory["labels"], path, "mean λ", "Mean λ over training"
+    )

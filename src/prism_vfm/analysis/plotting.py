@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -73,4 +73,28 @@ def heatmap_grid(
     fig.colorbar(image, ax=axes, label=colorbar_label, shrink=0.8)
     if suptitle:
         fig.suptitle(suptitle)
+    return save(fig, path)
+
+
+def checkpoint_curves(
+    layers: Mapping[Any, Mapping[str, Sequence[float]]],
+    labels: Sequence[str],
+    path: str | os.PathLike,
+    ylabel: str,
+    suptitle: str,
+    integer: bool = False,
+) -> Path:
+    """One PNG: a panel per layer (``layers``: block → {curve name: one value per checkpoint}), the
+    checkpoints ``labels`` along x; ``integer`` puts the y ticks on whole numbers."""
+    fig, axes = new_figure(len(layers))
+    for ax, (block, curves) in zip(axes, layers.items(), strict=True):
+        for name, values in curves.items():
+            ax.plot(range(len(labels)), values, marker="o", label=name)
+        ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"block {block}", fontsize=10)
+        if integer:
+            ax.yaxis.get_major_locator().set_params(integer=True)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(suptitle)
     return save(fig, path)
