@@ -45,6 +45,11 @@ def hand_run(root, steps):
     return root
 
 
+def cli(*args):
+    """``prism <args>``, each argument as its string."""
+    main([str(a) for a in args])
+
+
 def read(out, name):
     return json.loads((out / f"{name}.json").read_text())
 
@@ -55,20 +60,7 @@ def test_routing_gates_and_coactivation_follow_a_run_folder(images, tmp_path, ca
         {10: ({1: SAME, 3: SAME}, {1: 0.9, 3: 0.9}), 20: ({1: DISJOINT, 3: CHAIN}, {1: 0.6, 3: 0.7})},
     )
     out = tmp_path / "out"
-    main(
-        [
-            "analyze",
-            "routing",
-            "--checkpoint",
-            str(run),
-            "--data",
-            str(images),
-            "--out",
-            str(out),
-            "--images",
-            "4",
-        ]
-    )
+    cli("analyze", "routing", "--checkpoint", run, "--data", images, "--out", out, "--images", "4")
     routing = read(out, "routing")["checkpoints"]["step_00000020"]  # the latest checkpoint
     assert routing["context_names"] == ["tiny_a", "tiny_b", "tiny_c"]
     assert routing["layers"]["1"]["separation"] == pytest.approx(1.0)
@@ -76,39 +68,13 @@ def test_routing_gates_and_coactivation_follow_a_run_folder(images, tmp_path, ca
     assert (out / "routing.png").is_file() and "block 3" in (out / "routing.md").read_text()
     assert str(out / "routing.png") in capsys.readouterr().out
 
-    main(
-        [
-            "analyze",
-            "gates",
-            "--checkpoint",
-            str(run),
-            "--data",
-            str(images),
-            "--out",
-            str(out),
-            "--images",
-            "2",
-        ]
-    )
+    cli("analyze", "gates", "--checkpoint", run, "--data", images, "--out", out, "--images", "2")
     traj = read(out, "gates")["trajectory"]
     assert traj["labels"] == ["step_00000010", "step_00000020"]
     assert traj["layers"]["1"]["tiny_b"] == pytest.approx([0.9, 0.6], abs=1e-5)
     assert (out / "gates.png").is_file() and (out / "gates_trajectory.png").is_file()
 
-    main(
-        [
-            "analyze",
-            "coactivation",
-            "--checkpoint",
-            str(run),
-            "--data",
-            str(images),
-            "--out",
-            str(out),
-            "--images",
-            "2",
-        ]
-    )
+    cli("analyze", "coactivation", "--checkpoint", run, "--data", images, "--out", out, "--images", "2")
     series = read(out, "coactivation")["series"]
     assert series["labels"] == ["step_00000010", "step_00000020"]
     assert series["layers"]["3"] == {
@@ -125,21 +91,7 @@ def test_seeds_on_two_runs_and_task_routing_of_a_stage2_folder(images, tmp_path)
     moved = {b: [[perm[e] for e in x] for x in p] for b, p in {1: DISJOINT, 3: CHAIN}.items()}
     b = hand_run(tmp_path / "seed1", {5: (moved, {1: 0.8, 3: 0.8})})
     out = tmp_path / "seeds"
-    main(
-        [
-            "analyze",
-            "seeds",
-            "--checkpoint",
-            str(a),
-            str(b),
-            "--data",
-            str(images),
-            "--out",
-            str(out),
-            "--images",
-            "2",
-        ]
-    )
+    cli("analyze", "seeds", "--checkpoint", a, b, "--data", images, "--out", out, "--images", "2")
     seeds = read(out, "seeds")
     assert seeds["reference"] == "seed0" and seeds["runs"] == ["seed1"]
     assert seeds["layers"]["1"]["agreement"] == [pytest.approx(1.0)]
@@ -151,18 +103,7 @@ def test_seeds_on_two_runs_and_task_routing_of_a_stage2_folder(images, tmp_path)
     # as the Stage-2 trainer saves it (save_pretrained's config.json sorts the task dict's keys)
     ckpt = save_checkpoint(tmp_path / "stage2", 7, mt.state_dict(), {"step": 7}, config=mt._hub_mixin_config)
     out = tmp_path / "tasks"
-    main(
-        [
-            "analyze",
-            "routing",
-            "--checkpoint",
-            str(ckpt),  # a checkpoint folder itself
-            "--data",
-            str(images),
-            "--out",
-            str(out),
-        ]
-    )
+    cli("analyze", "routing", "--checkpoint", ckpt, "--data", images, "--out", out)  # a checkpoint folder
     routing = read(out, "routing")["checkpoints"]["step_00000007"]
     assert routing["kind"] == "task" and routing["context_names"] == ["semseg", "normals"]
     assert routing["layers"]["1"]["probs"][0] == [0, 0, 0, 0, 1, 1]
@@ -183,18 +124,7 @@ def test_official_checkpoints_load_with_the_released_teacher_names(images, tmp_p
         loaded.student.blocks[1].moe.router.gate.weight, model.blocks[1].moe.router.gate.weight
     )
     out = tmp_path / "official"
-    main(
-        [
-            "analyze",
-            "routing",
-            "--checkpoint",
-            str(tmp_path / "prism_stage1.pth"),
-            "--data",
-            str(images),
-            "--out",
-            str(out),
-        ]
-    )
+    cli("analyze", "routing", "--checkpoint", tmp_path / "prism_stage1.pth", "--data", images, "--out", out)
     routing = read(out, "routing")["checkpoints"]["prism_stage1"]
     assert routing["context_names"] == ["DINOv2", "CLIP", "SAM"]
     assert routing["top_k"] == 3 and routing["layers"]["1"]["probs"][2] == [1, 1, 0, 0, 0, 0, 1]
@@ -208,20 +138,7 @@ def test_gradients_and_efficiency_on_a_trained_tiny_run(images, tmp_path):
     )
     run = train_stage1(cfg)
     out = tmp_path / "grad"
-    main(
-        [
-            "analyze",
-            "gradients",
-            "--checkpoint",
-            str(run),
-            "--data",
-            str(images),
-            "--out",
-            str(out),
-            "--images",
-            "3",
-        ]
-    )
+    cli("analyze", "gradients", "--checkpoint", run, "--data", images, "--out", out, "--images", "3")
     grads = read(out, "gradients")
     assert grads["teachers"] == ["tiny_a", "tiny_b", "tiny_c"]  # from the run's configuration
     assert set(grads["by_kind"]) == {"routed", "shared", "anchor", "dense"}
@@ -229,17 +146,15 @@ def test_gradients_and_efficiency_on_a_trained_tiny_run(images, tmp_path):
     assert (out / "gradients.png").is_file()
 
     out = tmp_path / "eff"
-    main(
-        [
-            "analyze",
-            "efficiency",
-            "--checkpoint",
-            str(run),
-            "prism_vit_small_patch16_384",
-            "--out",
-            str(out),
-            "--no-latency",
-        ]
+    cli(
+        "analyze",
+        "efficiency",
+        "--checkpoint",
+        run,
+        "prism_vit_small_patch16_384",
+        "--out",
+        out,
+        "--no-latency",
     )
     rows = read(out, "efficiency")["models"]
     assert rows["prism_vit_small_patch16_384"]["gflops"] > 10 * rows["step_00000002"]["gflops"]
@@ -248,28 +163,17 @@ def test_gradients_and_efficiency_on_a_trained_tiny_run(images, tmp_path):
 
 def test_clear_errors(images, tmp_path, capsys):
     with pytest.raises(SystemExit):
-        main(["analyze", "routing", "--checkpoint", str(tmp_path / "missing"), "--data", str(images)])
+        cli("analyze", "routing", "--checkpoint", tmp_path / "missing", "--data", images)
     assert "does not exist" in capsys.readouterr().err
     analysis_student().save_pretrained(tmp_path / "m")
     with pytest.raises(SystemExit, match="needs images"):
-        main(["analyze", "routing", "--checkpoint", str(tmp_path / "m")])
+        cli("analyze", "routing", "--checkpoint", tmp_path / "m")
     with pytest.raises(SystemExit, match="unknown teacher context"):
-        main(
-            [
-                "analyze",
-                "routing",
-                "--checkpoint",
-                str(tmp_path / "m"),
-                "--data",
-                str(images),
-                "--contexts",
-                "7",
-            ]
-        )
+        cli("analyze", "routing", "--checkpoint", tmp_path / "m", "--data", images, "--contexts", "7")
     with pytest.raises(SystemExit, match="two or more runs"):
-        main(["analyze", "seeds", "--checkpoint", str(tmp_path / "m"), "--data", str(images)])
+        cli("analyze", "seeds", "--checkpoint", tmp_path / "m", "--data", images)
     with pytest.raises(SystemExit, match="--teachers"):
-        main(["analyze", "gradients", "--checkpoint", str(tmp_path / "m"), "--data", str(images)])
+        cli("analyze", "gradients", "--checkpoint", tmp_path / "m", "--data", images)
 
 
 def test_analyze_splits_options_into_the_probe_and_the_runners_own(monkeypatch, tmp_path):
