@@ -92,6 +92,8 @@ def test_bad_inputs_name_the_value_and_what_was_expected():
         routing_affinity(model, image_batches(1), [0], kind="task")
     with pytest.raises(ValueError, match="no dual-stream"):
         routing_affinity(analysis_student(moe_layers=(), tap_layers=(3,)), image_batches(1), [0])
+    with pytest.raises(ValueError, match="none up to its last feature tap"):  # block 3 never runs
+        routing_affinity(analysis_student(moe_layers=(3,), tap_layers=(1,)), image_batches(1), [0])
     with pytest.raises(ValueError, match="no batches"):
         routing_affinity(model, [], [0])
     with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):

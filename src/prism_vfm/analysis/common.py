@@ -8,7 +8,6 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-from prism_vfm.layers.dual_stream import DualStreamBlock
 from prism_vfm.models.multitask import PrismMultiTask
 from prism_vfm.models.prism_vit import ContextKind, PrismViT
 
@@ -42,10 +41,14 @@ def check_contexts(student: PrismViT, contexts: Sequence[int], kind: ContextKind
 
 
 def moe_block_indices(student: PrismViT) -> list[int]:
-    """Indices of the dual-stream blocks; an error when there are none (nothing is routed)."""
-    layers = [i for i in student.moe_layers if isinstance(student.blocks[i], DualStreamBlock)]
+    """Indices of the dual-stream blocks the forward runs (:attr:`PrismViT.routed_layers`); an error when
+    there are none (nothing is routed)."""
+    layers = list(student.routed_layers)
     if not layers:
-        raise ValueError("this model has no dual-stream (MoE) block: there is no routing to analyse")
+        raise ValueError(
+            "this model runs no dual-stream (MoE) block (none up to its last feature tap): there is no "
+            "routing to analyse"
+        )
     return layers
 
 
@@ -92,8 +95,7 @@ def context_passes(
     batched context-major (C·B, N, ·). Blocks after the last feature tap are not run by the model's
     forward and are not reported.
     """
-    moe_block_indices(student)
-    layers = list(student.routed_layers)
+    layers = moe_block_indices(student)
     with eval_mode(student), torch.no_grad():
         for x in batches:
             if not isinstance(x, Tensor) or x.ndim != 4:

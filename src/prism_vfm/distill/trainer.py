@@ -232,7 +232,7 @@ def train_stage1(cfg: Stage1Config, resume: bool = False) -> Path:
                     "data/skipped_images": float(all_reduce_sum(torch.tensor(images.skipped))),
                 }
             )
-            scalars.update(_routing_scalars(model, [n for n in cfg.teachers.names]))
+            scalars.update(_routing_scalars(model, list(cfg.teachers.names)))
             log.scalars(done, scalars)
             bar.set_postfix(
                 loss=f"{scalars['loss/total']:.4f}", lr=f"{scalars['lr']:.2e}", img_s=f"{rate:.1f}"
