@@ -8,7 +8,6 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
-from prism_vfm.layers.dual_stream import DualStreamBlock
 from prism_vfm.layers.router import Routing
 from prism_vfm.models.dense_head import DenseHead
 from prism_vfm.models.hub import HubMixin
@@ -95,7 +94,7 @@ class PrismMultiTask(
         per_task, _ = self.forward_task_taps(x, tasks)
         size = cast("tuple[int, int]", tuple(x.shape[-2:]))
         b = x.shape[0]
-        blocks = [cast(DualStreamBlock, self.student.blocks[i]) for i in self.student.routed_layers]
+        blocks = self.student.routed_blocks
         # The task passes just ran every one of these blocks, so each has kept its routing and λ.
         return {
             "tasks": {t: self.decode(t, per_task[t], size) for t in tasks},

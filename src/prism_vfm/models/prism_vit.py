@@ -344,6 +344,11 @@ class PrismViT(
         return tuple(i for i in self.moe_layers if i <= self.tap_layers[-1])
 
     @property
+    def routed_blocks(self) -> list[DualStreamBlock]:
+        """The dual-stream blocks the forward runs, in the order of :attr:`routed_layers`."""
+        return [cast(DualStreamBlock, self.blocks[i]) for i in self.routed_layers]
+
+    @property
     def uses_context(self) -> bool:
         """Whether the output depends on the context ids (some router reads the context tables)."""
         return bool(self.moe_layers) and self.moe_config.conditioning != "none"
@@ -359,7 +364,7 @@ class PrismViT(
         {teacher id: per tap (B_t, C, h, w)} computed on each sample's own teacher.
         """
         taps, aux = self.forward_taps(x, context, kind)
-        blocks = [cast(DualStreamBlock, self.blocks[i]) for i in self.routed_layers]
+        blocks = self.routed_blocks
         # The forward just ran every one of these blocks, so each has kept its routing.
         routings = [cast(Routing, b.last_routing) for b in blocks]
         out: dict[str, Any] = {
@@ -394,7 +399,7 @@ class PrismViT(
         ids, kind = self._last_context
         n_ctx = self.context_table(kind).num_embeddings
         counts, lambdas = [], []
-        for block in (cast(DualStreamBlock, self.blocks[i]) for i in self.routed_layers):
+        for block in self.routed_blocks:
             # The last forward ran every routed layer, so each has kept its routing and λ.
             r = cast(Routing, block.last_routing)
             b, n, k = r.indices.shape
