@@ -8,11 +8,18 @@ Times, on the (B, N, D) tokens of one block (default ViT-B/16 at 224: 8 × 197 �
     per dispatch backend;
 (c) the dense floor with the same matrix products and no dispatch: anchor + shared + ``top_k`` more
     MLPs over all tokens, plus the router's per-token linear layers (input gate D→D, gate D→E and, in
-    training, noise D→E).
+    training, noise D→E);
+(d) a diagnostic second floor: (c) with its ``top_k`` MLPs replaced by the routed experts alone — a
+    ``GroupedExperts`` on the default backend, each expert on its own segment of an already sorted and
+    gathered (tokens × top_k, D) buffer, segment sizes from a routing of the same tokens — so the same
+    expert work as (b) without the router's decisions, sort, gather, weighting or slot sum.
 
 Training: forward and backward (the aux loss included in (b)); eval: forward only under no_grad.
 ``(b)/(c)`` is the price of routing and dispatch; ``(b)/(a)`` what a dual-stream FFN costs relative to
-the FFN it replaces. Run ``python benchmarks/bench_dual_stream.py --help`` for the options.
+the FFN it replaces. ``(d)`` splits ``(b)/(c)`` in two: ``(d)/(c)`` is what running ``num_experts`` small
+experts costs over ``top_k`` large MLPs with the same FLOPs (each expert's weights are read, and its
+weight gradients written, for a fifth of the rows), ``(b)/(d)`` what the dispatch itself adds. Run
+``python benchmarks/bench_dual_stream.py --help`` for the options.
 """
 
 from __future__ import annotations
@@ -29,7 +36,13 @@ from torch import Tensor, nn
 
 import harness
 from prism_vfm.layers.dual_stream import DualStreamBlock
-from prism_vfm.layers.experts import BACKENDS, default_backend, grouped_mm_supported
+from prism_vfm.layers.experts import (
+    BACKENDS,
+    GroupedExperts,
+    default_backend,
+    grouped_mm_supported,
+    sort_by_expert,
+)
 from prism_vfm.layers.moe import MoEConfig
 
 TARGET_VS_MLP = 5.4
@@ -55,6 +68,21 @@ class DenseFloor(nn.Module):
         if self.training and self.noise is not None:
             outs.append(self.noise(u))
         return outs
+
+
+class ExpertFloor(nn.Module):
+    """(d): :class:`DenseFloor` with its ``top_k`` MLPs replaced by the routed experts on pre-sorted rows."""
+
+    def __init__(self, dim: int, hidden: int, cfg: MoEConfig, counts: Tensor) -> None:
+        super().__init__()
+        self.dense = DenseFloor(dim, hidden, replace(cfg, top_k=0))
+        self.experts = GroupedExperts(cfg.num_experts, dim, hidden, backend=cfg.backend)
+        self.register_buffer("counts", counts)
+        self.register_buffer("expert_ids", torch.repeat_interleave(torch.arange(len(counts)), counts.cpu()))
+
+    def forward(self, u: Tensor, rows: Tensor) -> list[Tensor]:
+        """``u`` (B, N, D) the tokens; ``rows`` (sum(counts), D) the expert inputs, sorted by expert."""
+        return [*self.dense(u), self.experts(rows, self.expert_ids, self.counts)]
 
 
 def dual_stream_ffn(block: DualStreamBlock, u: Tensor, cond: Tensor) -> tuple[Tensor, Tensor]:
@@ -104,7 +132,13 @@ def main(argv: list[str] | None = None) -> None:
         fresh.moe.experts.keep_grad_memory = False
         blocks[FRESH] = fresh
     loop_block = blocks.get("loop", blocks[auto])
-    leaves = [u, cond, *(p for m in (mlp, floor, *blocks.values()) for p in m.parameters())]
+    with amp:
+        counts = sort_by_expert(loop_block.moe.router(u, cond).indices, cfg.num_experts)[2]
+    rows = torch.randn(int(counts.sum()), dim, device=device, requires_grad=True)
+    expert_floor = ExpertFloor(dim, hidden, replace(cfg, backend=auto), counts).to(device)
+    expert_floor_grads = [torch.randn_like(y) for y in expert_floor(u, rows)]
+    modules = (mlp, floor, expert_floor, *blocks.values())
+    leaves = [u, cond, rows, *(p for m in modules for p in m.parameters())]
 
     def zero_grads() -> None:
         for t in leaves:
@@ -137,31 +171,35 @@ def main(argv: list[str] | None = None) -> None:
     print(
         "(a) timm Mlp; (b) dual-stream FFN (λ gate, anchor, router, experts, shared, λ mix), per backend; "
         f"(c) dense floor: anchor + shared + {cfg.top_k} MLPs + the router's input gate, gate and (train) "
-        "noise layers, all on every token"
+        "noise layers, all on every token; (d) expert floor: (c) with its MLPs replaced by the routed "
+        f"experts ({auto} backend) on pre-sorted rows (segments of {int(counts.min())}–"
+        f"{int(counts.max())} rows, {int(counts.sum())} in all)"
     )
     for mode in args.modes.split(","):
-        for m in (mlp, floor, *blocks.values()):
+        for m in modules:
             m.train(mode == "train")
         wrap = train if mode == "train" else (lambda fn, _grads: infer(fn))
         run_a = wrap(lambda: [mlp(u)], [grad_u])
         run_c = wrap(lambda: floor(u), floor_grads)
+        run_d = wrap(lambda: expert_floor(u, rows), expert_floor_grads)
         cases = [
             harness.Case("(a) timm Mlp", run_a, zero_grads),
             harness.Case("(c) dense floor", run_c, zero_grads),
+            harness.Case("(d) expert floor", run_d, zero_grads),
         ]
         cases += [
             harness.Case(ffn_name(b), wrap(ffn(blk), ffn_grads), zero_grads) for b, blk in blocks.items()
         ]
         flops = {
             k: harness.count_flops(fn)
-            for k, fn in (("a", run_a), ("b", wrap(ffn(loop_block), ffn_grads)), ("c", run_c))
+            for k, fn in (("a", run_a), ("b", wrap(ffn(loop_block), ffn_grads)), ("c", run_c), ("d", run_d))
         }
         results = harness.run_interleaved(cases, args.repeats, args.warmup, device)
         if device.type == "cuda":
             harness.measure_memory(cases, results, device, list(blocks.values()))
         what = "forward + backward, train mode" if mode == "train" else "forward only, eval mode, no_grad"
         harness.report(f"{mode}: {what}", results)
-        a, c = results["(a) timm Mlp"], results["(c) dense floor"]
+        a, c, d = results["(a) timm Mlp"], results["(c) dense floor"], results["(d) expert floor"]
         for b in blocks:
             main_row = mode == "train" and b == auto
             res = results[ffn_name(b)]
@@ -180,7 +218,11 @@ def main(argv: list[str] | None = None) -> None:
                 TARGET_VS_FLOOR if main_row and not args.quick else None,
                 flops["b"] / flops["c"],
             )
+            harness.ratio(
+                f"{tag} (b)/(d) dispatch over the expert floor", res, d, None, flops["b"] / flops["d"]
+            )
         harness.ratio(f"{mode} (c)/(a) floor vs timm Mlp", c, a, None, flops["c"] / flops["a"])
+        harness.ratio(f"{mode} (d)/(c) separate experts vs the floor", d, c, None, flops["d"] / flops["c"])
     print("\nFLOP ratio: matrix-product FLOPs counted by torch.utils.flop_counter (loop backend for (b)).")
     harness.finish()
 

@@ -19,6 +19,9 @@ EXPECTED = {
         "ratio train [loop, fresh gradient memory] (b)/(c) dispatch overhead:",
         "ratio eval [loop, auto] (b)/(a) FFN vs timm Mlp:",
         "ratio train (c)/(a) floor vs timm Mlp:",
+        "ratio train [loop, auto] (b)/(d) dispatch over the expert floor:",
+        "ratio train (d)/(c) separate experts vs the floor:",
+        "ratio eval (d)/(c) separate experts vs the floor:",
     ],
     "bench_stage1.py": [
         "throughput:",
@@ -56,6 +59,16 @@ def test_benchmark_quick_run_prints_its_ratios(script, tmp_path):
     for line in EXPECTED[script]:
         assert line in result.stdout, f"{script} did not print {line!r}:\n{result.stdout}"
     assert "method:" in result.stdout
+    if script == "bench_dual_stream.py":  # the expert floor does the same matrix products as the FFN and (c)
+        flop_ratios = {
+            label: float(v)
+            for label, v in re.findall(r"^ratio ([^:]+): .*\| FLOP ratio ([.0-9]+)", result.stdout, re.M)
+        }
+        for label in (
+            "train [loop, auto] (b)/(d) dispatch over the expert floor",
+            "train (d)/(c) separate experts vs the floor",
+        ):
+            assert abs(flop_ratios[label] - 1) < 0.01, (label, flop_ratios[label])
     if script == "bench_stage2.py":  # the shared passes compute what the per-task passes compute
         gaps = [float(v) for v in re.findall(r"max \|shared - per task\| ([-+.e0-9]+)\)", result.stdout)]
         assert len(gaps) == 2 and max(gaps) < 1e-4, result.stdout
