@@ -318,3 +318,18 @@ def test_statistics_and_trace_cover_only_the_dual_stream_blocks_the_forward_runs
     assert trace["layers"] == [1]
     assert all(len(trace[key]) == 1 for key in ("router_logits", "topk", "topk_weights", "lambda"))
     assert model.blocks[3].last_routing is None
+
+
+def test_absent_heads_term_is_zero_and_reaches_exactly_the_absent_heads():
+    model = tiny_student()
+    term = model.absent_heads_term([1])
+    assert term.item() == 0.0
+    term.backward()
+    for t, heads in enumerate(model.projectors):
+        grads = [p.grad for p in heads.parameters()]
+        if t == 1:  # present: left to the loss
+            assert all(g is None for g in grads)
+        else:
+            assert all(g is not None and not g.any() for g in grads)
+    with pytest.raises(RuntimeError, match="projectors=False"):
+        tiny_student(projectors=False).absent_heads_term([0])

@@ -111,9 +111,7 @@ def distill_loss(
     # Heads of teachers absent from this batch ("single" assignment) join the graph with zero weight, so
     # DDP needs no find_unused_parameters (FSDP2 needs no such help).
     if isinstance(net, DDP):
-        heads = cast(nn.ModuleList, model.projectors)  # projected above: the heads exist
-        for t in set(range(len(teachers))) - set(student):
-            loss = loss + 0.0 * sum(p.sum() for p in heads[t].parameters())
+        loss = loss + model.absent_heads_term(student)
     return loss, {**{k: v.detach() for k, v in terms.items()}, "aux": aux.detach()}
 
 

@@ -242,12 +242,8 @@ def train_stage2(cfg: Stage2Config, resume: bool = False) -> Path:
                     d = distill(projections, targets)
                     reg = d["total"] + cfg.distill.lb_weight * (aux_teacher + aux_tasks)
                     loss = loss + alpha * reg
-                    if isinstance(
-                        net, DDP
-                    ):  # heads of absent teachers join with zero weight (no unused params)
-                        heads = cast(nn.ModuleList, model.student.projectors)  # built: alpha > 0
-                        for t in set(range(len(teachers))) - set(projections):
-                            loss = loss + 0.0 * sum(p.sum() for p in heads[t].parameters())
+                    if isinstance(net, DDP):  # heads of absent teachers join with zero weight
+                        loss = loss + model.student.absent_heads_term(projections)
                     terms["distill"] = d["total"]
                 terms["aux_tasks"], terms["total"] = aux_tasks, loss
                 (loss / cfg.accum).backward()

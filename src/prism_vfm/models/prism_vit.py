@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, Literal, cast
 
 import torch
@@ -332,6 +332,18 @@ class PrismViT(
             rows = (teacher_ids == t).nonzero().squeeze(1).to(taps[0].device)
             out[int(t)] = self.project([tap.index_select(0, rows) for tap in taps], int(t), grid)
         return out
+
+    def absent_heads_term(self, present: Iterable[int]) -> Tensor:
+        """A zero that depends on the projector heads of every teacher not in ``present``.
+
+        Added to a loss whose batch lacks some teachers, it brings their heads into the graph with zero
+        gradients, so DDP needs no ``find_unused_parameters`` (FSDP2 needs no such help).
+        """
+        if self.projectors is None:
+            raise RuntimeError("this model was built with projectors=False")
+        absent = sorted(set(range(len(self.projectors))) - set(present))
+        params = [p for t in absent for p in self.projectors[t].parameters()]
+        return 0.0 * sum((p.sum() for p in params), self.teacher_embed.weight.new_zeros(()))
 
     # ------------------------------------------------------------------ introspection
     @property
