@@ -152,13 +152,6 @@ def main(argv: list[str] | None = None) -> None:
 
         return run
 
-    def infer(fn: Callable[[], object]) -> Callable[[], None]:
-        def run() -> None:
-            with torch.no_grad(), amp:
-                fn()
-
-        return run
-
     def ffn(block: DualStreamBlock) -> Callable[[], list[Tensor]]:
         return lambda: list(dual_stream_ffn(block, u, cond))
 
@@ -178,7 +171,7 @@ def main(argv: list[str] | None = None) -> None:
     for mode in args.modes.split(","):
         for m in modules:
             m.train(mode == "train")
-        wrap = train if mode == "train" else (lambda fn, _grads: infer(fn))
+        wrap = train if mode == "train" else (lambda fn, _grads: harness.inference_call(fn, amp))
         run_a = wrap(lambda: [mlp(u)], [grad_u])
         run_c = wrap(lambda: floor(u), floor_grads)
         run_d = wrap(lambda: expert_floor(u, rows), expert_floor_grads)
@@ -196,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
         }
         results = harness.run_interleaved(cases, args.repeats, args.warmup, device)
         if device.type == "cuda":
-            harness.measure_memory(cases, results, device, list(blocks.values()))
+            harness.measure_memory(cases, results, device, [expert_floor, *blocks.values()])
         what = "forward + backward, train mode" if mode == "train" else "forward only, eval mode, no_grad"
         harness.report(f"{mode}: {what}", results)
         a, c, d = results["(a) timm Mlp"], results["(c) dense floor"], results["(d) expert floor"]
