@@ -41,7 +41,11 @@ class SmokeConfig:
 
 
 def run_smoke(
-    steps: int = 30, out_dir: Path | str = "runs/smoke", seed: int = 0, batch: int = 6, overwrite: bool = False
+    steps: int = 30,
+    out_dir: Path | str = "runs/smoke",
+    seed: int = 0,
+    batch: int = 6,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Train for ``steps`` into the run folder ``out_dir``; a summary (first/last loss, λ and expert use)."""
     if steps < 1 or batch < 1:

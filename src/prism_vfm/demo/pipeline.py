@@ -31,7 +31,10 @@ from prism_vfm.metrics.multitask import HEADLINE_METRICS
 from prism_vfm.train.checkpoint import latest_checkpoint
 
 DATASET: Final = "pascalcontext"
-OUTPUTS = ("data", "stage1", "stage2", "single_task", "eval", "figures", "report.md", "summary.json")
+OUTPUTS = (
+    *("data", "stage1", "stage2", "single_task", "eval", "figures"),
+    *("report.md", "analysis.json", "summary.json"),
+)
 """What a demo writes under its output folder (replaced when a demo runs there again)."""
 
 MARKER = ".prism_demo"

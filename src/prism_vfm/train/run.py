@@ -128,7 +128,8 @@ class TrainingRun:
         checkpoint = latest_checkpoint(self.path)
         if checkpoint is None:
             raise FileNotFoundError(
-                f"--resume: {self.path} has no checkpoint (looked for {self.path}/checkpoints/latest)"
+                f"--resume: {self.path} has no checkpoint (looked for {self.path}/checkpoints/latest; a run "
+                "stopped before its first checkpoint starts again with --overwrite)"
             )
         saved = self.path / "config.yaml"
         if not saved.is_file():
