@@ -106,7 +106,8 @@ def test_resume_with_changed_settings_stops_with_the_differences_unless_allowed(
     run = tmp_path / "run"
     stage1.train_stage1(stage1_cfg(images, run, ("max_steps", 2), ("ckpt_every", 2)))
     saved = (run / "config.yaml").read_text()
-    changed = stage1_cfg(images, run, ("max_steps", 3), ("optim.lr", 5e-4), ("loss.lb_weight", 0.2))
+    changed_settings = (("max_steps", 3), ("optim.lr", 5e-4), ("loss.lb_weight", 0.2))
+    changed = stage1_cfg(images, run, *changed_settings)
     real = stage1.build_teacher
     monkeypatch.setattr(stage1, "build_teacher", lambda *a, **k: pytest.fail("built before the check"))
     with pytest.raises(ConfigError, match=r"loss.lb_weight: 0.1 → 0.2; optim.lr: 0.001 → 0.0005 \(") as err:
@@ -115,6 +116,9 @@ def test_resume_with_changed_settings_stops_with_the_differences_unless_allowed(
     monkeypatch.setattr(stage1, "build_teacher", real)
     stage1.train_stage1(changed, resume=True, allow_config_change=True)
     assert latest_checkpoint(run).name == "step_00000003"
+    fresh = stage1.train_stage1(stage1_cfg(images, tmp_path / "fresh", *changed_settings))
+    resumed_lr, fresh_lr = read_scalars(run)[-1]["lr"], read_scalars(fresh)[-1]["lr"]
+    assert resumed_lr == fresh_lr  # the new learning rate took effect at the resumed step
     assert (run / "config.yaml").read_text() == saved  # the run's record keeps what it started with
     (record,) = yaml.safe_load((run / "config_changes.yaml").read_text())
     assert record["resumed_at_step"] == 2
@@ -173,6 +177,7 @@ def test_ckpt_every_zero_saves_only_at_epoch_ends_and_the_end(images, tmp_path):
         ("student.init", "/no/such/file.pth", "student.init: expected 'timm', 'none' or an existing"),
         ("data", "/no/such/images", "data: expected an existing image folder"),
         ("loss.lb_weight", -0.1, "loss.lb_weight: expected a number >= 0"),
+        ("student.model", "vit_base", "student.model: expected a registered student"),
     ],
 )
 def test_every_stage1_setting_is_checked_up_front(images, tmp_path, no_teachers, key, value, match):

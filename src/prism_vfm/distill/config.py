@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import timm
+
 from prism_vfm.config import require, require_weights
 from prism_vfm.teachers import list_teachers
 
@@ -136,6 +138,8 @@ def validate_stage1(cfg: Stage1Config) -> None:
     require(cfg.ckpt_every >= 0, "ckpt_every", "an integer >= 0 (0: epoch ends and the end)", cfg.ckpt_every)
     require(cfg.keep_last >= 0, "keep_last", "an integer >= 0 (0: keep every checkpoint)", cfg.keep_last)
     s = cfg.student
+    students = timm.list_models("prism_vit_*")
+    require(s.model in students, "student.model", f"a registered student ({', '.join(students)})", s.model)
     require(s.img_size >= 1, "student.img_size", "an integer >= 1", s.img_size)
     require(
         s.init in ("timm", "none") or Path(s.init).exists(),

@@ -18,6 +18,7 @@ from (seed, step, shard) inside the step function.
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, cast
@@ -88,6 +89,32 @@ class Loop:
     model_config: dict[str, Any] | None = None
 
 
+def _restore(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    state: dict[str, Any],
+) -> None:
+    """Load the saved optimiser and schedule, keeping the hyperparameters they were built with now.
+
+    The moments and the step count come from the checkpoint; learning rates, betas and weight decay are the
+    configured ones (identical to the saved ones unless a resume changed them), the learning rate taken at
+    the resumed step of the configured schedule.
+    """
+    configured = [{k: v for k, v in g.items() if k not in ("params", "lr")} for g in optimizer.param_groups]
+    load_optimizer_state(model, optimizer, state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    for group, values in zip(optimizer.param_groups, configured, strict=True):
+        group.update(values)
+    if all("initial_lr" in g for g in configured):
+        scheduler.base_lrs = [g["initial_lr"] for g in configured]
+        with warnings.catch_warnings():  # get_lr outside step() warns; here it is the schedule's value
+            warnings.simplefilter("ignore", UserWarning)
+            lrs = scheduler.get_lr()
+        for group, lr in zip(optimizer.param_groups, lrs, strict=True):
+            group["lr"] = lr
+
+
 def _due(done: int, every: int, end: int) -> bool:
     return done == end or (every > 0 and done % every == 0)
 
@@ -110,8 +137,7 @@ def fit(
     end, so the last checkpoint is on disk when any of them goes on.
     """
     if run.resume_state is not None:
-        load_optimizer_state(model, optimizer, run.resume_state["optimizer"])
-        scheduler.load_state_dict(run.resume_state["scheduler"])
+        _restore(model, optimizer, scheduler, run.resume_state)
         if loop.restore_state is not None:
             loop.restore_state(run.resume_state)
     log = RunLogger(run.path, enabled=env.is_main)
