@@ -205,3 +205,22 @@ def test_every_stage2_setting_is_checked_up_front(pascal, tmp_path, no_teachers,
     with pytest.raises(ConfigError, match=match):
         stage2.train_stage2(stage2_cfg(pascal, tmp_path / "run", (key, value)))
     assert not (tmp_path / "run").exists()
+
+
+def test_cli_resume_with_a_changed_setting_needs_allow_config_change(pascal, tmp_path, capsys):
+    run = tmp_path / "run"
+    stage2.train_stage2(stage2_cfg(pascal, run, ("max_steps", 1), ("holdout", 0.0)))
+    argv = [
+        *("finetune", "--preset", "tiny", "--data", str(pascal / "PASCALContext")),
+        *("--init", str(pascal / "stage1"), "--out", str(run), "--resume"),
+        *("--set", "holdout=0.0", "--set", "max_steps=2", "--set", "lr=5e-4"),
+    ]
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "lr: 0.001 → 0.0005" in err and "--allow-config-change" in err
+    assert latest_checkpoint(run).name == "step_00000001"
+    main([*argv, "--allow-config-change"])
+    assert latest_checkpoint(run).name == "step_00000002"
+    (record,) = yaml.safe_load((run / "config_changes.yaml").read_text())
+    assert record["changes"]["lr"] == {"old": 1e-3, "new": 5e-4}
