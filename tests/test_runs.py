@@ -17,7 +17,7 @@ from prism_vfm.distill import trainer as stage1
 from prism_vfm.distill.config import preset
 from prism_vfm.finetune import trainer as stage2
 from prism_vfm.finetune.config import preset as stage2_preset
-from prism_vfm.train.checkpoint import checkpoint_steps, latest_checkpoint, save_checkpoint
+from prism_vfm.train.checkpoint import latest_checkpoint, save_checkpoint
 from prism_vfm.train.logging import read_scalars
 from tests.tiny import tiny_student
 
@@ -35,6 +35,11 @@ def pascal(tmp_path_factory):
     write_tiny_pascal(root / "PASCALContext", n_train=6, n_val=2, size=(40, 48), seed=0)
     tiny_student(teacher_dims=(32, 24, 16)).save_pretrained(root / "stage1")
     return root
+
+
+def checkpoint_steps(run: Path) -> list[int]:
+    """The steps of the checkpoint folders a run holds."""
+    return sorted(int(p.name.removeprefix("step_")) for p in (run / "checkpoints").glob("step_*"))
 
 
 def stage1_cfg(images: Path, out: Path, *overrides):
