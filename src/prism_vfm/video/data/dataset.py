@@ -30,7 +30,7 @@ from prism_vfm.video.data import sampling
 from prism_vfm.video.data.datasets import get_video_dataset
 from prism_vfm.video.data.decode import VideoOpenError, open_video
 from prism_vfm.video.data.lists import VideoSample
-from prism_vfm.video.data.transforms import TestViews, TrainAugment
+from prism_vfm.video.data.transforms import EvalViews, TrainAugment
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ class VideoDataset(Dataset):
             grayscale_p=0.2 if info is None or info.grayscale else 0.0,
             flip_label_pairs=info.flip_label_pairs if info is not None else (),
         )
-        self.views = TestViews(size, test_crops if mode == "test" else 1)
+        self.views = EvalViews(size, test_crops if mode == "test" else 1)
 
     def set_epoch(self, epoch: int) -> None:
         """Draw the random choices of epoch ``epoch`` (the same for every worker and process)."""

@@ -22,6 +22,8 @@ from prism_vfm.video.data.lists import VideoSample, write_label_csv, write_video
 
 LAYOUTS = ("ucf101", "hmdb51", "k400", "ssv2", "frames")
 CODECS = {"h264": ("libx264", ".mp4"), "mpeg4": ("mpeg4", ".avi"), "vp9": ("libvpx-vp9", ".webm")}
+LAYOUT_CODECS = {"ucf101": "mpeg4", "hmdb51": "mpeg4", "k400": "h264", "ssv2": "vp9"}
+"""The released files' formats: AVI (MPEG-4 Part 2) for UCF101 and HMDB51, MP4 (H.264), WebM (VP9)."""
 LEVEL_STEP = 8
 
 
@@ -125,7 +127,7 @@ def write_tiny_video_dataset(
     per_class: int = 2,
     num_frames: int = 12,
     size: tuple[int, int] = (48, 64),
-    codec: str = "mpeg4",
+    codec: str | None = None,
     corrupt_video: bool = False,
     bad_frame: bool = False,
     three_columns: bool = False,
@@ -137,7 +139,9 @@ def write_tiny_video_dataset(
     annotation files: UCF101's ``ucfTrainTestlist/``, HMDB51's ``testTrainMulti_7030_splits/`` (three splits
     each), Kinetics' ``annotations/{train,val}.csv`` with flat ``<id>_<start>_<end>.mp4`` videos, SSv2's
     ``labels.json`` and ``something-something-v2-{train,validation}.json`` with flat ``<id>.webm`` videos.
-    ``frames`` writes class-folder frame folders instead of video files. The first video of each class is
+    ``frames`` writes class-folder frame folders instead of video files. ``codec`` (``h264``, ``mpeg4``,
+    ``vp9``) defaults to the data set's own (:data:`LAYOUT_CODECS`); Kinetics file names always end
+    ``.mp4``. The first video of each class is
     in the validation split, the rest in training. ``corrupt_video`` adds a training entry whose file is
     random bytes; ``bad_frame`` (frame folders) cuts the third frame of the first training video short.
     """
@@ -145,8 +149,7 @@ def write_tiny_video_dataset(
         raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
     root = Path(root)
     video_root = root / ("frames" if layout == "frames" else "videos")
-    if layout == "ssv2":
-        codec = "vp9"
+    codec = codec or LAYOUT_CODECS.get(layout, "mpeg4")
     ext = CODECS[codec][1]
     names = [_class_name(layout, c) for c in range(n_classes)]
     train: list[VideoSample] = []
@@ -159,7 +162,7 @@ def write_tiny_video_dataset(
                 stem = f"v_{name}_g{v + 1:02d}_c01" if layout == "ucf101" else f"{name}_clip{v}"
                 rel = f"{name}/{stem}" + ("" if layout == "frames" else ext)
             elif layout == "k400":
-                rel = f"yt{c:03d}{v:04d}_{10 * v:06d}_{10 * v + 10:06d}{ext}"
+                rel = f"yt{c:03d}{v:04d}_{10 * v:06d}_{10 * v + 10:06d}.mp4"
             else:
                 rel = f"{1000 * c + v}{ext}"
             if layout == "frames":

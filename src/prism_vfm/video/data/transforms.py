@@ -93,9 +93,10 @@ class TrainAugment:
         if rng.random() < 0.5:
             video = F.horizontal_flip(video)
             label = self.swap.get(label, label)
-        if rng.random() < self.grayscale_p:
-            video = F.rgb_to_grayscale(video, num_output_channels=3)
-        return normalize(video.as_subclass(torch.Tensor)), label
+        frames = video.as_subclass(torch.Tensor)
+        if rng.random() < self.grayscale_p:  # the kernel takes (..., 3, H, W): all frames in one call
+            frames = F.rgb_to_grayscale(frames, num_output_channels=3)
+        return normalize(frames), label
 
 
 def crop_offsets(height: int, width: int, size: int, num_crops: int) -> list[tuple[int, int, bool]]:
@@ -117,7 +118,7 @@ def crop_offsets(height: int, width: int, size: int, num_crops: int) -> list[tup
     return [(t, left, flip) for t, left in five for flip in (False, True)]
 
 
-class TestViews:
+class EvalViews:
     """Shorter side to ``size`` (bicubic), then ``num_crops`` crops of ``size × size`` of every clip."""
 
     def __init__(self, size: int = 224, num_crops: int = 1) -> None:
