@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import random
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +43,7 @@ from prism_vfm.video.data.transforms import (
     crop_offsets,
     random_sized_crop_box,
 )
+from tests.conftest import REPO_ROOT
 
 TRAIN_UTILS = Path(__file__).resolve().parent / "fixtures" / "vidprism_official" / "train_utils"
 
@@ -340,3 +345,25 @@ def test_bad_lists_and_label_files_are_errors_naming_file_and_line(tmp_path, ucf
         2,
         3,
     )
+
+
+# --- benchmark -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+def test_video_data_benchmark_quick_run_prints_its_rates():
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "benchmarks" / "bench_video_data.py"), "--quick", "--videos", "2"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    for codec in ("h264", "mpeg4"):
+        for stage in ("decode+augment", "decode"):
+            line = rf"^rate {codec} pyav {re.escape(stage)}: [.0-9]+ clips/s"
+            assert re.search(line, result.stdout, re.M), result.stdout
+            if importlib.util.find_spec("decord") is not None:
+                assert f"ratio {codec} {stage} decord / pyav time:" in result.stdout, result.stdout
+    assert "method:" in result.stdout

@@ -43,9 +43,10 @@ class VideoDataset(Dataset):
     ``mode``: ``train`` (TSN sampling and the released augmentation), ``val`` (first frame of each segment,
     one centre view) or ``test`` (``test_clips`` clips × ``test_crops`` crops, as separate views).
     ``dense`` switches to the released dense sampling. ``dataset`` (a registry name) supplies the flip label
-    pairs and the grayscale switch of SSv2. A sample is a dict: ``video`` float ``(T, 3, S, S)`` — in test
-    mode ``(views, T, 3, S, S)``, crop-major —, ``label``, ``index`` (the sample actually read), and the
-    ``bad_videos`` / ``bad_frames`` counts.
+    pairs and the grayscale switch of SSv2. ``decoder`` is ``pyav`` or ``decord`` for video files (frame
+    folders are read with PIL), ``decode_threads`` its thread count. A sample is a dict: ``video`` float
+    ``(T, 3, S, S)`` — in test mode ``(views, T, 3, S, S)``, crop-major —, ``label``, ``index`` (the sample
+    actually read), and the ``bad_videos`` / ``bad_frames`` counts.
     """
 
     def __init__(
@@ -60,6 +61,7 @@ class VideoDataset(Dataset):
         test_crops: int = 1,
         dense: bool = False,
         decoder: str = "pyav",
+        decode_threads: int = 1,
         seed: int = 1024,
         dataset: str | None = None,
         max_retries: int = 10,
@@ -75,6 +77,7 @@ class VideoDataset(Dataset):
         self.test_clips = test_clips if mode == "test" else 1
         self.dense = dense
         self.decoder = decoder
+        self.decode_threads = decode_threads
         self.seed = seed
         self.max_retries = max_retries
         self.epoch = 0
@@ -113,7 +116,7 @@ class VideoDataset(Dataset):
     def _read(self, index: int, rng: Any) -> tuple[list[np.ndarray], int]:
         """Sampled frames of sample ``index`` with unreadable ones replaced; raises VideoOpenError."""
         path = self.root / self.samples[index].path
-        video = open_video(path, self.decoder)
+        video = open_video(path, self.decoder, self.decode_threads)
         try:
             indices = self.frame_indices(video.num_frames, rng)
             frames = video.frames(indices)

@@ -42,7 +42,7 @@ class FrameSource(Protocol):
 class PyAVVideo:
     """A video file read with PyAV (FFmpeg), decoding only up to the sampled frames."""
 
-    def __init__(self, path: str | os.PathLike[str], seek_gap: int = 64, threads: bool = True) -> None:
+    def __init__(self, path: str | os.PathLike[str], seek_gap: int = 64, threads: int = 1) -> None:
         import av
 
         self.path = Path(path)
@@ -52,8 +52,9 @@ class PyAVVideo:
             if not self._container.streams.video:
                 raise VideoOpenError(f"{path}: no video stream")
             self._stream = self._container.streams.video[0]
-            if threads:
+            if threads != 1:  # FFmpeg's frame and slice threads; 0 lets it choose
                 self._stream.thread_type = "AUTO"
+                self._stream.thread_count = threads
             self.num_frames = self._stream.frames or self._count_packets()
         except VideoOpenError:
             raise
@@ -115,14 +116,14 @@ class PyAVVideo:
 class DecordVideo:
     """A video file read with decord (optional; ``pip install decord``)."""
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], threads: int = 1) -> None:
         try:
             import decord
         except ImportError as e:
             raise ImportError("decoder 'decord' needs `pip install decord` (or use decoder='pyav')") from e
         self.path = Path(path)
         try:
-            self._reader = decord.VideoReader(str(path), num_threads=1)
+            self._reader = decord.VideoReader(str(path), num_threads=threads)
         except Exception as e:
             raise VideoOpenError(f"{path}: cannot be opened ({type(e).__name__}: {e})") from e
         self.num_frames = len(self._reader)
@@ -175,14 +176,18 @@ class FrameFolder:
         """Nothing to release."""
 
 
-def open_video(path: str | os.PathLike[str], decoder: str = "pyav") -> FrameSource:
-    """Open a video file with ``decoder`` (``pyav`` or ``decord``), or a frame folder if ``path`` is one."""
+def open_video(path: str | os.PathLike[str], decoder: str = "pyav", threads: int = 1) -> FrameSource:
+    """Open a video file with ``decoder`` (``pyav`` or ``decord``), or a frame folder if ``path`` is one.
+
+    ``threads`` is the decoder's thread count (0: the library chooses); the default 1 leaves parallelism to
+    the data loader's workers, which is what keeps a loader of many workers from oversubscribing the CPU.
+    """
     if Path(path).is_dir():
         return FrameFolder(path)
     if not Path(path).is_file():
         raise VideoOpenError(f"{path}: no such video file or frame folder")
     if decoder == "pyav":
-        return PyAVVideo(path)
+        return PyAVVideo(path, threads=threads)
     if decoder == "decord":
-        return DecordVideo(path)
+        return DecordVideo(path, threads=threads)
     raise ValueError(f"unknown decoder {decoder!r}; expected one of {DECODERS}")
