@@ -41,6 +41,7 @@ from prism_vfm.video.data.transforms import (
     EvalViews,
     TrainAugment,
     crop_offsets,
+    normalize,
     random_sized_crop_box,
 )
 from tests.conftest import REPO_ROOT
@@ -136,6 +137,12 @@ def test_test_views_are_crop_major_with_flips_and_clip_minor():
         for k in range(2):
             assert torch.equal(views[2 * c * 2 + 2 + k], views[2 * c * 2 + k].flip(-1))
     assert torch.equal(views[0], three[0]) and torch.equal(views[1], three[1])
+
+
+def test_normalisation_is_the_released_divide_by_255_then_clip_mean_and_std():
+    clip = torch.arange(256, dtype=torch.uint8).view(1, 1, 16, 16).expand(2, 3, 16, 16)
+    mean, std = torch.tensor(CLIP_MEAN).view(3, 1, 1), torch.tensor(CLIP_STD).view(3, 1, 1)
+    assert torch.allclose(normalize(clip), (clip.float() / 255.0 - mean) / std, atol=1e-6, rtol=0)
 
 
 def test_random_sized_crop_box_follows_the_released_ranges():
