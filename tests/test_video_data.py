@@ -265,6 +265,10 @@ def test_a_corrupt_video_is_replaced_counted_and_reported(ucf, caplog):
         issues.update(batch)
     assert issues.as_dict() == {"samples": len(samples), "bad_videos": item["bad_videos"], "bad_frames": 0}
     assert f"{item['bad_videos']} videos could not be opened" in str(issues)
+    assert issues.scalars() == {"data/bad_videos": float(item["bad_videos"]), "data/bad_frames": 0.0}
+    resumed = DataIssues()
+    resumed.load(issues.as_dict())
+    assert resumed.as_dict() == issues.as_dict()
 
 
 def test_an_unreadable_frame_is_replaced_by_the_previous_counted_and_reported(frames, caplog):

@@ -173,7 +173,13 @@ class VideoDataset(Dataset):
 
 
 class DataIssues:
-    """Running totals of the broken input a loader met: videos replaced and frames replaced."""
+    """Running totals of the broken input a loader met: videos replaced and frames replaced.
+
+    A training step adds each batch (:meth:`update`); the loop logs :meth:`scalars`, keeps
+    :meth:`as_dict` in its checkpoints' training state (restored with :meth:`load`, so a resumed run goes
+    on counting) and writes :meth:`as_dict` to the run summary. Totals are per process: sum them over
+    processes before reporting a distributed run.
+    """
 
     def __init__(self) -> None:
         self.bad_videos = 0
@@ -187,8 +193,20 @@ class DataIssues:
         self.samples += int(torch.as_tensor(batch["label"]).numel())
 
     def as_dict(self) -> dict[str, int]:
-        """The totals, for logs and the run summary."""
+        """The totals, for logs, checkpoints and the run summary."""
         return {"samples": self.samples, "bad_videos": self.bad_videos, "bad_frames": self.bad_frames}
+
+    def load(self, totals: Mapping[str, int]) -> None:
+        """Continue from totals saved by :meth:`as_dict` (a resumed run)."""
+        self.samples, self.bad_videos, self.bad_frames = (
+            int(totals["samples"]),
+            int(totals["bad_videos"]),
+            int(totals["bad_frames"]),
+        )
+
+    def scalars(self) -> dict[str, float]:
+        """The totals as log scalars (``data/bad_videos``, ``data/bad_frames``)."""
+        return {"data/bad_videos": float(self.bad_videos), "data/bad_frames": float(self.bad_frames)}
 
     def __str__(self) -> str:
         return (
