@@ -206,6 +206,12 @@ def test_each_layout_reads_back_the_frames_it_was_written_with(tmp_path, layout)
         item = data[i]
         assert item["label"] == sample.label and item["bad_videos"] == 0 and item["bad_frames"] == 0
         assert frame_numbers(item["video"]) == sampling.val_indices(10, 5) == [0, 2, 4, 6, 8]
+    test = VideoDataset(tiny.video_root, samples, "test", num_frames=4, size=32, test_clips=2, test_crops=3)
+    views = test[0]["video"]
+    assert views.shape == (6, 4, 3, 32, 32)
+    clips = sampling.test_indices(10, 4, 2)
+    assert clips == [[0, 2, 5, 7], [1, 3, 6, 8]]
+    assert [frame_numbers(v) for v in views] == clips * 3  # crop-major: clip 0, clip 1 of each crop
 
 
 def test_published_splits_give_the_listed_samples(tmp_path):
