@@ -287,6 +287,25 @@ def test_an_unreadable_frame_is_replaced_by_the_previous_counted_and_reported(fr
     assert "frame 2 does not decode" in caplog.text and frames.bad_frame.parent.name in caplog.text
 
 
+def test_frames_missing_from_a_cut_video_file_are_replaced_counted_and_reported(tmp_path, caplog):
+    tiny = write_tiny_video_dataset(
+        tmp_path, "k400", n_classes=1, per_class=1, num_frames=20, truncated_video=True
+    )
+    data = VideoDataset(tiny.video_root, tiny.train, "val", num_frames=10, size=32)
+    with caplog.at_level(logging.WARNING, logger="prism_vfm.video.data.dataset"):
+        item = data[0]
+    indices = sampling.val_indices(20, 10)
+    bad = item["bad_frames"]
+    assert 0 < bad < len(indices) and item["bad_videos"] == 0
+    assert caplog.text.count("does not decode") == bad and "truncated0" in caplog.text
+    for i in indices[-bad:]:  # the cut takes the end of the file: the last sampled frames
+        assert f"frame {i} does not decode" in caplog.text
+    video = item["video"]
+    assert frame_numbers(video[:2]) == indices[:2]
+    for pos in range(len(indices) - bad, len(indices)):  # each replaced by the last one that decoded
+        assert torch.equal(video[pos], video[len(indices) - bad - 1])
+
+
 def test_a_video_that_never_opens_stops_with_the_paths_in_the_log(tmp_path):
     (tmp_path / "a.avi").write_bytes(b"not a video")
     from prism_vfm.video.data.lists import VideoSample

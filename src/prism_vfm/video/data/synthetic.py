@@ -61,14 +61,22 @@ def synthetic_frames(
 
 
 def write_video(
-    path: str | os.PathLike[str], frames: np.ndarray, codec: str = "mpeg4", fps: int = 25
+    path: str | os.PathLike[str],
+    frames: np.ndarray,
+    codec: str = "mpeg4",
+    fps: int = 25,
+    faststart: bool = False,
 ) -> Path:
-    """Encode ``(N, H, W, 3)`` uint8 frames to ``path`` with PyAV (``h264``, ``mpeg4`` or ``vp9``)."""
+    """Encode ``(N, H, W, 3)`` uint8 frames to ``path`` with PyAV (``h264``, ``mpeg4`` or ``vp9``).
+
+    ``faststart`` (MP4) puts the index before the frames, as streaming sites do.
+    """
     import av
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), mode="w") as container:
+    options = {"movflags": "faststart"} if faststart else {}
+    with av.open(str(path), mode="w", options=options) as container:
         stream = container.add_stream(CODECS[codec][0], rate=Fraction(fps))
         stream.width, stream.height = frames.shape[2], frames.shape[1]
         stream.pix_fmt = "yuv420p"
@@ -108,6 +116,7 @@ class TinyVideoSet:
     label_csv: Path
     corrupt: Path | None = None
     bad_frame: Path | None = None
+    truncated: Path | None = None
     extra: dict[str, Path] = field(default_factory=dict)
     """The layout's published split or annotation files."""
 
@@ -130,6 +139,7 @@ def write_tiny_video_dataset(
     codec: str | None = None,
     corrupt_video: bool = False,
     bad_frame: bool = False,
+    truncated_video: bool = False,
     three_columns: bool = False,
 ) -> TinyVideoSet:
     """Write a tiny video data set of ``layout`` (:data:`LAYOUTS`) under ``root``.
@@ -143,7 +153,9 @@ def write_tiny_video_dataset(
     ``vp9``) defaults to the data set's own (:data:`LAYOUT_CODECS`); Kinetics file names always end
     ``.mp4``. The first video of each class is
     in the validation split, the rest in training. ``corrupt_video`` adds a training entry whose file is
-    random bytes; ``bad_frame`` (frame folders) cuts the third frame of the first training video short.
+    random bytes; ``bad_frame`` (frame folders) cuts the third frame of the first training video short;
+    ``truncated_video`` adds a training entry that is an MP4 (index first) cut at 60 % of its bytes, so it
+    opens with its full frame count but its last frames do not decode (a broken download).
     """
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
@@ -177,6 +189,13 @@ def write_tiny_video_dataset(
         corrupt.parent.mkdir(parents=True, exist_ok=True)
         corrupt.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
         train.append(VideoSample(rel, 0, num_frames if three_columns else None))
+    truncated = None
+    if truncated_video:
+        rel = "truncated0_000000_000010.mp4" if layout == "k400" else f"{names[0]}/truncated.mp4"
+        truncated = write_video(video_root / rel, synthetic_frames(num_frames, size), "mpeg4", faststart=True)
+        data = truncated.read_bytes()
+        truncated.write_bytes(data[: int(len(data) * 0.6)])
+        train.append(VideoSample(rel, 0, num_frames if three_columns else None))
     if bad_frame:
         if layout != "frames":
             raise ValueError("bad_frame needs the 'frames' layout (an unreadable image in a frame folder)")
@@ -188,7 +207,7 @@ def write_tiny_video_dataset(
     extra.update(_published_files(root, layout, names, train, val))
     return TinyVideoSet(
         root, video_root, names, train, val, root / "train.txt", root / "val.txt", root / "labels.csv",
-        corrupt, bad, extra,
+        corrupt, bad, truncated, extra,
     )  # fmt: skip
 
 
