@@ -75,6 +75,7 @@ class PyAVVideo:
 
     def _index(self, frame: Any, previous: int) -> int:
         if self._ticks is None or frame.pts is None:
+            self._ticks = None  # a frame without a time stamp: count frames, and never seek in this file
             return previous + 1
         return round((frame.pts - self._start) / self._ticks)
 
