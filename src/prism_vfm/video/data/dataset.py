@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -97,7 +98,7 @@ class VideoDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def frame_indices(self, n_frames: int, rng: Any) -> list[int]:
+    def frame_indices(self, n_frames: int, rng: random.Random) -> list[int]:
         """The frames one draw reads from a video of ``n_frames`` frames, clip after clip."""
         t = self.num_frames
         if self.mode == "test":
@@ -113,7 +114,7 @@ class VideoDataset(Dataset):
             return sampling.tsn_train_indices(n_frames, t, rng)
         return sampling.val_indices(n_frames, t)
 
-    def _read(self, index: int, rng: Any) -> tuple[list[np.ndarray], int]:
+    def _read(self, index: int, rng: random.Random) -> tuple[list[np.ndarray], int]:
         """Sampled frames of sample ``index`` with unreadable ones replaced; raises VideoOpenError."""
         path = self.root / self.samples[index].path
         video = open_video(path, self.decoder, self.decode_threads)
