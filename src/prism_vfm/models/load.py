@@ -146,7 +146,7 @@ class LoadReport:
         if self.fresh:
             text += f"; starting fresh: {_short(_group(self.fresh))}"
         if self.ignored:
-            text += f"; not used by the model: {_short(_group(self.ignored))}"
+            text += f"; not used by the model: {_short(self.ignored, 12)}"
         return text
 
 
@@ -470,7 +470,9 @@ def _match(
         if target is None or _matches(key, exclude):
             report.ignored.append(key)
             continue
-        if key == pos_key and value.shape != target.shape and value.shape[-1] == target.shape[-1]:
+        # Compare grids, not only shapes: a 4x6 grid and a 6x4 one hold as many positions.
+        regrid = grid is not None and grid != tuple(student.patch_embed.grid_size)
+        if key == pos_key and (value.shape != target.shape or regrid) and value.shape[-1] == target.shape[-1]:
             value = _resample(value, student, grid)
             report.resampled.append(key)
         if value.shape != target.shape:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from typing import Any, cast
 
+import torch
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, resolve_pretrained_cfg
 
 from prism_vfm.compat.official import infer_config, read_official
@@ -93,19 +94,15 @@ def _create(variant: str, pretrained: bool, **kwargs: Any) -> PrismViT:
             variant, kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay")
         )
         if cfg.tag in RELEASED.get(variant, {}):
-            args = _release_args(variant, cfg, args)
-    model = build_model_with_cfg(
+            return _create_released(variant, cfg, args)
+    return build_model_with_cfg(
         PrismViT, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **args
     )
-    used = getattr(model, "pretrained_cfg", None)
-    if isinstance(used, dict):  # released weights travel to timm in the config: keep no second copy
-        used.pop("state_dict", None)
-    return model
 
 
-def _release_args(variant: str, cfg: Any, args: dict[str, Any]) -> dict[str, Any]:
-    """Arguments that build a released checkpoint's student (its architecture is read from the file)
-    and hand timm the file's weights; ``checkpoint_filter_fn`` then converts them and loads strictly."""
+def _create_released(variant: str, cfg: Any, args: dict[str, Any]) -> PrismViT:
+    """A released checkpoint's student: architecture read from the file, weights loaded strictly
+    (``checkpoint_filter_fn`` raises a ``LoadError`` listing any entry the file does not fill)."""
     state = read_torch_file(release_file(cfg, args.get("cache_dir")))
     arch = infer_config(read_official(state).student)
     for key in ("embed_dim", "depth"):
@@ -114,14 +111,20 @@ def _release_args(variant: str, cfg: Any, args: dict[str, Any]) -> dict[str, Any
                 f"{cfg.file or cfg.hf_hub_filename} holds a student with {key}={arch[key]}, not the "
                 f"{_ARCHS[variant][key]} of {variant}"
             )
-    arch.pop("img_size")
-    overlay = dict(args.get("pretrained_cfg_overlay") or {}, state_dict=state)
-    return {
-        **arch,
-        "img_size": tuple(cfg.input_size[-2:]),
-        **{k: v for k, v in args.items() if k not in _ARCHS[variant]},
-        "pretrained_cfg_overlay": overlay,
-    }
+    arch["img_size"] = tuple(cfg.input_size[-2:])
+    args = {**arch, **{k: v for k, v in args.items() if k not in _ARCHS[variant]}}
+    if args.get("features_only"):
+        # timm wraps the model after loading it: hand it the weights through the configuration.
+        args["pretrained_cfg_overlay"] = dict(args.get("pretrained_cfg_overlay") or {}, state_dict=state)
+        model = build_model_with_cfg(
+            PrismViT, variant, True, pretrained_filter_fn=checkpoint_filter_fn, **args
+        )
+        cast(dict, model.pretrained_cfg).pop("state_dict", None)  # keep no second copy of the weights
+        return model
+    with torch.device("meta"):  # every value comes from the file: no random initialisation to waste
+        model = build_model_with_cfg(PrismViT, variant, False, **args)
+    model.load_state_dict(checkpoint_filter_fn(state, model), strict=True, assign=True)
+    return model
 
 
 @register_model
