@@ -326,7 +326,10 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluate", help="per-task metrics (odsF included, no MATLAB) and Δm of a multi-task model"
     )
     p.add_argument(
-        "--checkpoint", required=True, help="Stage-2 checkpoint folder or an official Stage-2 .pth"
+        "--checkpoint",
+        required=True,
+        help="Stage-2 run or checkpoint folder, an official Stage-2 .pth, or a released tag "
+        "(e.g. prism_vit_base_patch16_384.prism_stage2_pascal)",
     )
     p.add_argument("--dataset", required=True, choices=["pascal", "nyud"])
     p.add_argument("--data", required=True, help="the PASCALContext/ or NYUDv2/ folder")
@@ -352,7 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--checkpoint",
         nargs="+",
         required=True,
-        help="run folder(s), checkpoint or save_pretrained folder(s), official .pth file(s); seeds: one "
+        help="run folder(s), checkpoint or save_pretrained folder(s), official .pth file(s) or released "
+        "tags (prism_vit_base_patch16_384.prism_stage1); seeds: one "
         "per run, the first the reference; coactivation/gates: a run folder means all its checkpoints; "
         "efficiency: also prism_vit_* model names",
     )

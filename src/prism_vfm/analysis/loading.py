@@ -24,7 +24,7 @@ from torchvision import transforms
 
 from prism_vfm.analysis.common import OFFICIAL_TEACHER_NAMES
 from prism_vfm.data.image_folder import IMAGENET_MEAN, IMAGENET_STD, UnlabelledImageFolder
-from prism_vfm.models.load import LoadReport, load
+from prism_vfm.models.load import LoadReport, is_released_tag, load
 from prism_vfm.models.multitask import PrismMultiTask
 from prism_vfm.models.prism_vit import PrismViT
 from prism_vfm.train.checkpoint import checkpoint_dir, latest_checkpoint
@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 
 _KINDS = (
     "a run folder, a checkpoint or save_pretrained folder (config.json + model.safetensors), "
-    "or an official .pth"
+    "an official .pth, or a released checkpoint's tag (e.g. prism_vit_base_patch16_384.prism_stage1)"
 )
 
 
@@ -64,7 +64,8 @@ class LoadedModel:
         if kind == "teacher":
             if self.teachers and len(self.teachers) == self.student.num_teachers:
                 return [self.teachers[c] for c in contexts]
-            if self.source.is_file() and self.student.num_teachers == len(OFFICIAL_TEACHER_NAMES):
+            official = self.source.is_file() or is_released_tag(str(self.source))
+            if official and self.student.num_teachers == len(OFFICIAL_TEACHER_NAMES):
                 return [OFFICIAL_TEACHER_NAMES[c] for c in contexts]
         return [f"{kind} {c}" for c in contexts]
 
@@ -88,6 +89,9 @@ def expand_checkpoints(sources: Sequence[str | os.PathLike], series: bool) -> li
     out: list[Path] = []
     for source in sources:
         path = Path(source)
+        if not path.exists() and is_released_tag(str(source)):
+            out.append(path)  # the loader downloads it
+            continue
         if not path.exists():
             raise FileNotFoundError(f"checkpoint {path} does not exist; expected {_KINDS}")
         if is_run_dir(path):
@@ -127,7 +131,7 @@ def load_for_analysis(
         distill = run_cfg.get("distill") or {}
         teachers = block.get("names") or distill.get("teachers")
         weights = block.get("weights") or distill.get("weights")
-    label = path.name if path.is_dir() else path.stem
+    label = path.name if path.is_dir() or not path.exists() else path.stem
     return LoadedModel(
         model.to(device).eval(),
         label,

@@ -567,6 +567,12 @@ def _size(img_size: int | Sequence[int] | None) -> tuple[int, int] | None:
     return h, w
 
 
+def is_released_tag(name: str) -> bool:
+    """Whether ``name`` is a registered student with the tag of a released checkpoint."""
+    model, _, tag = name.partition(".")
+    return tag in RELEASED.get(model, {})
+
+
 def release_file(cfg: Any, cache_dir: str | os.PathLike | None = None) -> Path:
     """The weight file a pretrained tag's configuration (timm ``PretrainedCfg``) names: its ``file``
     (e.g. set with ``pretrained_cfg_overlay=dict(file=...)``), else its Hub file, downloaded once."""
