@@ -90,6 +90,9 @@ def test_info_works_on_a_stage2_folder_and_a_run(tmp_path, capsys):
     assert info["tasks"] == list(TASK_OUTPUT_CHANNELS["pascalcontext"])
     assert info["dual_stream_blocks"] == [1, 3] and info["decoder_head_parameters"] > 0
     assert "loaded" in out.err and "stage2 (folder)" in out.err
+    alone, report = load(tmp_path / "stage2", multitask=False)
+    assert isinstance(alone, PrismViT) and alone.num_tasks == 5
+    assert "heads.semseg.last_conv.weight" in report.ignored and not report.fresh
     _write_run(tmp_path / "run", {5: tiny_student(), 7: tiny_student()})
     main(["info", str(tmp_path / "run"), "--step", "5"])
     out = capsys.readouterr()

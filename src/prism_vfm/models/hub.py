@@ -74,16 +74,21 @@ def _resample_saved_grid(model: nn.Module, state: dict[str, Tensor], saved: dict
     student = cast(Any, getattr(model, "student", model))  # a PrismViT (timm VisionTransformer)
     key = "student.pos_embed" if student is not model else "pos_embed"
     pos, own = state.get(key), getattr(student, "pos_embed", None)
-    size, patch = saved.get("img_size", 384), saved.get("patch_size", 16)
-    h, w = (size, size) if isinstance(size, int) else size
-    ph, pw = (patch, patch) if isinstance(patch, int) else patch
-    grid = [int(h) // int(ph), int(w) // int(pw)]
+    grid = saved_grid(saved)
     # Compare grids, not shapes: 4x6 and 6x4 hold as many positions.
-    if pos is None or own is None or grid == list(student.patch_embed.grid_size):
+    if pos is None or own is None or grid == tuple(student.patch_embed.grid_size):
         return
     state[key] = resample_abs_pos_embed(
         pos,
         new_size=list(student.patch_embed.grid_size),
-        old_size=grid,
+        old_size=list(grid),
         num_prefix_tokens=student.num_prefix_tokens,
     )
+
+
+def saved_grid(args: dict[str, Any]) -> tuple[int, int]:
+    """The patch grid (rows, columns) of the position embedding that saved model arguments describe."""
+    size, patch = args.get("img_size", 384), args.get("patch_size", 16)
+    h, w = (size, size) if isinstance(size, int) else size
+    ph, pw = (patch, patch) if isinstance(patch, int) else patch
+    return int(h) // int(ph), int(w) // int(pw)

@@ -45,6 +45,7 @@ from prism_vfm.compat.official import (
     read_official,
 )
 from prism_vfm.layers.net2net import resize_mlp_param
+from prism_vfm.models.hub import saved_grid
 from prism_vfm.models.multitask import PrismMultiTask
 from prism_vfm.models.prism_vit import PrismViT
 from prism_vfm.train.checkpoint import checkpoint_dir, latest_checkpoint
@@ -228,7 +229,7 @@ def load_into(
     if path.is_dir():
         folder, kind = _checkpoint_folder(path, step)
         config = _read_config(folder)
-        grid = _saved_grid(config.get("student_args", config))
+        grid = saved_grid(config.get("student_args", config))
         state = read_safetensors_file(folder / "model.safetensors")
         path = folder
     elif path.suffix == ".safetensors":
@@ -378,7 +379,7 @@ def _load_folder(
     config = _read_config(folder)
     state = read_safetensors_file(folder / "model.safetensors")
     if "student_args" in config:
-        grid = _saved_grid(config["student_args"])
+        grid = saved_grid(config["student_args"])
         if multitask is False:
             args = {**config["student_args"], "num_tasks": len(config["tasks"]), **extra}
             student = PrismViT(**args)
@@ -388,7 +389,7 @@ def _load_folder(
     else:
         if multitask:
             raise ValueError(f"{folder} holds a Stage-1 student, not a multi-task model (no decoder heads)")
-        grid = _saved_grid(config)
+        grid = saved_grid(config)
         model = PrismViT(**{**config, **extra})
     return model.eval(), _fill(model, state, str(folder), kind, allow_fresh, grid)
 
@@ -499,15 +500,6 @@ def _resample(pos: Tensor, model: PrismViT, grid: tuple[int, int] | None) -> Ten
         old_size=list(grid),
         num_prefix_tokens=model.num_prefix_tokens,
     )
-
-
-def _saved_grid(args: Mapping[str, Any]) -> tuple[int, int]:
-    """The patch grid of the position embedding a saved model's arguments describe."""
-    size = args.get("img_size", 384)
-    h, w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
-    patch = args.get("patch_size", 16)
-    ph, pw = (patch, patch) if isinstance(patch, int) else (int(patch[0]), int(patch[1]))
-    return h // ph, w // pw
 
 
 def _unwrap(state: Any) -> dict[str, Any]:
