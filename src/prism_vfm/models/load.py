@@ -26,8 +26,9 @@ import fnmatch
 import json
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, cast
 
@@ -201,9 +202,8 @@ def load(
         )
     if multitask:
         raise ValueError(f"{path} is a single weight file: it has no decoder heads for a multi-task model")
-    built = cast(PrismViT, timm.create_model(model, pretrained=False, **extra))
-    report = _fill(built, state, str(path), "weight file", allow_fresh)
-    return built.eval(), report
+    build = partial(timm.create_model, model, pretrained=False, **extra)
+    return _build_and_fill(build, state, str(path), "weight file", allow_fresh)
 
 
 def load_into(
@@ -336,10 +336,10 @@ def _load_registered(
         report.source = f"{name}.{tag} ({report.source})"
         return loaded, report
     model = timm.create_model(f"{name}.{tag}", pretrained=True, **kwargs)
-    report = LoadReport(f"{name}.{tag}", "timm pretrained", by_design=[])
-    report.loaded = [k for k in model.state_dict() if not _matches(k, DENSE_VIT_FRESH)]
-    report.missing = [k for k in model.state_dict() if _matches(k, DENSE_VIT_FRESH)]
-    report.by_design = list(report.missing)
+    # checkpoint_filter_fn let only the modules a plain ViT lacks start fresh.
+    fresh = [k for k in model.state_dict() if _matches(k, DENSE_VIT_FRESH)]
+    taken = [k for k in model.state_dict() if k not in fresh]
+    report = LoadReport(f"{name}.{tag}", "timm pretrained", loaded=taken, missing=fresh, by_design=fresh)
     return model.eval(), report
 
 
@@ -378,20 +378,40 @@ def _load_folder(
 ) -> tuple[nn.Module, LoadReport]:
     config = _read_config(folder)
     state = read_safetensors_file(folder / "model.safetensors")
+    build: Callable[[], nn.Module]
     if "student_args" in config:
         grid = saved_grid(config["student_args"])
         if multitask is False:
             args = {**config["student_args"], "num_tasks": len(config["tasks"]), **extra}
-            student = PrismViT(**args)
-            return student.eval(), _fill(student, state, str(folder), kind, allow_fresh, grid)
-        args = {**config["student_args"], **extra}
-        model: nn.Module = PrismMultiTask(args, config["tasks"])
+            build = partial(PrismViT, **args)
+        else:
+            build = partial(PrismMultiTask, {**config["student_args"], **extra}, config["tasks"])
     else:
         if multitask:
             raise ValueError(f"{folder} holds a Stage-1 student, not a multi-task model (no decoder heads)")
         grid = saved_grid(config)
-        model = PrismViT(**{**config, **extra})
-    return model.eval(), _fill(model, state, str(folder), kind, allow_fresh, grid)
+        build = partial(PrismViT, **{**config, **extra})
+    return _build_and_fill(build, state, str(folder), kind, allow_fresh, grid)
+
+
+def _build_and_fill(
+    build: Callable[[], nn.Module],
+    state: Mapping[str, Tensor],
+    where: str,
+    kind: str,
+    allow_fresh: Sequence[str],
+    grid: tuple[int, int] | None = None,
+) -> tuple[nn.Module, LoadReport]:
+    """``build()`` filled from ``state``: built on the meta device when the source fills every entry (no
+    random initialisation to waste), else built for real and the allowed fresh entries keep their init."""
+    with torch.device("meta"):
+        model = build()
+    entries, report = _match(model, state, where, kind, grid)
+    if not report.fresh and report.loaded:
+        model.load_state_dict(entries, strict=True, assign=True)
+        return model.eval(), report
+    model = build()
+    return model.eval(), _fill(model, state, where, kind, allow_fresh, grid)
 
 
 def _load_official(
