@@ -147,6 +147,25 @@ def test_a_plain_vit_starts_the_dual_stream_modules_fresh_by_design(tmp_path):
     torch.testing.assert_close(model.blocks[1].moe.shared.fc1.weight, dense.blocks[1].mlp.fc1.weight)
 
 
+def test_timm_pretrained_weights_may_leave_only_the_dual_stream_modules_fresh():
+    from prism_vfm.models.registry import checkpoint_filter_fn
+
+    dense = timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        img_size=32,
+        patch_size=8,
+        embed_dim=32,
+        depth=4,
+        num_heads=2,
+    ).state_dict()
+    model = tiny_student()
+    assert checkpoint_filter_fn(dense, model).keys() == model.state_dict().keys()
+    del dense["blocks.2.attn.qkv.weight"]
+    with pytest.raises(LoadError, match=r"missing blocks\.2\.attn\.qkv\.weight"):
+        checkpoint_filter_fn(dense, model)
+
+
 def _fn(key: str, pattern: str) -> bool:
     import fnmatch
 
