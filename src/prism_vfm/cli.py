@@ -132,6 +132,9 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from prism_vfm.evaluate import evaluate
+    from prism_vfm.train.distributed import init_distributed
+
+    env = init_distributed()  # under torchrun every process scores its part of the split
 
     baselines = json.loads(Path(args.baselines).read_text()) if args.baselines else None
     dataset = {"pascal": "pascalcontext", "nyud": "nyud"}[args.dataset]
@@ -145,9 +148,10 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         workers=args.workers,
         baselines=baselines,
         save_edges=args.save_edges,
-        device=args.device,
+        device=str(env.device) if env.world_size > 1 else args.device,
     )
-    print(json.dumps({"scores": result["scores"], "delta_m": result["delta_m"]}, indent=2))
+    if env.is_main:
+        print(json.dumps({"scores": result["scores"], "delta_m": result["delta_m"]}, indent=2))
 
 
 def cmd_sweep(args: argparse.Namespace) -> None:
@@ -184,6 +188,9 @@ def cmd_sweep(args: argparse.Namespace) -> None:
         if not stage2.data:
             raise SystemExit("prism sweep: Stage 2 needs its data set folder (--stage2-data)")
     baselines = json.loads(Path(args.baselines).read_text()) if args.baselines else None
+    from prism_vfm.train.distributed import init_distributed
+
+    env = init_distributed()  # under torchrun every variant trains and evaluates on all processes
     rows = run_sweep(
         [v.strip() for v in args.variants.split(",") if v.strip()],
         stage1,
@@ -192,10 +199,11 @@ def cmd_sweep(args: argparse.Namespace) -> None:
         split=None if args.no_eval else args.split,
         baselines=baselines,
         eval_workers=args.eval_workers,
-        device=args.device,
+        device=str(env.device) if env.world_size > 1 else args.device,
     )
-    print((Path(args.out) / "comparison.md").read_text())
-    print(f"{len(rows)} variants; table in {args.out}/comparison.md and comparison.json")
+    if env.is_main:
+        print((Path(args.out) / "comparison.md").read_text())
+        print(f"{len(rows)} variants; table in {args.out}/comparison.md and comparison.json")
 
 
 def cmd_analyze(args: argparse.Namespace) -> None:

@@ -61,7 +61,7 @@ class Stage1Config:
     accum: int = 1
     workers: int = 8
     seed: int = 42
-    amp: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    amp: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: from the device (train/precision.py)
     ckpt_every: int = 1000  # steps; a checkpoint is also written at every epoch end and at the end
     keep_last: int = 3
     log_every: int = 20

@@ -43,7 +43,7 @@ from prism_vfm.train.distributed import (
     wrap_model,
 )
 from prism_vfm.train.logging import RunLogger
-from prism_vfm.train.precision import autocast
+from prism_vfm.train.precision import MixedPrecision
 from prism_vfm.train.schedule import warmup_cosine
 
 logger = logging.getLogger(__name__)
@@ -159,6 +159,7 @@ def train_stage1(cfg: Stage1Config, resume: bool = False) -> Path:
         *(head for heads in (model.projectors or []) for head in cast(nn.ModuleList, heads)),
     ]
     net = wrap_model(model, env, cfg.fsdp, units)
+    precision = MixedPrecision(cfg.amp, env.device, sharded=cfg.fsdp and env.world_size > 1)
 
     # optimiser and per-iteration schedule (built after sharding: FSDP replaces the parameters)
     lr = min(cfg.optim.lr * global_batch / cfg.optim.lr_reference_batch, cfg.optim.max_lr)
@@ -174,6 +175,7 @@ def train_stage1(cfg: Stage1Config, resume: bool = False) -> Path:
     if saved is not None:
         load_optimizer_state(model, optimizer, saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
+        precision.load_state_dict(saved.get("scaler", {}))
 
     sampler = ShardedBatchSampler(
         len(images), cfg.batch_size, end_step, cfg.seed, env.rank, env.world_size, cfg.accum, start_step
@@ -206,13 +208,12 @@ def train_stage1(cfg: Stage1Config, resume: bool = False) -> Path:
             # The student's own randomness (expert dropout, router noise) is tied to (step, shard) too.
             torch.manual_seed(mix_seed(cfg.seed, step, shard, 1))
             with gradient_sync(net, micro == cfg.accum - 1):
-                with autocast(cfg.amp, env.device):
+                with precision.autocast():
                     loss, terms = distill_loss(net, model, teachers, criterion, x, ctx, cfg.loss.lb_weight)
-                (loss / cfg.accum).backward()
+                precision.backward(loss / cfg.accum)
             for k, v in terms.items():
                 terms_sum[k] = terms_sum.get(k, 0.0) + v.detach() / cfg.accum
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
-        optimizer.step()
+        grad_norm = precision.step(optimizer, model.parameters(), cfg.optim.clip_grad)
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         seen += global_batch
@@ -245,6 +246,7 @@ def train_stage1(cfg: Stage1Config, resume: bool = False) -> Path:
                     "scheduler": scheduler.state_dict(),
                     "step": done,
                     "epoch": done / steps_per_epoch,
+                    "scaler": precision.state_dict(),
                 }
                 config = cast("dict[str, Any] | None", model._hub_mixin_config)  # init kwargs: a dict
                 save_checkpoint(run_dir, done, weights, state, cfg.keep_last, config)

@@ -38,17 +38,19 @@ from prism_vfm.teachers import build_teacher
 from prism_vfm.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from prism_vfm.train.distributed import (
     all_reduce_sum,
+    all_reduce_sums,
     average_floating_buffers,
     barrier,
     full_state,
     gradient_sync,
     init_distributed,
     load_optimizer_state,
+    shard_indices,
     to_local_scalar,
     wrap_model,
 )
 from prism_vfm.train.logging import RunLogger
-from prism_vfm.train.precision import autocast
+from prism_vfm.train.precision import MixedPrecision, autocast
 from prism_vfm.train.schedule import poly
 
 logger = logging.getLogger(__name__)
@@ -189,6 +191,7 @@ def train_stage2(cfg: Stage2Config, resume: bool = False) -> Path:
         )
     step_module = MultiTaskStep(model)
     net = wrap_model(step_module, env, fsdp=False)
+    precision = MixedPrecision(cfg.amp, env.device)
 
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay
@@ -199,6 +202,7 @@ def train_stage2(cfg: Stage2Config, resume: bool = False) -> Path:
     if saved is not None:
         load_optimizer_state(model, optimizer, saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
+        precision.load_state_dict(saved.get("scaler", {}))
 
     end_step = min(cfg.iters, cfg.max_steps) if cfg.max_steps > 0 else cfg.iters
     sampler = ShardedBatchSampler(
@@ -231,7 +235,7 @@ def train_stage2(cfg: Stage2Config, resume: bool = False) -> Path:
                 g = torch.Generator().manual_seed(mix_seed(cfg.seed, step, shard, 0))
                 ids = balanced_teacher_split(x.shape[0], len(teachers), g)
             torch.manual_seed(mix_seed(cfg.seed, step, shard, 1))
-            with gradient_sync(net, micro == cfg.accum - 1), autocast(cfg.amp, env.device):
+            with gradient_sync(net, micro == cfg.accum - 1), precision.autocast():
                 outputs, projections, aux_tasks, aux_teacher = net(x, ids)
                 tasks = task_loss({t: o.float() for t, o in outputs.items()}, labels)
                 terms = {f"task/{t}": v for t, v in tasks.weighted.items()}
@@ -246,11 +250,10 @@ def train_stage2(cfg: Stage2Config, resume: bool = False) -> Path:
                         loss = loss + model.student.absent_heads_term(projections)
                     terms["distill"] = d["total"]
                 terms["aux_tasks"], terms["total"] = aux_tasks, loss
-                (loss / cfg.accum).backward()
+                precision.backward(loss / cfg.accum)
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + v.detach() / cfg.accum
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-        optimizer.step()
+        grad_norm = precision.step(optimizer, model.parameters(), cfg.clip_grad)
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         seen += cfg.batch_size * env.world_size * cfg.accum
@@ -273,7 +276,12 @@ def train_stage2(cfg: Stage2Config, resume: bool = False) -> Path:
                 average_floating_buffers(model)
             weights, optim_state = full_state(model, optimizer)
             if env.is_main:
-                state = {"optimizer": optim_state, "scheduler": scheduler.state_dict(), "step": done}
+                state = {
+                    "optimizer": optim_state,
+                    "scheduler": scheduler.state_dict(),
+                    "step": done,
+                    "scaler": precision.state_dict(),
+                }
                 config = cast("dict[str, Any] | None", model._hub_mixin_config)  # init kwargs: a dict
                 save_checkpoint(run_dir, done, weights, state, cfg.keep_last, config)
     bar.close()
@@ -286,14 +294,20 @@ def train_stage2(cfg: Stage2Config, resume: bool = False) -> Path:
 def validate(
     model: PrismMultiTask, dataset: Any, cfg: Stage2Config, device: torch.device
 ) -> dict[str, float]:
-    """Pixel metrics of every task on the held-out split (boundaries report the official edge loss here)."""
+    """Pixel metrics of every task on the held-out split (boundaries report the official edge loss here).
+
+    Under a process group every rank scores its own part of the split and the meters' counts are summed,
+    so the scores are those of one process scoring it all; every rank must call it.
+    """
     was_training = model.training
     model.eval()
     meter = MultiTaskMeter(cfg.dataset, cfg.tasks)
-    for batch in DataLoader(dataset, batch_size=cfg.batch_size, num_workers=0):
+    part = Subset(dataset, shard_indices(len(dataset)))
+    for batch in DataLoader(part, batch_size=cfg.batch_size, num_workers=0):
         with autocast(cfg.amp, device):
             outputs = model(batch["image"].to(device))
         meter.update({t: o.float() for t, o in outputs.items()}, {t: batch[t].to(device) for t in cfg.tasks})
+    meter.load_state(all_reduce_sums(meter.state()))
     model.train(was_training)
     flat: dict[str, float] = {}
     for task, scores in meter.compute().items():
