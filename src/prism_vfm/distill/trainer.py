@@ -118,6 +118,8 @@ def distill_loss(
 def train_stage1(cfg: Stage1Config, resume: bool = False) -> Path:
     """Run Stage 1 as configured; returns the run directory. Launch under torchrun for several processes."""
     env: DistEnv = init_distributed()
+    # Checked before any work: a precision this device cannot run is an error here, not hours later.
+    precision = MixedPrecision(cfg.amp, env.device, sharded=cfg.fsdp and env.world_size > 1)
     run_dir = Path(cfg.out)
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -159,7 +161,6 @@ def train_stage1(cfg: Stage1Config, resume: bool = False) -> Path:
         *(head for heads in (model.projectors or []) for head in cast(nn.ModuleList, heads)),
     ]
     net = wrap_model(model, env, cfg.fsdp, units)
-    precision = MixedPrecision(cfg.amp, env.device, sharded=cfg.fsdp and env.world_size > 1)
 
     # optimiser and per-iteration schedule (built after sharding: FSDP replaces the parameters)
     lr = min(cfg.optim.lr * global_batch / cfg.optim.lr_reference_batch, cfg.optim.max_lr)

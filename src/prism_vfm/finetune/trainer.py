@@ -143,6 +143,7 @@ def train_stage2(cfg: Stage2Config, resume: bool = False) -> Path:
     """Run Stage 2 as configured; returns the run directory."""
     cfg = resolved(cfg)
     env = init_distributed()
+    precision = MixedPrecision(cfg.amp, env.device)  # before any work: the device must run it
     run_dir = Path(cfg.out)
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -191,7 +192,6 @@ def train_stage2(cfg: Stage2Config, resume: bool = False) -> Path:
         )
     step_module = MultiTaskStep(model)
     net = wrap_model(step_module, env, fsdp=False)
-    precision = MixedPrecision(cfg.amp, env.device)
 
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay
