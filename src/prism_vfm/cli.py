@@ -149,6 +149,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         baselines=baselines,
         save_edges=args.save_edges,
         device=str(env.device) if env.world_size > 1 else args.device,
+        img_size=tuple(args.img_size) if args.img_size else None,
     )
     if env.is_main:
         print(json.dumps({"scores": result["scores"], "delta_m": result["delta_m"]}, indent=2))
@@ -340,6 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--baselines", help="JSON file {task: single-task score} for Δm (default: the paper's ViT-B)"
     )
     p.add_argument("--save-edges", action="store_true", help="write the edge maps as PNGs (what SEISM reads)")
+    p.add_argument(
+        "--img-size", type=int, nargs=2, metavar=("H", "W"), help="input size (default: the data set's)"
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.set_defaults(func=cmd_evaluate)
 

@@ -34,6 +34,9 @@ class DistEnv:
 def init_distributed() -> DistEnv:
     """Join the torchrun process group when launched by torchrun (NCCL on GPUs, gloo on CPUs).
 
+    The group is made for a single torchrun process too, so that a one-GPU run goes through the same
+    collectives as a run on many.
+
     The group has one backend, and every collective goes through the helpers below, which hand it tensors
     on :func:`collective_device`. A mixed ``cpu:gloo,cuda:nccl`` group would also accept CPU tensors, but it
     needs gloo's TCP transport to work on every GPU cluster's network as well (GLOO_SOCKET_IFNAME and
@@ -48,7 +51,8 @@ def init_distributed() -> DistEnv:
         device = torch.device("cuda", local)
     else:
         device = torch.device("cpu")
-    if world > 1 and not dist.is_initialized():
+    launched = world > 1 or "TORCHELASTIC_RUN_ID" in os.environ  # torchrun sets it
+    if launched and not dist.is_initialized():
         if device.type == "cuda":
             dist.init_process_group("nccl", device_id=device)
         else:
