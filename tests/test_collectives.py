@@ -199,3 +199,21 @@ def test_two_processes_validate_and_evaluate_like_one_and_only_rank_0_writes_res
     assert sorted(edges[0] + edges[1]) == sorted(
         p.name for p in (tmp_path / "alone" / "eval0" / "edge").iterdir()
     )
+
+
+def test_commands_that_do_not_share_their_work_refuse_to_run_under_torchrun(monkeypatch, tmp_path):
+    from prism_vfm.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit, match=r"prism analyze: runs in one process; launch it without torchrun"):
+        main(
+            [
+                "analyze",
+                "efficiency",
+                "--checkpoint",
+                str(tmp_path / "ckpt"),
+                "--out",
+                str(tmp_path / "figures"),
+            ]
+        )
+    assert not (tmp_path / "figures").exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -391,11 +392,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+DISTRIBUTED_COMMANDS = frozenset({"distill", "finetune", "evaluate", "sweep"})
+"""The commands that share their work among torchrun's processes (the others refuse to run under it)."""
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``prism`` console command."""
     from prism_vfm.config import ConfigError
 
     args = build_parser().parse_args(argv)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.command not in DISTRIBUTED_COMMANDS:
+        # Every process would do the same work and write the same files.
+        raise SystemExit(
+            f"prism {args.command}: runs in one process; launch it without torchrun "
+            f"(torchrun runs {', '.join(sorted(DISTRIBUTED_COMMANDS))})"
+        )
     try:
         args.func(args)
     except (ConfigError, FileNotFoundError) as exc:

@@ -12,6 +12,7 @@ only rank 0 writes the results (each process writes its own images' edge maps).
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, cast
@@ -85,6 +86,8 @@ def evaluate(
     tasks = model.task_names
     reader = DATASETS[dataset](data, split, tasks, DenseTestTransform(size))
     meter = MultiTaskMeter(dataset, [t for t in tasks if t != "edge"])
+    if workers is None and "LOCAL_WORLD_SIZE" in os.environ:  # torchrun: the node's CPUs shared by its ranks
+        workers = max(1, (os.cpu_count() or 1) // int(os.environ["LOCAL_WORLD_SIZE"]))
     boundaries = BoundaryMeter(BOUNDARY_PROTOCOL[dataset], workers=workers) if "edge" in tasks else None
     out_dir = Path(out) if out is not None else None
     if save_edges and out_dir is not None:
