@@ -145,7 +145,7 @@ def _stage2(data, out, amp):
 
 @pytest.mark.parametrize("stage", [_stage1, _stage2], ids=["stage1", "stage2"])
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
-def test_half_precision_training_steps_of_both_stages_on_a_cpu(data, tmp_path, stage, amp):
+def test_half_precision_training_steps_of_both_stages(data, tmp_path, stage, amp):
     losses = {}
     for name in ("fp32", amp):
         run = stage(data, tmp_path / name, name)
