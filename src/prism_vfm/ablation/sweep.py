@@ -196,7 +196,9 @@ def _train(train: Callable[..., Path], cfg: Any, run: Path) -> Path:
     """Train (resuming an interrupted run) unless the run finished before; the last checkpoint."""
     finished = run / "finished"
     if not finished.is_file():
-        train(cfg, resume=latest_checkpoint(run) is not None)  # ends with a barrier
+        resume = latest_checkpoint(run) is not None
+        # A run killed before its first checkpoint restarts; the trainer ends with a barrier.
+        train(cfg, resume=resume, overwrite=not resume)
         if is_main_process():
             finished.write_text("")
     ckpt = latest_checkpoint(run)
