@@ -11,9 +11,8 @@ and hands :func:`fit` a :class:`Loop`: the step function and how often to log, e
 The step function gets one micro-batch, the step and the micro-step index, and returns the loss and its
 terms (detached scalars, logged as ``loss/<name>``). The loop runs it under autocast and the gradient-sync
 context, backpropagates ``loss / accum`` (scaled in fp16), unscales and clips the gradients, steps the
-optimiser and the per-iteration schedule. It sets
-no random seed: a stage that wants the same weights whatever its number of processes seeds its own draws
-from (seed, step, shard) inside the step function.
+optimiser and the per-iteration schedule. It sets no random seed: a stage that wants the same weights
+whatever its number of processes seeds its own draws from (seed, step, shard) inside the step function.
 """
 
 from __future__ import annotations
