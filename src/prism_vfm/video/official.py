@@ -12,7 +12,7 @@ from collections.abc import Mapping
 
 from torch import Tensor
 
-from prism_vfm.video.config import HeadConfig
+from prism_vfm.video.config import HeadConfig, Variant
 from prism_vfm.video.head import VidPrismHead
 
 # (released key pattern, our replacement), applied to the start of a key; the first match decides.
@@ -124,6 +124,7 @@ def head_config_from_released(
                 f"which the released rates {RELEASED_RATES} do not fit; pass rates=... explicitly"
             )
         rates = RELEASED_RATES
+    variant: Variant
     if "projection_head.3.weight" in state_dict:
         variant = "text"
     elif "projection_head.0.weight" in state_dict:
@@ -136,7 +137,7 @@ def head_config_from_released(
         rates=tuple(rates),
         num_experts=len(rates),
         variant=variant,
-    )  # type: ignore[arg-type]
+    )
 
 
 def load_official_head(
