@@ -235,3 +235,11 @@ def test_frozen_features_are_computed_once_and_keyed_by_weights(tmp_path):
     namespaces = sorted(p.name for p in tmp_path.iterdir())
     assert len(namespaces) == 2 and all(n.startswith("frames-") for n in namespaces)
     assert torch.equal(cache.features(["a"], source), first[:1])
+
+
+@pytest.mark.parametrize("name", sorted(CLIP_TOWERS))
+def test_hub_weights_are_timms_openai_tag_of_the_quickgelu_architecture(name):
+    cfg = timm.models.get_pretrained_cfg(f"{CLIP_TOWERS[name].timm_name}.openai")
+    assert cfg is not None and cfg.hf_hub_id.endswith("_clip_224.openai")
+    assert cfg.num_classes == CLIP_TOWERS[name].output_dim
+    assert cfg.mean == (0.48145466, 0.4578275, 0.40821073)  # CLIP's normalisation, as the release's

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
 
 from prism_vfm.video.prompts import ENSEMBLE_28, SINGLE, SSV2_20, expand, templates_for
 from prism_vfm.video.text import (
+    CLIP_TEXT_TOWERS,
     TextEncoder,
     TextTowerConfig,
     class_text_embeddings,
@@ -150,3 +152,12 @@ def test_class_embeddings_are_cached_by_weights_names_and_templates(tmp_path, ti
     class_text_embeddings(reloaded, names, cache_dir=tmp_path)
     assert calls  # other weights: another namespace
     assert len(list(tmp_path.iterdir())) == 2
+
+
+@pytest.mark.parametrize(("name", "open_clip_name"), [("ViT-B/16", "ViT-B-16"), ("ViT-L/14", "ViT-L-14")])
+def test_text_hub_weights_are_the_file_open_clip_reads_for_openai(name, open_clip_name):
+    hub = open_clip.get_pretrained_cfg(open_clip_name, "openai")["hf_hub"]
+    assert hub.rstrip("/") == CLIP_TEXT_TOWERS[name].hub_repo
+    text_cfg = open_clip.get_model_config(open_clip_name)["text_cfg"]
+    ours = CLIP_TEXT_TOWERS[name]
+    assert (ours.width, ours.heads, ours.layers) == (text_cfg["width"], text_cfg["heads"], text_cfg["layers"])
