@@ -25,7 +25,7 @@ from prism_vfm.video.backbone import (
     load_tower_weights,
     released_tower_state_dict,
 )
-from tests.video_fixtures import fixture_tensors, recipe_state_dicts, videoclip_frames
+from tests.video_fixtures import reference, released_state_dicts, videoclip_frames
 
 TINY = TowerConfig(patch_size=16, width=128, depth=3, heads=2, output_dim=64, img_size=96)
 SMALL = TowerConfig(patch_size=8, width=32, depth=2, heads=2, output_dim=16, img_size=32)
@@ -33,7 +33,7 @@ SMALL = TowerConfig(patch_size=8, width=32, depth=2, heads=2, output_dim=16, img
 
 @pytest.fixture(scope="module")
 def official():
-    return recipe_state_dicts("videoclip_tiny_t8")["model"], fixture_tensors("videoclip_tiny_t8")
+    return released_state_dicts("videoclip_tiny_t8")["model"], reference("videoclip_tiny_t8")
 
 
 def tiny_official_encoder(official) -> FrameEncoder:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import open_clip
 import pytest
 import torch
@@ -16,15 +18,15 @@ from prism_vfm.video.text import (
     ensemble_class_embeddings,
     load_text_weights,
 )
-from tests.video_fixtures import fixture_tensors, read_json, video_fixture_dir
+from tests.video_fixtures import folder, inputs, reference
 
 TINY_TEXT = TextTowerConfig(width=32, heads=2, layers=2, output_dim=16)
 
 
 @pytest.fixture(scope="module")
 def released():
-    prompts = read_json(video_fixture_dir("train_utils") / "reference.json")["prompts"]
-    return prompts, fixture_tensors("train_utils")
+    prompts = json.loads((folder("train_utils") / "reference.json").read_text())["prompts"]
+    return prompts, reference("train_utils")
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +55,7 @@ def test_token_ids_are_the_released_tokenizers(released, tiny_text, templates, k
 
 def test_ensembling_normalises_per_template_averages_and_renormalises(released):
     _, ref = released
-    per_template = fixture_tensors("train_utils", "inputs.safetensors")["class_emb.per_template_features"]
+    per_template = inputs("train_utils")["class_emb.per_template_features"]
     out = ensemble_class_embeddings(per_template)
     torch.testing.assert_close(out, ref["class_emb.result"], atol=1e-6, rtol=0)
 

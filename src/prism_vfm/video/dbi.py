@@ -1,10 +1,30 @@
-"""DBI: dynamic bidirectional interaction between the fast and slow streams."""
+"""DBI: dynamic bidirectional interaction between the fast and slow streams.
+
+Every ordered pair (i, j), i != j, has a score MLP on the streams' time-means,
+``s_ij = sigmoid(MLP_ij([g_i; g_j]))`` per sample. A pair acts only when the **batch mean** of s_ij is at
+least the threshold (one decision for the whole batch, as released). Slow → fast: the slow stream is
+linearly interpolated to the fast length and passed through one 1×1 convolution shared by all such
+pairs; fast → slow: the pair's own temporal convolution (kernel 5, stride r_j / r_i, no bias). Pairs of
+the same speed are scored and do nothing.
+
+Update semantics (``update``):
+
+* ``"last"`` (released): every update reads the pre-DBI streams and replaces the target, the pairs
+  visited with i outer and j inner, both ascending, so for each target only the last passing source
+  counts. Only those surviving updates are computed here; the score MLPs and convolutions of the
+  overwritten ones get no gradient, as in the release.
+* ``"sum"``: every passing source's contribution is added to the pre-DBI target.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+
+UPDATES = ("last", "sum")
 
 
 @dataclass
@@ -12,13 +32,18 @@ class DBIOutput:
     """The exchanged streams and the pair decisions."""
 
     streams: list[Tensor]  # per stream (B, L_i, D)
-    pair_scores: Tensor  # (N, N, B); diagonal 0
-    pair_passed: Tensor  # (N, N) bool
-    last_writer: Tensor  # (N,) index of the surviving source per target, -1 = unchanged
+    pair_scores: Tensor  # (N, N, B) s_ij, detached; diagonal 0 (never computed)
+    pair_passed: Tensor  # (N, N) bool: i != j and batch mean of s_ij >= threshold
+    last_writer: Tensor  # (N,) int64: last passing source of the other speed per target, -1 = none
+
+
+def pair_key(i: int, j: int) -> str:
+    """Name of the fast→slow convolution from stream i to stream j."""
+    return f"{i}to{j}"
 
 
 class DBI(nn.Module):
-    """Gated slow→fast and fast→slow exchange; ``update="last"`` (released) or ``"sum"``."""
+    """Gated slow→fast and fast→slow exchange between the RgSTA streams."""
 
     def __init__(
         self,
@@ -29,8 +54,77 @@ class DBI(nn.Module):
         update: str = "last",
     ) -> None:
         super().__init__()
-        raise NotImplementedError
+        if update not in UPDATES:
+            raise ValueError(f"DBI update={update!r}: expected one of {', '.join(UPDATES)}")
+        self.rates = tuple(rates)
+        self.slow = tuple(r >= slow_rate for r in self.rates)
+        self.threshold, self.update = threshold, update
+        n = len(self.rates)
+        # All N² MLPs exist, the diagonal ones included (never called), as in the released state dict.
+        self.score_mlps = nn.ModuleList(
+            nn.Sequential(nn.Linear(2 * dim, dim // 4), nn.ReLU(), nn.Linear(dim // 4, 1), nn.Sigmoid())
+            for _ in range(n * n)
+        )
+        self.slow_to_fast = nn.Conv1d(dim, dim, kernel_size=1)
+        self.fast_to_slow = nn.ModuleDict()
+        for i in range(n):
+            for j in range(n):
+                if not self.slow[i] and self.slow[j]:
+                    if self.rates[j] % self.rates[i]:
+                        raise ValueError(
+                            f"DBI rates={self.rates}: {self.rates[j]} is not a multiple of {self.rates[i]}"
+                        )
+                    stride = self.rates[j] // self.rates[i]
+                    self.fast_to_slow[pair_key(i, j)] = nn.Conv1d(
+                        dim, dim, kernel_size=5, stride=stride, padding=2, bias=False
+                    )
+
+    def pairs(self) -> list[tuple[int, int]]:
+        """The ordered pairs in the released visiting order (i outer, j inner, both ascending)."""
+        n = len(self.rates)
+        return [(i, j) for i in range(n) for j in range(n) if i != j]
+
+    def contribution(self, streams: list[Tensor], i: int, j: int) -> Tensor:
+        """What source i adds to target j before scaling, (B, L_j, D)."""
+        source = streams[i].transpose(1, 2)  # (B, D, L_i)
+        if self.slow[i]:
+            up = F.interpolate(source, size=streams[j].shape[1], mode="linear", align_corners=False)
+            return self.slow_to_fast(up).transpose(1, 2)
+        return self.fast_to_slow[pair_key(i, j)](source).transpose(1, 2)
 
     def forward(self, streams: list[Tensor]) -> DBIOutput:
         """Exchange information between ``streams`` (each (B, L_i, D))."""
-        raise NotImplementedError
+        n = len(self.rates)
+        if len(streams) != n:
+            raise ValueError(f"DBI expects {n} streams, got {len(streams)}")
+        summaries = [s.mean(dim=1) for s in streams]
+        pairs = self.pairs()
+        scores = {
+            (i, j): self.score_mlps[i * n + j](torch.cat([summaries[i], summaries[j]], dim=-1)).squeeze(-1)
+            for i, j in pairs
+        }
+        means = torch.stack([scores[p].mean() for p in pairs]).tolist()  # one host synchronisation
+        passed = {p: not mean < self.threshold for p, mean in zip(pairs, means, strict=True)}
+
+        outputs = list(streams)
+        last_writer = [-1] * n
+        for j in range(n):
+            sources = [i for i in range(n) if i != j and passed[(i, j)] and self.slow[i] != self.slow[j]]
+            if not sources:
+                continue
+            last_writer[j] = sources[-1]
+            writers = sources[-1:] if self.update == "last" else sources
+            out = streams[j]
+            for i in writers:
+                out = out + scores[(i, j)].view(-1, 1, 1) * self.contribution(streams, i, j)
+            outputs[j] = out
+
+        batch = streams[0].shape[0]
+        table = streams[0].new_zeros(n, n, batch)
+        flags = torch.zeros(n, n, dtype=torch.bool)
+        for (i, j), score in scores.items():
+            table[i, j] = score.detach()
+            flags[i, j] = passed[(i, j)]
+        return DBIOutput(
+            outputs, table, flags.to(streams[0].device), torch.tensor(last_writer, device=streams[0].device)
+        )
