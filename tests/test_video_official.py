@@ -9,7 +9,14 @@ import torch.nn.functional as F
 from prism_vfm.video import HeadConfig, VidPrismHead, load_official_head, released_loss
 from prism_vfm.video.dbi import DBI
 from prism_vfm.video.official import to_released_key, to_released_state_dict
-from tests.video_fixtures import dbi_case_state_dict, manifest, reference, released_head, released_state_dict
+from tests.video_fixtures import (
+    dbi_case_state_dict,
+    manifest,
+    reference,
+    released_head,
+    released_state_dict,
+    released_state_dicts,
+)
 from tests.video_reference import reference_forward, reference_loss
 
 TOL = 1e-5  # float tensors, absolute; losses: absolute or relative, whichever is larger
@@ -247,3 +254,17 @@ def test_head_config_from_fixture_builds_the_same_parameter_count():
         )
         count = sum(p.numel() for p in VidPrismHead(cfg).parameters())
         assert count == manifest(name)["parameters"]["parameter_count"]
+
+
+def test_videoclip_tiny_t8_head_quantities_from_its_frame_embeddings():
+    """The tiny whole-pipeline fixture at T = 8: the rate-16 window is the whole clip, both slow streams
+    are one token long; every head quantity from the stored per-frame embeddings."""
+    ref = reference("videoclip_tiny_t8")
+    head = load_official_head(released_state_dicts("videoclip_tiny_t8")["fusion_model"])
+    with torch.no_grad():
+        out = head(ref["frame_embeddings"])
+    assert [s.tokens.shape[1] for s in out.streams] == [4, 2, 1, 1]
+    ours = head_quantities(out)
+    for key, value in ours.items():
+        close(key, value, ref[f"head.{key}"])
+    assert {f"head.{k}" for k in ours} == {k for k in ref if k.startswith("head.")}
