@@ -106,7 +106,8 @@ class DBI(nn.Module):
             return interpolation_matrix(source.shape[1], length, source) @ projected
         conv = self.fast_to_slow[pair_key(i, j)]
         assert isinstance(conv, nn.Conv1d)
-        padded = F.pad(source, (0, 0, 2, 2))
+        pad = int(conv.padding[0])  # type: ignore[index]
+        padded = F.pad(source, (0, 0, pad, pad))
         windows = padded.unfold(1, conv.kernel_size[0], conv.stride[0])  # (B, L_j, D, 5)
         return F.linear(windows.reshape(*windows.shape[:2], -1), conv.weight.reshape(conv.out_channels, -1))
 
