@@ -162,6 +162,27 @@ def test_released_dbi_leaves_the_overwritten_pairs_without_gradient():
     assert no_grad == expected | {"fast_to_slow.0to2.weight", "fast_to_slow.0to3.weight"}
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_head_on_cuda_agrees_with_the_cpu():
+    """The same weights on the GPU (fp32, TF32 off): same selections, pass flags, outputs and gradients."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    head = make_head().train()
+    gpu = same_weights(head).cuda()
+    x, labels, text = frames(), torch.tensor([0, 1, 2]), torch.randn(5, D)
+    a, b = head(x), gpu(x.cuda())
+    for s, t in zip(a.streams, b.streams, strict=True):
+        assert torch.equal(s.kept_index, t.kept_index.cpu())
+    assert torch.equal(a.dbi.pair_passed, b.dbi.pair_passed.cpu())
+    torch.testing.assert_close(b.logits.cpu(), a.logits, atol=1e-5, rtol=1e-5)
+    released_loss(a, labels, text).total.backward()
+    released_loss(b, labels.cuda(), text.cuda()).total.backward()
+    for (name, p), q in zip(head.named_parameters(), gpu.parameters(), strict=True):
+        assert (p.grad is None) == (q.grad is None), name
+        if p.grad is not None:
+            torch.testing.assert_close(q.grad.cpu(), p.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
 # --- RgSTA properties
 
 
