@@ -124,6 +124,13 @@ class VidPrism(
         if frozen_backbone:
             self.backbone.freeze()
         self.released_logit_scale = CLIP_LOGIT_SCALE
+        config = getattr(self, "_hub_mixin_config", None)
+        if isinstance(config, dict):
+            # config.json names the resolved architecture; the weights come with it, so a saved model
+            # never downloads the hub's again.
+            config.update(tower=asdict(self.backbone.config), head=asdict(cfg), img_size=None)
+            config.update(text_tower=None if self.text is None else asdict(self.text.config))
+            config.pop("pretrained", None)
 
     # ------------------------------------------------------------------------------------- forward
     def train(self, mode: bool = True) -> VidPrism:
