@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from prism_vfm.video import HeadConfig, released_loss
 from prism_vfm.video.backbone import FrameEncoder, TowerConfig, released_tower_state_dict
 from prism_vfm.video.model import VidPrism, blend, infer_tower_config
-from prism_vfm.video.text import TextTowerConfig, cosine_logits
+from prism_vfm.video.text import TextEncoder, TextTowerConfig, cosine_logits
 from tests.video_fixtures import inputs, reference, released_state_dicts, videoclip_frames
 
 TINY_TOWER = TowerConfig(patch_size=8, width=32, depth=2, heads=2, output_dim=16, img_size=32)
@@ -65,6 +65,23 @@ def test_the_official_pipeline_is_reproduced_from_a_released_checkpoint(tmp_path
     with torch.no_grad():
         whole = model(videoclip_frames().view(2, 8, 3, 96, 96))
     torch.testing.assert_close(whole.logits, ref["head.logits"], atol=1e-4, rtol=0)
+
+
+def test_a_released_checkpoint_takes_named_head_options_and_text_weights(official):
+    text_state = {f"tower.{k}": v for k, v in _text_weights().items()}
+    model = VidPrism.from_released_checkpoint(
+        released_dict(official), text_tower=TINY_TEXT, text_weights=text_state, dbi_update="sum"
+    )
+    assert model.head.cfg.dbi_update == "sum"
+    assert model.text is not None
+    for key, value in text_state.items():
+        assert torch.equal(model.text.state_dict()[key], value), key
+
+
+def _text_weights() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    shapes = {k.removeprefix("tower."): v.shape for k, v in TextEncoder(TINY_TEXT).state_dict().items()}
+    return {k: torch.randn(s, generator=g) for k, s in shapes.items()}
 
 
 def test_the_released_layout_is_written_back_key_for_key(tmp_path, official):

@@ -255,15 +255,21 @@ class VidPrism(
         source: str | os.PathLike | Mapping[str, Any],
         *,
         text_tower: str | TextTowerConfig | None = None,
+        text_weights: str | os.PathLike | Mapping[str, Tensor] = "hub",
+        allow_torchscript: bool = False,
         grad_checkpointing: bool = False,
+        **head_options: Any,
     ) -> VidPrism:
         """The model a released training checkpoint describes (tower geometry and head read from its keys).
 
         ``source`` is a ``.pt``/``.pth`` file (read with ``weights_only=True``) or its loaded dict holding
-        ``model_state_dict`` and ``fusion_model_state_dict``. Returned in eval mode.
+        ``model_state_dict`` and ``fusion_model_state_dict``. A checkpoint holds no text tower: with
+        ``text_tower`` set, its weights come from ``text_weights`` (``"hub"``, a CLIP file or a state dict;
+        ``allow_torchscript`` for OpenAI's ``.pt``). ``head_options`` are further ``HeadConfig`` fields
+        (named options such as ``dbi_update="sum"``). Returned in eval mode.
         """
         vision, fusion = read_released_checkpoint(source)
-        head = load_official_head(fusion)
+        head = load_official_head(fusion, **head_options)
         model = cls(
             infer_tower_config(vision),
             head=head.cfg,
@@ -272,6 +278,8 @@ class VidPrism(
         )
         load_tower_weights(model.backbone, vision)
         model.head.load_state_dict(head.state_dict())
+        if model.text is not None:
+            load_text_weights(model.text, text_weights, allow_torchscript=allow_torchscript)
         if "logit_scale" in vision:
             model.released_logit_scale = float(vision["logit_scale"])
         return model.eval()
