@@ -3,8 +3,8 @@
 Builds ``VidPrism`` (CLIP ViT-B/16 frame encoder with random weights — speed does not depend on them —
 and the released head, K400's 400 classes) and times, interleaved:
 
-(1) ``head``: the head alone, forward + released loss + backward, on the step's frame features (which
-    take the gradient, as in the step);
+(1) ``head``: the head's own part of a step — forward + released loss + backward on the step's frame
+    features (which take the gradient, as in the step) + the AdamW update of the head's parameters;
 (2) ``step``: one whole training step as released — frame encoder on all B·T frames (activation
     checkpointing on, as the release has it; ``--no-checkpointing`` to turn it off), head, released loss
     (with the class text term), backward, AdamW over the two parameter groups (tower at lr × 0.07);
@@ -54,9 +54,15 @@ def main(argv: list[str] | None = None) -> None:
     with torch.no_grad(), amp:
         features = model.backbone(clips).float()
 
-    def head_only() -> torch.Tensor:
+    head_optimizer = torch.optim.AdamW(model.head.parameters(), lr=1e-4, weight_decay=0.2)
+
+    def head_only() -> None:
         feats = features.detach().requires_grad_(True)
-        return released_loss(model.head(feats), labels, class_text).total
+        with amp:
+            loss = released_loss(model.head(feats), labels, class_text).total
+        loss.backward()
+        head_optimizer.step()
+        head_optimizer.zero_grad(set_to_none=True)
 
     def run_step() -> None:
         with amp:
@@ -78,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
         f"{'off' if args.no_checkpointing else 'on'}"
     )
     cases = [
-        harness.Case("head (fwd + loss + bwd)", harness.train_call(head_only, amp), zero),
+        harness.Case("head (fwd + loss + bwd + AdamW)", head_only, zero),
         harness.Case("step (whole model + AdamW)", run_step, zero),
         harness.Case("eval (whole model, no grad)", harness.inference_call(lambda: model(clips), amp)),
     ]
