@@ -126,6 +126,17 @@ def test_any_frame_count_agrees_with_the_released_computation(t):
     assert [s.tokens.shape[1] for s in head(x).streams] == [-(-t // r) for r in (2, 4, 8, 16)]
 
 
+def test_repeated_frames_keep_the_released_frame():
+    """Clips shorter than T repeat frames (TSN sampling), so scores tie exactly; the kept frame is the
+    one the release's per-window top-1 picks."""
+    head = make_head().train()
+    base = frames(t=8)
+    x = base[:, torch.tensor([0, 0, 0, 1, 2, 2, 3, 3, 3, 3, 4, 5, 5, 6, 7, 7])]
+    out = head(x)
+    assert any(k.sum() > 0 for k in (s.kept_index for s in out.streams))
+    assert_agree(head, x)
+
+
 @pytest.mark.parametrize("update", ["last", "sum"])
 @pytest.mark.parametrize("training", [True, False])
 def test_dbi_updates_agree_with_the_released_loops(update, training):

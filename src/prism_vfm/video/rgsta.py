@@ -106,7 +106,8 @@ class RgSTA(nn.Module):
         length = gram.diagonal(dim1=-2, dim2=-1).clamp_min(NORM_EPS**2).sqrt()
         eye = torch.eye(width, dtype=torch.bool, device=xw.device)
         sim = (gram / (length.unsqueeze(-1) * length.unsqueeze(-2))).masked_fill(eye, 0.0)
-        kept = s_mix.argmax(-1)
+        # topk, not argmax: they break exact ties (repeated frames) differently, and the release uses topk
+        kept = s_mix.topk(1, dim=-1).indices.squeeze(-1)
         attn = torch.softmax(sim / self.tau, dim=-1)
         to_kept = attn.gather(-1, kept[..., None, None].expand(batch, windows, width, 1)).squeeze(-1)
         is_kept = F.one_hot(kept, width).to(xw.dtype)
