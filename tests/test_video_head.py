@@ -298,6 +298,10 @@ def test_dbi_off_changes_only_the_expert_inputs():
     for j in range(4):
         assert torch.equal(b.expert_outputs[j], off.experts[j](b.streams[j].tokens))
     assert not torch.allclose(a.logits, b.logits)
+    # a threshold above 1 lets no pair pass: the same as DBI off (SPEC §1.4)
+    closed = same_weights(on, dbi_threshold=1.01)(frames())
+    assert not closed.dbi.pair_passed.any() and closed.dbi.last_writer.tolist() == [-1] * 4
+    assert torch.equal(closed.logits, b.logits)
 
 
 def test_diversity_option_changes_only_the_diversity_term():
