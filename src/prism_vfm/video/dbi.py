@@ -90,6 +90,10 @@ class DBI(nn.Module):
         n = len(self.rates)
         return [(i, j) for i in range(n) for j in range(n) if i != j]
 
+    def project_slow(self, stream: Tensor) -> Tensor:
+        """The shared slow→fast 1×1 convolution on a (B, L, D) stream."""
+        return F.linear(stream, self.slow_to_fast.weight.squeeze(-1), self.slow_to_fast.bias)
+
     def contribution(self, streams: list[Tensor], i: int, j: int, projected: Tensor | None = None) -> Tensor:
         """What source i adds to target j before scaling, (B, L_j, D).
 
@@ -102,7 +106,7 @@ class DBI(nn.Module):
         length = streams[j].shape[1]
         if self.slow[i]:
             if projected is None:
-                projected = F.linear(source, self.slow_to_fast.weight.squeeze(-1), self.slow_to_fast.bias)
+                projected = self.project_slow(source)
             return interpolation_matrix(source.shape[1], length, source) @ projected
         conv = self.fast_to_slow[pair_key(i, j)]
         assert isinstance(conv, nn.Conv1d)
@@ -137,9 +141,7 @@ class DBI(nn.Module):
             out = streams[j]
             for i in writers:
                 if self.slow[i] and i not in projected:
-                    projected[i] = F.linear(
-                        streams[i], self.slow_to_fast.weight.squeeze(-1), self.slow_to_fast.bias
-                    )
+                    projected[i] = self.project_slow(streams[i])
                 contrib = self.contribution(streams, i, j, projected.get(i))
                 out = out + scores[(i, j)].view(-1, 1, 1) * contrib
             outputs[j] = out
