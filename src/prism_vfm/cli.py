@@ -133,6 +133,24 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     print(f"run saved in {run}")
 
 
+def cmd_video_train(args: argparse.Namespace) -> None:
+    from prism_vfm.config import apply_overrides, load_yaml
+    from prism_vfm.video.train import train_video
+    from prism_vfm.video.train_config import VideoTrainConfig, preset
+
+    cfg = preset(args.preset)
+    if args.config:
+        cfg = load_yaml(VideoTrainConfig, args.config, base=cfg)
+    direct = [("data.root", args.data), ("model.init", args.init), ("out", args.out)]
+    cfg = apply_overrides(cfg, [(k, v) for k, v in direct if v is not None] + list(args.set))
+    if not (cfg.data.root or cfg.data.train_list):
+        raise SystemExit("prism video train: give the data set folder (--data) or data.train_list")
+    run = train_video(
+        cfg, resume=args.resume, overwrite=args.overwrite, allow_config_change=args.allow_config_change
+    )
+    print(f"run saved in {run}")
+
+
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from prism_vfm.evaluate import evaluate
     from prism_vfm.train.distributed import init_distributed
@@ -333,6 +351,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ablation", help="the Stage-1 run's ablation variant (its loss and teacher switches)")
     p.set_defaults(func=cmd_finetune)
 
+    video = sub.add_parser("video", help="VidPrism: train and evaluate on video data sets")
+    video_sub = video.add_subparsers(dest="video_command", required=True)
+    p = video_sub.add_parser("train", help="train VidPrism (torchrun for several GPUs)")
+    p.add_argument(
+        "--preset",
+        default="k400_vitb16",
+        help="k400_vitb16, k400_vitl14, ucf101_vitb16, ucf101_vitl14, hmdb51_vitb16, hmdb51_vitl14 (the "
+        "released configurations) or tiny (CPU, seconds)",
+    )
+    p.add_argument("--data", help="data set folder: videos/, train.txt, val.txt, labels.csv")
+    p.add_argument("--init", help="a previous VidPrism to start from (run, folder or released .pt)")
+    p.add_argument("--out", help="run folder (checkpoints, config.yaml, metrics.jsonl, tensorboard/)")
+    p.add_argument("--config", help="YAML file of configuration keys (applied over the preset)")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a key (repeatable)"
+    )
+    _run_folder_arguments(p)
+    p.set_defaults(func=cmd_video_train)
+
     p = sub.add_parser(
         "sweep", help="train ablation variants with shared settings and write one comparison table"
     )
@@ -348,9 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stage2-data", help="the PASCALContext/ or NYUDv2/ folder (runs Stage 2)")
     p.add_argument("--stage2-preset", help="Stage-2 preset: pascal, nyud or tiny")
     p.add_argument("--stage2-config", help="Stage-2 YAML file of configuration keys")
-    p.add_argument(
-        "--stage2-set", action="append", default=[], metavar="KEY=VALUE", help="Stage-2 override"
-    )
+    p.add_argument("--stage2-set", action="append", default=[], metavar="KEY=VALUE", help="Stage-2 override")
     p.add_argument("--split", default="val", help="evaluation split after Stage 2")
     p.add_argument("--no-eval", action="store_true", help="skip the evaluation after Stage 2")
     p.add_argument("--baselines", help="JSON file {task: single-task score} for Δm")
@@ -434,7 +469,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-DISTRIBUTED_COMMANDS = frozenset({"distill", "finetune", "evaluate", "sweep"})
+DISTRIBUTED_COMMANDS = frozenset({"distill", "finetune", "evaluate", "sweep", "video"})
 """The commands that share their work among torchrun's processes (the others refuse to run under it)."""
 
 

@@ -165,9 +165,16 @@ def average_floating_buffers(module: torch.nn.Module) -> None:
 
 
 def wrap_model(
-    model: torch.nn.Module, env: DistEnv, fsdp: bool, units: Iterable[torch.nn.Module] = ()
+    model: torch.nn.Module,
+    env: DistEnv,
+    fsdp: bool,
+    units: Iterable[torch.nn.Module] = (),
+    find_unused: bool = False,
 ) -> torch.nn.Module:
-    """DDP (no ``find_unused_parameters``) or FSDP2 sharding for several processes; the model itself for one.
+    """DDP or FSDP2 sharding for several processes; the model itself for one.
+
+    DDP runs without ``find_unused_parameters`` unless ``find_unused`` (a model some of whose parameters
+    take no gradient in a step, depending on its input: their gradients then stay unset, as in one process).
 
     With ``fsdp``, every module of ``units`` (e.g. the transformer blocks and projector heads) becomes its own
     FSDP unit and the root holds the rest; parameters are then sharded in place, so the optimiser must be
@@ -182,7 +189,11 @@ def wrap_model(
             fully_shard(unit)
         fully_shard(model)
         return model
-    return DistributedDataParallel(model, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
+    return DistributedDataParallel(
+        model,
+        device_ids=[env.local_rank] if env.device.type == "cuda" else None,
+        find_unused_parameters=find_unused,
+    )
 
 
 def gradient_sync(net: torch.nn.Module, enabled: bool) -> contextlib.AbstractContextManager:

@@ -60,6 +60,7 @@ class Loop:
         ckpt_every: steps between checkpoints; 0: none but the last (and ``checkpoint_at``'s).
         keep_last: checkpoints kept (0: all).
         samples_per_step: samples in one optimiser step over every process (the logged rate).
+        sample_name: what a sample is, naming the logged rate (``<name>_per_s``) and the progress bar's.
         desc: the progress bar's label.
         scalars: extra scalars at each log step, given the step (called on every process).
         evaluate: scalars of an evaluation, given the step, logged every ``eval_every`` steps (0: at the end).
@@ -80,6 +81,7 @@ class Loop:
     ckpt_every: int = 0
     keep_last: int = 3
     samples_per_step: int = 1
+    sample_name: str = "images"
     desc: str = "train"
     scalars: Callable[[int], dict[str, float]] | None = None
     evaluate: Callable[[int], dict[str, float]] | None = None
@@ -178,7 +180,7 @@ def fit(
             scalars.update(
                 {
                     "lr": cast(float, scheduler.get_last_lr()[0]),  # lr given as a float
-                    "images_per_s": rate,
+                    f"{loop.sample_name}_per_s": rate,
                     "grad_norm": to_local_scalar(grad_norm),
                 }
             )
@@ -186,7 +188,8 @@ def fit(
                 scalars.update(loop.scalars(done))
             log.scalars(done, scalars)
             shown = {"loss": f"{scalars['loss/total']:.4f}"} if "loss/total" in scalars else {}
-            bar.set_postfix(**shown, lr=f"{scalars['lr']:.2e}", img_s=f"{rate:.1f}")
+            rate_label = "img_s" if loop.sample_name == "images" else f"{loop.sample_name}_s"
+            bar.set_postfix(**shown, lr=f"{scalars['lr']:.2e}", **{rate_label: f"{rate:.1f}"})
             tic, seen = time.perf_counter(), 0
         if loop.evaluate is not None and _due(done, loop.eval_every, loop.end_step):
             log.scalars(done, loop.evaluate(done))

@@ -1,11 +1,12 @@
 """A run folder: what it holds, when a run may write into it, and what resuming it may change.
 
 A run folder holds one run and nothing else: ``config.yaml`` (the settings it was started with),
-``config_changes.yaml`` (settings changed on a resume, with the step), ``metrics.jsonl``, ``tensorboard/``
-and ``checkpoints/``. A new run needs an empty (or absent) folder; ``overwrite`` first removes exactly
-those run files, and refuses if the folder holds anything else. ``resume`` continues from the folder's
-``latest`` checkpoint after comparing the saved settings with the new ones: a difference in a setting
-that changes the result stops the run with the list of differences, unless ``allow_config_change``.
+``config_changes.yaml`` (settings changed on a resume, with the step), ``metrics.jsonl``, ``tensorboard/``,
+``checkpoints/`` and, once it ends, ``summary.json``. A new run needs an empty (or absent) folder;
+``overwrite`` first removes exactly those run files, and refuses if the folder holds anything else.
+``resume`` continues from the folder's ``latest`` checkpoint after comparing the saved settings with the
+new ones: a difference in a setting that changes the result stops the run with the list of differences,
+unless ``allow_config_change``.
 """
 
 from __future__ import annotations
@@ -27,7 +28,14 @@ from prism_vfm.train.distributed import barrier
 
 logger = logging.getLogger(__name__)
 
-RUN_FILES = ("config.yaml", "config_changes.yaml", "metrics.jsonl", "tensorboard", "checkpoints")
+RUN_FILES = (
+    "config.yaml",
+    "config_changes.yaml",
+    "metrics.jsonl",
+    "tensorboard",
+    "checkpoints",
+    "summary.json",
+)
 """Everything a training run writes into its folder (and all that ``overwrite`` removes)."""
 
 RUN_CONTROL = frozenset({"out", "max_steps", "workers", "log_every", "ckpt_every", "keep_last", "val_every"})

@@ -1,0 +1,353 @@
+"""VidPrism training, top to bottom in one function (VIDPRISM_SPEC §3).
+
+environment → data (released lists, TSN sampling and augmentation) → model (CLIP tower + head, or a
+previous VidPrism with a new classifier) → class text embeddings for the released L_con → AdamW in two
+learning-rate groups (the tower at ``lr × clip_ratio``) with the released warm-up + cosine by fractional
+epoch → the step function, handed to the training loop (:func:`prism_vfm.train.loop.fit`) with validation
+every epoch and a checkpoint at every epoch end.
+
+Batches, frames and augmentations depend only on (seed, epoch, index) and the step, so ``--resume`` and the
+number of processes do not change the data. Broken input (a video that does not open, a frame that does
+not decode) is counted: logged as ``data/bad_videos`` / ``data/bad_frames``, kept in every checkpoint so
+a resumed run goes on counting, and written to the run's ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, cast
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from prism_vfm.data.sampling import ShardedBatchSampler, mix_seed
+from prism_vfm.models.load import LoadReport
+from prism_vfm.train.checkpoint import checkpoint_dir, latest_checkpoint
+from prism_vfm.train.distributed import (
+    all_gather_objects,
+    all_reduce_sum,
+    init_distributed,
+    shard_indices,
+    wrap_model,
+)
+from prism_vfm.train.loop import Loop, fit
+from prism_vfm.train.optim import decay_split
+from prism_vfm.train.precision import autocast, choose_precision
+from prism_vfm.train.run import TrainingRun
+from prism_vfm.train.schedule import warmup_cosine_epochs
+from prism_vfm.utils.io import read_safetensors_file
+from prism_vfm.video.config import HeadConfig
+from prism_vfm.video.data.dataset import DataIssues, VideoDataset
+from prism_vfm.video.data.lists import read_label_csv, read_video_list
+from prism_vfm.video.losses import released_loss
+from prism_vfm.video.metrics import ClassificationMeter
+from prism_vfm.video.model import VidPrism
+from prism_vfm.video.prompts import ENSEMBLE_28
+from prism_vfm.video.text import TextEncoder, class_text_embeddings, load_text_weights
+from prism_vfm.video.train_config import TOWERS, VideoTrainConfig, resolved, validate_video_train
+
+logger = logging.getLogger(__name__)
+
+
+def released_step_epoch(step: int, steps_per_epoch: int, every: int = 10) -> float:
+    """The fractional epoch the released schedule is set to for optimiser step ``step``.
+
+    The release sets the schedule to ``epoch + i / iterations_per_epoch`` at iteration ``i = 0`` of an
+    epoch and whenever ``(i + 1) % every == 0``; a step uses the value set last at or before it. ``every=1``
+    sets it at every step. Iterations are optimiser steps here: with gradient accumulation the release
+    counts loader iterations (``accum`` per step), which would make the schedule depend on how a global
+    batch is split between processes and accumulation; counting steps keeps a run the same whatever the
+    split, and equals the release without accumulation.
+    """
+    epoch, j = divmod(step, steps_per_epoch)
+    i = 0 if j + 1 < every else (j + 1) // every * every - 1
+    return epoch + i / steps_per_epoch
+
+
+class _EpochIndexed(Dataset):
+    """``self[(index, epoch)]``: the sample of ``index`` with epoch ``epoch``'s random choices."""
+
+    def __init__(self, base: VideoDataset) -> None:
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
+        index, epoch = key
+        self.base.set_epoch(epoch)
+        return self.base[index]
+
+
+def build_model(cfg: VideoTrainConfig, num_classes: int) -> VidPrism:
+    """The CLIP tower (OpenAI's weights unless ``model.pretrained`` is false) and a fresh head; then, with
+    ``model.init``, every entry of a previous VidPrism whose name and shape match (the classifier starts
+    fresh when the class count differs)."""
+    m = cfg.model
+    tower, _ = TOWERS[m.tower]
+    head = HeadConfig(
+        dim=tower.output_dim, num_classes=num_classes, dbi_update=m.dbi_update, diversity=m.diversity
+    )
+    model = VidPrism(
+        tower,
+        head,
+        img_size=cfg.data.size,
+        grad_checkpointing=m.grad_checkpointing,
+        pretrained=m.pretrained,
+    )
+    if m.init:
+        logger.info("init: %s", transfer_init(model, m.init).summary())
+    return model
+
+
+def transfer_init(model: VidPrism, source: str | Path) -> LoadReport:
+    """Fill ``model`` from a previous VidPrism: a run folder (latest checkpoint), a checkpoint or
+    ``save_pretrained`` folder, or a released training checkpoint (``.pt``/``.pth``, read without executing
+    code). Entries are taken by name where the shapes agree; only the classifier may stay fresh (a new
+    class count), anything else missing is a :class:`~prism_vfm.models.load.LoadError`."""
+    path = Path(source)
+    if path.is_dir():
+        folder = latest_checkpoint(path) if checkpoint_dir(path).is_dir() else path
+        if folder is None or not (folder / "model.safetensors").is_file():
+            raise FileNotFoundError(f"{path} holds no VidPrism checkpoint (model.safetensors)")
+        state, kind = read_safetensors_file(folder / "model.safetensors"), "VidPrism checkpoint"
+    else:
+        state = VidPrism.from_released_checkpoint(path).state_dict()
+        kind = "released VidPrism checkpoint"
+    own = model.state_dict()
+    report = LoadReport(str(path), kind)
+    taken: dict[str, Tensor] = {}
+    for key, value in state.items():
+        if key not in own:
+            report.ignored.append(key)
+        elif value.shape != own[key].shape:
+            report.mismatched[key] = (tuple(value.shape), tuple(own[key].shape))
+        else:
+            taken[key] = value
+            report.loaded.append(key)
+    report.missing = sorted(k for k in own if k not in taken and k not in report.mismatched)
+    report.check(allow_fresh=("head.classifier.*",))
+    model.load_state_dict(taken, strict=False)
+    return report
+
+
+def text_embeddings(cfg: VideoTrainConfig, class_names: list[str], device: torch.device) -> Tensor:
+    """(C, D) class embeddings of the 28-template prompt ensemble through CLIP's text tower (computed once;
+    the tower is dropped afterwards)."""
+    _, text_tower = TOWERS[cfg.model.tower]
+    encoder = TextEncoder(text_tower)
+    if cfg.model.pretrained:
+        load_text_weights(encoder, "hub")
+    encoder.requires_grad_(False).eval()
+    return class_text_embeddings(encoder, class_names, ENSEMBLE_28).to(device)
+
+
+def train_video(
+    cfg: VideoTrainConfig, resume: bool = False, overwrite: bool = False, allow_config_change: bool = False
+) -> Path:
+    """Train VidPrism as configured; returns the run folder.
+
+    ``resume``, ``overwrite`` and ``allow_config_change`` are those of
+    :class:`~prism_vfm.train.run.TrainingRun`.
+    """
+    cfg = resolved(cfg)
+    validate_video_train(cfg)
+    env = init_distributed()
+    choose_precision(cfg.amp, env.device)  # a precision this device cannot run stops here
+    run = TrainingRun(
+        cfg.out,
+        cfg,
+        resume=resume,
+        overwrite=overwrite,
+        allow_config_change=allow_config_change,
+        is_main=env.is_main,
+    )
+    torch.manual_seed(cfg.seed)
+    d = cfg.data
+
+    # data
+    class_names = read_label_csv(d.labels)
+    train_samples = read_video_list(d.train_list, len(class_names), root=d.videos, drop_short=True)
+    train_set = VideoDataset(
+        d.videos,
+        train_samples,
+        "train",
+        d.num_frames,
+        d.size,
+        d.scale_size,
+        decoder=d.decoder,
+        seed=cfg.seed,
+        dataset=d.dataset,
+    )
+    val_set = None
+    if d.val_list:
+        val_samples = read_video_list(d.val_list, len(class_names), root=d.videos)
+        val_set = VideoDataset(
+            d.videos,
+            val_samples,
+            "val",
+            d.num_frames,
+            d.size,
+            d.scale_size,
+            decoder=d.decoder,
+            seed=cfg.seed,
+            dataset=d.dataset,
+        )
+    global_batch = cfg.batch_size * env.world_size * cfg.accum
+    steps_per_epoch = len(train_samples) // global_batch
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"{d.train_list}: {len(train_samples)} videos, fewer than one global batch of {global_batch} "
+            f"(batch_size {cfg.batch_size} × {env.world_size} processes × accum {cfg.accum})"
+        )
+    total_steps = cfg.epochs * steps_per_epoch
+    end_step = min(total_steps, cfg.max_steps) if cfg.max_steps > 0 else total_steps
+
+    # model and the class prompts' text embeddings
+    model = build_model(cfg, len(class_names)).to(env.device).train()
+    run.restore_weights(model)
+    class_text = text_embeddings(cfg, class_names, env.device) if cfg.model.text_loss else None
+    # Some head parameters take no gradient in a step, depending on the input (DBI's filter, §8).
+    net = wrap_model(model, env, fsdp=False, find_unused=True)
+
+    # optimiser: the tower at lr × clip_ratio, the head at lr; decay on all parameters as released
+    groups = []
+    for name, params, lr in (
+        ("backbone", list(model.backbone.parameters()), cfg.lr * cfg.clip_ratio),
+        ("head", list(model.head.parameters()), cfg.lr),
+    ):
+        split = decay_split(model, params)
+        parts = [(True, split[True] + split[False])] if cfg.decay == "all" else list(split.items())
+        for decayed, chosen in parts:
+            if chosen:
+                wd = cfg.weight_decay if decayed else 0.0
+                groups.append({"params": chosen, "lr": lr, "weight_decay": wd, "name": name})
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
+
+    def factor(step: int) -> float:
+        epoch = released_step_epoch(step, steps_per_epoch, cfg.lr_every)
+        return warmup_cosine_epochs(epoch, cfg.warmup_epochs, cfg.epochs)
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+    sampler = ShardedBatchSampler(
+        len(train_set),
+        cfg.batch_size,
+        end_step,
+        cfg.seed,
+        env.rank,
+        env.world_size,
+        cfg.accum,
+        run.start_step,
+    )
+    loader = DataLoader(
+        _EpochIndexed(train_set),
+        batch_sampler=sampler,
+        num_workers=d.workers,
+        pin_memory=env.device.type == "cuda",
+        persistent_workers=d.workers > 0,
+    )
+    issues = DataIssues()
+    saved_issues: list[dict[str, int]] = []
+
+    def forward_step(batch: dict[str, Any], step: int, micro: int) -> tuple[Tensor, dict[str, Tensor]]:
+        issues.update(batch)
+        clips = batch["video"].to(env.device, non_blocking=True)
+        labels = batch["label"].to(env.device, non_blocking=True)
+        torch.manual_seed(mix_seed(cfg.seed, step, sampler.shard(micro), 1))
+        out = net(clips)
+        loss = released_loss(out, labels, class_text, text_scale=cfg.model.text_scale)
+        terms = {**loss.terms, "total": loss.total}
+        return loss.total, {k: v.detach().float() for k, v in terms.items()}
+
+    def issue_totals() -> dict[str, float]:
+        counts = torch.tensor([issues.bad_videos, issues.bad_frames, issues.samples], dtype=torch.long)
+        total = all_reduce_sum(counts).cpu()
+        return {
+            "data/bad_videos": float(total[0]),
+            "data/bad_frames": float(total[1]),
+            "data/samples": float(total[2]),
+        }
+
+    def gather_issues() -> None:
+        saved_issues[:] = all_gather_objects(issues.as_dict())  # every rank joins
+
+    def restore(state: dict[str, Any]) -> None:
+        per_rank = state.get("data_issues", [])
+        if len(per_rank) == env.world_size:
+            issues.load(per_rank[env.rank])
+        elif per_rank and env.is_main:  # another process count: the totals go on on the main process
+            issues.load({k: sum(r[k] for r in per_rank) for k in per_rank[0]})
+
+    validation = None
+    last_val: dict[str, float] = {}
+    if val_set is not None:
+
+        def validation(done: int) -> dict[str, float]:
+            last_val.update(validate(model, val_set, cfg, env.device))
+            return {f"val/{k}": v for k, v in last_val.items()}
+
+    loop = Loop(
+        end_step,
+        forward_step,
+        accum=cfg.accum,
+        amp=cfg.amp,
+        clip_grad=cfg.clip_grad or None,
+        log_every=cfg.log_every,
+        ckpt_every=cfg.ckpt_every,
+        keep_last=cfg.keep_last,
+        samples_per_step=global_batch,
+        sample_name="clips",
+        desc="vidprism",
+        scalars=lambda done: issue_totals(),
+        evaluate=validation,
+        eval_every=cfg.val_every * steps_per_epoch,
+        checkpoint_at=lambda done: done % steps_per_epoch == 0,
+        extra_state=lambda done: {"epoch": done / steps_per_epoch, "data_issues": list(saved_issues)},
+        restore_state=restore,
+        before_save=gather_issues,
+        model_config=cast("dict[str, Any] | None", model._hub_mixin_config),  # init kwargs: a dict
+    )
+    fit(run, model, net, optimizer, scheduler, iter(loader), loop, env)
+
+    totals = issue_totals()
+    if env.is_main:
+        summary = {
+            "steps": end_step,
+            "epochs": end_step / steps_per_epoch,
+            "data_issues": {k.removeprefix("data/"): int(v) for k, v in totals.items()},
+            "validation": last_val,
+        }
+        (run.path / "summary.json").write_text(json.dumps(summary, indent=2))
+        if totals["data/bad_videos"] or totals["data/bad_frames"]:
+            logger.warning(
+                "%d videos could not be opened and were replaced; %d frames did not decode and were "
+                "replaced by a neighbour (see %s)",
+                totals["data/bad_videos"],
+                totals["data/bad_frames"],
+                run.path / "summary.json",
+            )
+    return run.path
+
+
+@torch.no_grad()
+def validate(
+    model: VidPrism, dataset: VideoDataset, cfg: VideoTrainConfig, device: torch.device
+) -> dict[str, float]:
+    """Top-1 / top-5 of one centre view per video (the release's validation), summed over processes:
+    every process scores its part of the list; every process must call it."""
+    was_training = model.training
+    model.eval()
+    meter = ClassificationMeter(model.head.cfg.num_classes)
+    part = Subset(dataset, shard_indices(len(dataset)))
+    for batch in DataLoader(part, batch_size=cfg.batch_size, num_workers=cfg.data.workers):
+        with autocast(cfg.amp, device):
+            logits = model(batch["video"].to(device)).logits
+        meter.update(logits.float().softmax(dim=-1), batch["label"])
+    meter.reduce()
+    model.train(was_training)
+    scores = meter.scores()
+    return {"top1": scores["top1"], "top5": scores["top5"]}

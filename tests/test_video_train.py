@@ -1,0 +1,216 @@
+"""VidPrism training (``prism video train``) on tiny generated video data sets."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+
+from prism_vfm.config import ConfigError, apply_overrides
+from prism_vfm.train.checkpoint import latest_checkpoint
+from prism_vfm.train.logging import read_scalars
+from prism_vfm.train.schedule import warmup_cosine_epochs
+from prism_vfm.video.data.lists import VideoSample, write_label_csv, write_video_list
+from prism_vfm.video.data.synthetic import write_tiny_video_dataset, write_video
+from prism_vfm.video.train import released_step_epoch, train_video
+from prism_vfm.video.train_config import preset, resolved, validate_video_train
+from tests.video_fixtures import folder
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ucf")
+    write_tiny_video_dataset(root, "ucf101", n_classes=3, per_class=4, corrupt_video=True)
+    return root
+
+
+@pytest.fixture(scope="module")
+def colours(tmp_path_factory):
+    """Three classes of clips of one colour each (noisy), so that every crop of a clip shows its class."""
+    root = tmp_path_factory.mktemp("colours")
+    train, val = [], []
+    for c, colour in enumerate([(200, 40, 40), (40, 200, 40), (40, 40, 200)]):
+        for v in range(5):
+            noise = np.random.default_rng(10 * c + v).integers(-30, 30, (12, 48, 64, 1))
+            frames = np.clip(np.array(colour) + noise, 0, 255).astype(np.uint8)
+            path = f"class{c}/v{v}.avi"
+            write_video(root / "videos" / path, frames)
+            (val if v == 0 else train).append(VideoSample(path, c))
+    write_video_list(root / "train.txt", train)
+    write_video_list(root / "val.txt", val)
+    write_label_csv(root / "labels.csv", [f"class {c}" for c in range(3)])
+    return root
+
+
+def tiny_cfg(data: Path, out: Path, *overrides):
+    return apply_overrides(preset("tiny"), [("data.root", str(data)), ("out", str(out)), *overrides])
+
+
+def final_weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(latest_checkpoint(run) / "model.safetensors")
+
+
+def test_learning_rates_equal_the_released_schedule():
+    reference = json.loads((folder("train_utils") / "reference.json").read_text())["lr_schedule"]
+    for name, entry in reference.items():
+        solver = entry["solver"]
+        bases = [solver["lr"] * solver["clip_ratio"], solver["lr"]]
+        assert bases == entry["base_lrs"], name
+        warmup, epochs = solver["lr_warmup_step"], solver["epochs"]
+        for point in entry["points"]:
+            lrs = [b * warmup_cosine_epochs(point["epoch"], warmup, epochs) for b in bases]
+            assert lrs == [point["lr_backbone"], point["lr_head"]], (name, point)
+        trace = entry["iteration_trace"]
+        per_epoch = trace["iterations_per_epoch"]
+        for value in trace["values"]:
+            step = value["epoch"] * per_epoch + value["i"]
+            e = released_step_epoch(step, per_epoch, every=10)
+            lrs = [b * warmup_cosine_epochs(e, warmup, epochs) for b in bases]
+            assert lrs == [value["lr_backbone"], value["lr_head"]], (name, value)
+
+
+def test_schedule_set_every_step_as_an_option():
+    assert [released_step_epoch(s, 23, every=1) for s in (0, 5, 23, 24)] == [0.0, 5 / 23, 1.0, 1 + 1 / 23]
+    assert [released_step_epoch(s, 23, every=10) for s in (8, 9, 19, 23)] == [0.0, 9 / 23, 19 / 23, 1.0]
+
+
+def test_the_tiny_preset_learns(colours, tmp_path):
+    run = train_video(tiny_cfg(colours, tmp_path / "run", ("val_every", 5)))
+    records = read_scalars(run)
+    ce = [r["loss/ce"] for r in records if "loss/ce" in r]
+    assert len(ce) == 60
+    assert sum(ce[-8:]) / 8 < 0.6 * sum(ce[:8]) / 8
+    assert [r["val/top1"] for r in records if "val/top1" in r][-1] == 100.0
+
+
+def test_a_run_logs_every_term_counts_a_corrupt_video_and_writes_its_summary(data, tmp_path):
+    run = train_video(tiny_cfg(data, tmp_path / "run", ("epochs", 2)))
+    records = read_scalars(run)
+    last = {k: v for r in records if r["step"] == records[-1]["step"] for k, v in r.items()}
+    for key in (
+        "loss/ce",
+        "loss/gate",
+        "loss/text",
+        "loss/diversity",
+        "loss/rank",
+        "loss/total",
+        "lr",
+        "clips_per_s",
+        "data/bad_videos",
+        "data/bad_frames",
+        "val/top1",
+        "val/top5",
+    ):
+        assert key in last, key
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["data_issues"]["bad_videos"] == last["data/bad_videos"]
+    # The list holds a corrupt video; over two epochs it is drawn at least once and replaced.
+    assert summary["data_issues"]["bad_videos"] >= 1
+    state = torch.load(latest_checkpoint(run) / "state.pt", weights_only=True)
+    assert state["data_issues"][0]["bad_videos"] == summary["data_issues"]["bad_videos"]
+    assert (run / "checkpoints").is_dir() and any((run / "tensorboard").iterdir())
+
+
+def test_bad_config_keys_and_values_are_named(data, tmp_path):
+    with pytest.raises(ConfigError, match="unknown configuration key model.towr"):
+        tiny_cfg(data, tmp_path, ("model.towr", "tiny"))
+    bad = resolved(tiny_cfg(data, tmp_path, ("model.tower", "ViT-H/99")))
+    with pytest.raises(ConfigError, match="model.tower"):
+        validate_video_train(bad)
+    bad = resolved(tiny_cfg(data, tmp_path, ("data.labels", str(tmp_path / "none.csv"))))
+    with pytest.raises(ConfigError, match="data.labels"):
+        validate_video_train(bad)
+
+
+def test_released_presets_fix_the_release_config_defects():
+    assert preset("k400_vitl14").model.tower == "ViT-L/14"  # the release's file builds ViT-B/16
+    assert preset("hmdb51_vitb16").data.split == 1  # the release trains on split 3
+    k400 = preset("k400_vitb16")
+    assert (k400.lr, k400.clip_ratio, k400.epochs, k400.warmup_epochs) == (1e-4, 0.07, 40, 10)
+
+
+def _ddp_worker(rank: int, port: int, data: str, out: str) -> None:
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
+    torch.set_num_threads(1)
+    train_video(tiny_cfg(Path(data), Path(out), ("batch_size", 2), ("epochs", 2)))
+    torch.distributed.destroy_process_group()
+
+
+def test_two_process_run_matches_one_process_with_the_same_global_batch(data, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(port, str(data), str(tmp_path / "ddp")), nprocs=2, join=True)
+    torch.set_num_threads(1)
+    train_video(tiny_cfg(data, tmp_path / "single", ("batch_size", 2), ("accum", 2), ("epochs", 2)))
+    assert latest_checkpoint(tmp_path / "ddp").name == latest_checkpoint(tmp_path / "single").name
+    ddp, single = final_weights(tmp_path / "ddp"), final_weights(tmp_path / "single")
+    assert ddp.keys() == single.keys()
+    worst = max(float((ddp[k] - single[k]).abs().max()) for k in ddp)
+    assert worst < 1e-5, worst
+
+
+def _cli(data: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "prism_vfm.cli",
+        "video",
+        "train",
+        "--preset",
+        "tiny",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--set",
+        "epochs=8",
+        "--set",
+        "ckpt_every=1",
+        *extra,
+    ]
+
+
+def test_sigkill_then_resume_ends_with_identical_weights(data, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(_cli(data, tmp_path / "whole"), check=True, env=env, capture_output=True)
+    proc = subprocess.Popen(
+        _cli(data, tmp_path / "killed"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    pointer = tmp_path / "killed" / "checkpoints" / "latest"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (
+        pointer.exists() and pointer.read_text().strip() >= "step_00000005"
+    ):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    end = latest_checkpoint(tmp_path / "whole").name
+    assert latest_checkpoint(tmp_path / "killed").name < end, "the run finished before it could be killed"
+    subprocess.run(_cli(data, tmp_path / "killed", "--resume"), check=True, env=env, capture_output=True)
+    assert latest_checkpoint(tmp_path / "killed").name == end
+    whole, resumed = final_weights(tmp_path / "whole"), final_weights(tmp_path / "killed")
+    for key in whole:
+        assert torch.equal(whole[key], resumed[key]), key
+    summaries = [json.loads((tmp_path / r / "summary.json").read_text()) for r in ("whole", "killed")]
+    assert summaries[0]["data_issues"] == summaries[1]["data_issues"]
+
+
+def test_cli_names_an_unknown_key(data, tmp_path):
+    result = subprocess.run(
+        _cli(data, tmp_path / "x", "--set", "model.lrr=1"), capture_output=True, text=True
+    )
+    assert result.returncode != 0 and "unknown configuration key model.lrr" in result.stderr
