@@ -151,6 +151,40 @@ def cmd_video_train(args: argparse.Namespace) -> None:
     print(f"run saved in {run}")
 
 
+def cmd_video_evaluate(args: argparse.Namespace) -> None:
+    from prism_vfm.train.distributed import init_distributed
+    from prism_vfm.video.evaluate import evaluate_video
+
+    env = init_distributed()  # under torchrun every process scores its part of the list
+    data = Path(args.data) if args.data else None
+    given = {"list": args.list, "labels": args.labels, "videos": args.videos}
+    defaults = {"list": "val.txt", "labels": "labels.csv", "videos": "videos"}
+    paths: dict[str, str | Path] = {}
+    for key, value in given.items():
+        if value is None and data is None:
+            raise SystemExit(f"prism video evaluate: give --data DIR or --{key}")
+        paths[key] = value if value is not None else cast(Path, data) / defaults[key]
+    result = evaluate_video(
+        args.checkpoint,
+        paths["list"],
+        paths["labels"],
+        paths["videos"],
+        dataset=args.dataset,
+        out=args.out,
+        num_frames=args.frames,
+        size=args.size,
+        test_clips=args.clips,
+        test_crops=args.crops,
+        average=args.average,
+        blend=args.blend,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        device=str(env.device) if env.world_size > 1 else args.device,
+    )
+    if env.is_main:
+        print(json.dumps({"scores": result["scores"], "views": result["views"]}, indent=2))
+
+
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from prism_vfm.evaluate import evaluate
     from prism_vfm.train.distributed import init_distributed
@@ -369,6 +403,35 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _run_folder_arguments(p)
     p.set_defaults(func=cmd_video_train)
+
+    p = video_sub.add_parser("evaluate", help="closed-set top-1 / top-5 over clips × crops views")
+    p.add_argument("--checkpoint", required=True, help="a run, checkpoint folder or released .pt")
+    p.add_argument("--data", help="data set folder: videos/, val.txt, labels.csv")
+    p.add_argument("--list", help="video list to evaluate (default: DATA/val.txt)")
+    p.add_argument("--labels", help="label CSV (default: DATA/labels.csv)")
+    p.add_argument("--videos", help="folder the list's paths are relative to (default: DATA/videos)")
+    p.add_argument("--dataset", help="registry name (k400, ucf101, hmdb51, ssv2)")
+    p.add_argument("--out", help="folder for metrics.json, metrics.md, per_class.csv, confusion.png")
+    p.add_argument("--frames", type=int, default=32, help="frames per clip (default 32)")
+    p.add_argument("--size", type=int, default=224, help="frame side (default 224)")
+    p.add_argument("--clips", type=int, default=1, help="clips per video (default 1)")
+    p.add_argument("--crops", type=int, default=1, choices=[1, 3, 5, 10], help="crops per clip (default 1)")
+    p.add_argument(
+        "--average",
+        choices=["logits", "softmax"],
+        default="logits",
+        help="average the views' logits then softmax (released) or their softmax scores",
+    )
+    p.add_argument(
+        "--blend",
+        default="hub",
+        help="test-time blend 0.99 fine-tuned + 0.01 original CLIP: 'hub' (released, OpenAI's weights), a "
+        "CLIP weight file, or 'none'",
+    )
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_video_evaluate)
 
     p = sub.add_parser(
         "sweep", help="train ablation variants with shared settings and write one comparison table"

@@ -43,7 +43,7 @@ from prism_vfm.video.config import HeadConfig
 from prism_vfm.video.data.dataset import DataIssues, VideoDataset
 from prism_vfm.video.data.lists import read_label_csv, read_video_list
 from prism_vfm.video.losses import released_loss
-from prism_vfm.video.metrics import ClassificationMeter
+from prism_vfm.video.metrics import ClassificationMeter, average_views
 from prism_vfm.video.model import VidPrism
 from prism_vfm.video.prompts import ENSEMBLE_28
 from prism_vfm.video.text import TextEncoder, class_text_embeddings, load_text_weights
@@ -346,7 +346,7 @@ def validate(
     for batch in DataLoader(part, batch_size=cfg.batch_size, num_workers=cfg.data.workers):
         with autocast(cfg.amp, device):
             logits = model(batch["video"].to(device)).logits
-        meter.update(logits.float().softmax(dim=-1), batch["label"])
+        meter.update(average_views(logits[:, None]), batch["label"])
     meter.reduce()
     model.train(was_training)
     scores = meter.scores()
