@@ -214,3 +214,34 @@ def test_cli_names_an_unknown_key(data, tmp_path):
         _cli(data, tmp_path / "x", "--set", "model.lrr=1"), capture_output=True, text=True
     )
     assert result.returncode != 0 and "unknown configuration key model.lrr" in result.stderr
+
+
+def test_transfer_takes_every_entry_but_a_new_classifier(data, tmp_path):
+    from prism_vfm.video.evaluate import load_vidprism
+    from prism_vfm.video.train import build_model
+
+    source_run = train_video(tiny_cfg(data, tmp_path / "source", ("epochs", 1), ("data.val_list", "")))
+    source = load_vidprism(source_run)
+    released = source.save_released_checkpoint(tmp_path / "model_best.pt")
+    for init in (source_run, released):
+        cfg = tiny_cfg(data, tmp_path / "target", ("model.init", str(init)))
+        model = build_model(cfg, num_classes=5)  # another class count: a new classifier
+        theirs = source.state_dict()
+        for key, value in model.state_dict().items():
+            if key.startswith("head.classifier."):
+                assert value.shape[0] == 5
+            else:
+                assert torch.equal(value, theirs[key]), (init, key)
+
+
+def test_transfer_from_something_else_names_what_is_missing(data, tmp_path):
+    from prism_vfm.models.load import LoadError
+    from prism_vfm.video.train import build_model, transfer_init
+
+    model = build_model(tiny_cfg(data, tmp_path / "t"), num_classes=3)
+    (tmp_path / "other").mkdir()
+    from safetensors.torch import save_file
+
+    save_file({"head.classifier.weight": torch.zeros(3, 16)}, str(tmp_path / "other" / "model.safetensors"))
+    with pytest.raises(LoadError, match="missing"):
+        transfer_init(model, tmp_path / "other")

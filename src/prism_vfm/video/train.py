@@ -14,6 +14,7 @@ a resumed run goes on counting, and written to the run's ``summary.json``.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from pathlib import Path
@@ -39,12 +40,14 @@ from prism_vfm.train.precision import autocast, choose_precision
 from prism_vfm.train.run import TrainingRun
 from prism_vfm.train.schedule import warmup_cosine_epochs
 from prism_vfm.utils.io import read_safetensors_file
+from prism_vfm.video.backbone import load_tower_weights
 from prism_vfm.video.config import HeadConfig
 from prism_vfm.video.data.dataset import DataIssues, VideoDataset
 from prism_vfm.video.data.lists import read_label_csv, read_video_list
 from prism_vfm.video.losses import released_loss
 from prism_vfm.video.metrics import ClassificationMeter, average_views
-from prism_vfm.video.model import VidPrism
+from prism_vfm.video.model import VidPrism, read_released_checkpoint
+from prism_vfm.video.official import load_official_head
 from prism_vfm.video.prompts import ENSEMBLE_28
 from prism_vfm.video.text import TextEncoder, class_text_embeddings, load_text_weights
 from prism_vfm.video.train_config import TOWERS, VideoTrainConfig, resolved, validate_video_train
@@ -115,7 +118,12 @@ def transfer_init(model: VidPrism, source: str | Path) -> LoadReport:
             raise FileNotFoundError(f"{path} holds no VidPrism checkpoint (model.safetensors)")
         state, kind = read_safetensors_file(folder / "model.safetensors"), "VidPrism checkpoint"
     else:
-        state = VidPrism.from_released_checkpoint(path).state_dict()
+        # The released layout: its tower converted into a copy of this model's, its head read by its keys.
+        vision, fusion = read_released_checkpoint(path)
+        donor = copy.deepcopy(model.backbone)
+        load_tower_weights(donor, vision)
+        state = {f"backbone.{k}": v for k, v in donor.state_dict().items()}
+        state.update({f"head.{k}": v for k, v in load_official_head(fusion).state_dict().items()})
         kind = "released VidPrism checkpoint"
     own = model.state_dict()
     report = LoadReport(str(path), kind)

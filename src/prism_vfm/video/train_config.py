@@ -206,9 +206,9 @@ def validate_video_train(cfg: VideoTrainConfig) -> None:
     for key in ("seed", "val_every", "ckpt_every", "keep_last", "max_steps"):
         require(getattr(cfg, key) >= 0, key, "an integer >= 0", getattr(cfg, key))
     require(
-        0 <= cfg.warmup_epochs < cfg.epochs,
+        0 <= cfg.warmup_epochs <= cfg.epochs,
         "warmup_epochs",
-        f"a number in [0, epochs={cfg.epochs})",
+        f"a number in [0, epochs={cfg.epochs}]",
         cfg.warmup_epochs,
     )
     require(cfg.lr > 0, "lr", "a number > 0", cfg.lr)
