@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+import yaml
 
 from prism_vfm.config import apply_overrides
 from prism_vfm.video.data.dataset import VideoDataset
@@ -160,3 +161,63 @@ def test_the_test_time_blend_mixes_in_the_original_tower(trained, tmp_path):
         assert torch.equal(value, blend(before[key], original[key])), key
     for key, value in model.head.state_dict().items():
         assert torch.equal(value, head[key]), key
+
+
+def _protocol(trained: Path, tmp_path: Path, **extra) -> Path:
+    data = trained / "data"
+    protocol = {
+        "name": "tiny_two_splits",
+        "videos": str(data / "videos"),
+        "splits": [
+            {"list": str(data / "val.txt"), "labels": str(data / "labels.csv")},
+            {"list": str(data / "train.txt"), "labels": str(data / "labels.csv")},
+        ],
+        "templates": ["a video of {}.", "a person doing {}."],
+        "frames": 8,
+        "size": 32,
+        "clips": 2,
+        "crops": 1,
+        **extra,
+    }
+    path = tmp_path / "protocol.yaml"
+    path.write_text(yaml.safe_dump(protocol))
+    return path
+
+
+def test_zero_shot_scores_each_split_by_text_similarity_and_reports_mean_and_std(trained, tmp_path):
+    from prism_vfm.video.text import class_text_embeddings
+    from prism_vfm.video.zeroshot import text_encoder_for, zero_shot
+
+    protocol = _protocol(trained, tmp_path)
+    torch.manual_seed(0)
+    summary = zero_shot(
+        trained / "run", protocol, out=tmp_path / "zs", text_weights="none", blend="none", workers=0
+    )
+    torch.manual_seed(0)
+    model = load_vidprism(trained / "run")
+    encoder = text_encoder_for(model, "none")
+    data = trained / "data"
+    names = ["Action00", "Action01", "Action02"]
+    class_text = class_text_embeddings(encoder, names, ["a video of {}.", "a person doing {}."])
+    top1 = []
+    for name in ("val.txt", "train.txt"):
+        samples = read_video_list(data / name, 3, root=data / "videos")
+        views = VideoDataset(data / "videos", samples, "test", 8, 32, 32, test_clips=2)
+        probs = torch.cat(
+            [model.zero_shot(views[i]["video"][None], class_text=class_text) for i in range(len(views))]
+        )
+        labels = torch.tensor([s.label for s in samples])
+        top1.append(100.0 * float((probs.argmax(-1) == labels).float().mean()))
+    assert [s["top1"] for s in summary["splits"]] == pytest.approx(top1)
+    assert summary["top1"]["mean"] == pytest.approx(sum(top1) / 2)
+    assert summary["protocol"]["clips"] == 2 and summary["protocol"]["templates"][0] == "a video of {}."
+    for name in ("metrics.json", "metrics.md", "split1/metrics.json", "split2/confusion.png"):
+        assert (tmp_path / "zs" / name).is_file(), name
+
+
+def test_a_protocol_file_with_an_unknown_key_is_named(trained, tmp_path):
+    from prism_vfm.config import ConfigError
+    from prism_vfm.video.zeroshot import read_protocol
+
+    with pytest.raises(ConfigError, match="unknown configuration key view"):
+        read_protocol(_protocol(trained, tmp_path, view=3))

@@ -185,6 +185,25 @@ def cmd_video_evaluate(args: argparse.Namespace) -> None:
         print(json.dumps({"scores": result["scores"], "views": result["views"]}, indent=2))
 
 
+def cmd_video_zeroshot(args: argparse.Namespace) -> None:
+    from prism_vfm.train.distributed import init_distributed
+    from prism_vfm.video.zeroshot import zero_shot
+
+    env = init_distributed()
+    summary = zero_shot(
+        args.checkpoint,
+        args.protocol,
+        out=args.out,
+        text_weights=args.text_weights,
+        blend=args.blend,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        device=str(env.device) if env.world_size > 1 else args.device,
+    )
+    if env.is_main:
+        print(json.dumps({k: summary[k] for k in ("top1", "top5", "splits")}, indent=2))
+
+
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from prism_vfm.evaluate import evaluate
     from prism_vfm.train.distributed import init_distributed
@@ -432,6 +451,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_video_evaluate)
+
+    p = video_sub.add_parser(
+        "zeroshot", help="zero-shot top-1 / top-5 by text similarity, per a protocol file"
+    )
+    p.add_argument("--checkpoint", required=True, help="a run, checkpoint folder or released .pt")
+    p.add_argument("--protocol", required=True, help="protocol YAML: splits, templates, frames, views")
+    p.add_argument("--out", help="folder for metrics.json / metrics.md and each split's report")
+    p.add_argument("--text-weights", default="hub", help="CLIP text tower weights: 'hub' or a file")
+    p.add_argument("--blend", default="hub", help="test-time CLIP blend: 'hub', a file, or 'none'")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_video_zeroshot)
 
     p = sub.add_parser(
         "sweep", help="train ablation variants with shared settings and write one comparison table"
