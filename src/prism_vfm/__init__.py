@@ -2,6 +2,7 @@
 
 from prism_vfm.compat.official import export_official, load_official, load_official_multitask, read_official
 from prism_vfm.models.multitask import PrismMultiTask
+from prism_vfm.models.outputs import MultiTaskOutput, PrismOutput
 from prism_vfm.models.prism_vit import PrismViT
 from prism_vfm.models.registry import STUDENT_PRESETS, create_student
 
@@ -9,7 +10,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "STUDENT_PRESETS",
+    "MultiTaskOutput",
     "PrismMultiTask",
+    "PrismOutput",
     "PrismViT",
     "create_student",
     "export_official",

@@ -81,7 +81,7 @@ def evaluate(
         (out_dir / "edge").mkdir(parents=True, exist_ok=True)
     loader = DataLoader(reader, batch_size=batch_size, num_workers=0, collate_fn=_collate)
     for batch in tqdm(loader, desc=f"evaluate {split}", unit="batch"):
-        outputs = model(batch["image"].to(device))
+        outputs = model(batch["image"].to(device)).predictions
         meter.update(
             {t: o.float() for t, o in outputs.items() if t != "edge"},
             {t: batch[t].to(device) for t in tasks if t != "edge"},

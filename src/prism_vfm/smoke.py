@@ -56,7 +56,8 @@ def run_smoke(steps: int = 30, out_dir: Path | None = None, seed: int = 0, batch
     for step in (bar := tqdm(range(steps), desc="smoke", unit="step")):
         x = images[(step % 4) * batch : (step % 4 + 1) * batch]
         ctx = balanced_teacher_split(batch, len(teachers))
-        taps, aux = model(x, ctx, return_aux=True)
+        out = model(x, ctx)
+        taps, aux = out.taps, out.aux_loss
         student = model.project_by_teacher(taps, ctx, model.grid_size(x))
         with torch.no_grad():
             target = {t: _teacher_taps(teachers[t], x[ctx == t]) for t in student}
@@ -69,8 +70,8 @@ def run_smoke(steps: int = 30, out_dir: Path | None = None, seed: int = 0, batch
         bar.set_postfix(loss=f"{losses[-1]:.4f}", aux=f"{float(aux.detach()):.4f}")
     model.eval()
     with torch.no_grad():
-        model(images[:batch], balanced_teacher_split(batch, len(teachers)))
-    stats = model.routing_stats()
+        out = model(images[:batch], balanced_teacher_split(batch, len(teachers)), return_routing=True)
+    stats = model.routing_stats(out)
     summary = {
         "steps": steps,
         "first_loss": losses[0],

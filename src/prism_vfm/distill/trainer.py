@@ -94,14 +94,17 @@ def distill_loss(
     x: Tensor,
     ctx: Tensor,
     lb_weight: float,
-) -> tuple[Tensor, dict[str, Tensor]]:
+) -> tuple[Tensor, dict[str, Tensor], dict[str, Any]]:
     """One Stage-1 forward: the student (``net``, ``model`` or its DDP/FSDP wrapper) on teacher contexts
-    ``ctx``, its projections, the frozen teachers on their own samples, and the loss.
+    ``ctx`` (on the host, where they are checked), its projections, the frozen teachers on their own
+    samples, and the loss.
 
-    Returns the loss and its terms (detached, ``"aux"`` included).
+    Returns the loss, its terms (detached, ``"aux"`` included) and the student's routing statistics
+    (:meth:`PrismViT.routing_stats`, on the device).
     """
-    taps, aux = net(x, ctx.to(x.device), return_aux=True)
-    student = model.project_by_teacher(taps, ctx, model.grid_size(x))
+    out = net(x, ctx, return_routing=True)
+    aux = out.aux_loss
+    student = model.project_by_teacher(out.taps, ctx, model.grid_size(x))
     with torch.no_grad():
         targets = {
             t: teachers[t](x.index_select(0, (ctx == t).nonzero().squeeze(1).to(x.device))) for t in student
@@ -112,7 +115,8 @@ def distill_loss(
     # DDP needs no find_unused_parameters (FSDP2 needs no such help).
     if isinstance(net, DDP):
         loss = loss + model.absent_heads_term(student)
-    return loss, {**{k: v.detach() for k, v in terms.items()}, "aux": aux.detach()}
+    routing = model.routing_stats(out)
+    return loss, {**{k: v.detach() for k, v in terms.items()}, "aux": aux.detach()}, routing
 
 
 def train_stage1(cfg: Stage1Config, resume: bool = False) -> Path:
@@ -207,7 +211,9 @@ def train_stage1(cfg: Stage1Config, resume: bool = False) -> Path:
             torch.manual_seed(mix_seed(cfg.seed, step, shard, 1))
             with gradient_sync(net, micro == cfg.accum - 1):
                 with autocast(cfg.amp, env.device):
-                    loss, terms = distill_loss(net, model, teachers, criterion, x, ctx, cfg.loss.lb_weight)
+                    loss, terms, routing = distill_loss(
+                        net, model, teachers, criterion, x, ctx, cfg.loss.lb_weight
+                    )
                 (loss / cfg.accum).backward()
             for k, v in terms.items():
                 terms_sum[k] = terms_sum.get(k, 0.0) + v.detach() / cfg.accum
@@ -230,7 +236,7 @@ def train_stage1(cfg: Stage1Config, resume: bool = False) -> Path:
                     "data/skipped_images": float(all_reduce_sum(torch.tensor(images.skipped))),
                 }
             )
-            scalars.update(_routing_scalars(model, list(cfg.teachers.names)))
+            scalars.update(_routing_scalars(routing, model.moe_config.num_experts, list(cfg.teachers.names)))
             log.scalars(done, scalars)
             bar.set_postfix(
                 loss=f"{scalars['loss/total']:.4f}", lr=f"{scalars['lr']:.2e}", img_s=f"{rate:.1f}"
@@ -256,11 +262,10 @@ def train_stage1(cfg: Stage1Config, resume: bool = False) -> Path:
     return run_dir
 
 
-def _routing_scalars(model: PrismViT, names: list[str]) -> dict[str, float]:
-    """Per MoE layer: each context's expert-load imbalance (max share × E) and mean λ."""
-    stats = model.routing_stats()
+def _routing_scalars(stats: dict[str, Any], e: int, names: list[str]) -> dict[str, float]:
+    """Per MoE layer of ``stats`` (:meth:`PrismViT.routing_stats` of the last micro-batch): each
+    context's expert-load imbalance (max share × ``e``, the number of experts) and mean λ."""
     out: dict[str, float] = {}
-    e = model.moe_config.num_experts
     for layer, (counts, lam) in enumerate(zip(stats["expert_counts"], stats["lambda_mean"], strict=True)):
         share = counts / counts.sum(1, keepdim=True).clamp_min(1)
         for c, name in enumerate(names):

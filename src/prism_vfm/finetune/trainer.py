@@ -74,8 +74,9 @@ class MultiTaskStep(nn.Module):
         tasks = model.task_names
         passes: list[tuple[ContextKind, Tensor | int]] = [("task", model.task_id(t)) for t in tasks]
         if teacher_ids is not None:
-            passes.append(("teacher", teacher_ids.to(x.device)))
-        taps, aux = student.forward_passes(x, passes)
+            passes.append(("teacher", teacher_ids))  # checked on the host, then moved
+        out = student.forward_passes(x, passes)
+        taps, aux = out.taps, out.aux_loss
         b, size = x.shape[0], (x.shape[-2], x.shape[-1])
         outputs = {
             t: model.decode(t, [tap[i * b : (i + 1) * b] for tap in taps], size) for i, t in enumerate(tasks)
@@ -292,7 +293,7 @@ def validate(
     meter = MultiTaskMeter(cfg.dataset, cfg.tasks)
     for batch in DataLoader(dataset, batch_size=cfg.batch_size, num_workers=0):
         with autocast(cfg.amp, device):
-            outputs = model(batch["image"].to(device))
+            outputs = model(batch["image"].to(device)).predictions
         meter.update({t: o.float() for t, o in outputs.items()}, {t: batch[t].to(device) for t in cfg.tasks})
     model.train(was_training)
     flat: dict[str, float] = {}

@@ -4,6 +4,7 @@ Importing :mod:`prism_vfm` registers ``prism_vit_{tiny,small,base,large}_patch16
 
     import prism_vfm, timm
     model = timm.create_model("prism_vit_base_patch16_384", pretrained=False, img_size=224)
+    backbone = timm.create_model("prism_vit_base_patch16_384", features_only=True, feature_cfg={"context": 0})
 
 ``pretrained=True`` starts from the ImageNet-21k AugReg ViT weights the official runs start from: the
 pretrained MLP of every dual-stream block becomes its anchor, its shared expert and each routed expert.
@@ -19,6 +20,7 @@ from torch import Tensor
 
 from prism_vfm.data.image_folder import IMAGENET_MEAN, IMAGENET_STD
 from prism_vfm.layers.net2net import resize_mlp_param
+from prism_vfm.models.features import PrismFeatures
 from prism_vfm.models.prism_vit import PrismViT, resample_pos_embed
 
 # Student architecture and teacher widths of the published Stage-1 presets (SPEC §6).
@@ -134,8 +136,16 @@ def _anchors_as_mlps(state_dict: dict[str, Tensor], model: PrismViT) -> dict[str
 
 def _create(variant: str, pretrained: bool, **kwargs: Any) -> PrismViT:
     args = {**_ARCHS[variant], **kwargs}
+    # features_only=True: the feature taps, through forward_intermediates (which takes the context).
+    taps = args.get("tap_layers") or args["moe_layers"]
+    feature_cfg = {"feature_cls": PrismFeatures, "out_indices": tuple(taps), **args.pop("feature_cfg", {})}
     return build_model_with_cfg(
-        PrismViT, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **args
+        PrismViT,
+        variant,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=feature_cfg,
+        **args,
     )
 
 
