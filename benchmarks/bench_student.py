@@ -1,6 +1,6 @@
 """Whole-model cost of the PRISM student against the dense ViT it grows from.
 
-Times one training step — forward and backward of ``model(x, teacher_ids, return_aux=True)`` with
+Times one training step — forward and backward of ``model(x, teacher_ids)`` with
 loss = Σ tap means + aux — of the Stage-1 student (ViT-B/16 at 224, dual-stream blocks 2/5/8/11,
 three ViT-L-sized teachers, teachers mixed within the batch), once without and once with the
 projector heads applied to every sample for its own teacher (``project_by_teacher``, as Stage 1
@@ -69,7 +69,8 @@ def main(argv: list[str] | None = None) -> None:
 
     def student_loss(project: bool) -> Callable[[], Tensor]:
         def loss() -> Tensor:
-            taps, aux = student(x, teachers, return_aux=True)
+            out = student(x, teachers)
+            taps, aux = out.taps, out.aux_loss
             total = sum(t.float().mean() for t in taps) + aux
             if project:
                 maps = student.project_by_teacher(taps, teachers, grid)
@@ -88,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
         f"{list(student.teacher_dims)} (ids cycled over the batch); dispatch {args.dispatch!r}"
     )
     print(
-        "student step: forward + backward of model(x, teacher_ids, return_aux=True), "
+        "student step: forward + backward of model(x, teacher_ids), "
         "loss = Σ tap means + aux; "
         "'+ projectors' adds every sample's own teacher's projector heads on all taps (Stage 1's "
         "project_by_teacher); dense: timm forward_features + backward of the mean"

@@ -50,7 +50,7 @@ def test_evaluate_accepts_an_official_stage2_file(tmp_path):
     torch.save({"model": state}, path)
     loaded = load_multitask(path, (48, 64))
     x = torch.randn(1, 3, 48, 64)
-    for task, out in model(x).items():
-        torch.testing.assert_close(loaded(x)[task], out, rtol=1e-5, atol=1e-5)
+    for task, out in model(x).predictions.items():
+        torch.testing.assert_close(loaded(x).predictions[task], out, rtol=1e-5, atol=1e-5)
     official = evaluate(path, "pascalcontext", root, workers=1, img_size=(48, 64))
     assert set(official["scores"]) == set(TASK_OUTPUT_CHANNELS["pascalcontext"])
