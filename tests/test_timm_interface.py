@@ -257,3 +257,16 @@ def test_torch_compile_gives_the_eager_results():
     assert compiled_grads.keys() == eager_grads.keys()
     for name in eager_grads:
         torch.testing.assert_close(compiled_grads[name], eager_grads[name], msg=name)
+
+
+def test_batched_passes_run_no_dual_stream_block_after_the_last_tap():
+    # Block 3 is a dual-stream block after the last tap (1): like the forward, the batched passes skip it.
+    model = tiny_student(moe_layers=(3,), tap_layers=(0, 1)).train()
+    x = torch.randn(2, 3, 32, 32)
+    out = model.forward_passes(x, [("teacher", 0), ("teacher", _ids(1, 2))], return_routing=True)
+    assert out.routing == {} and out.aux_loss.tolist() == [0.0, 0.0]
+    for i, ctx in enumerate((0, _ids(1, 2))):
+        single = model(x, ctx, return_routing=True)
+        assert single.routing == {} and float(single.aux_loss) == 0.0
+        for tap, ref in zip(out.taps, single.taps, strict=True):
+            torch.testing.assert_close(tap[2 * i : 2 * i + 2], ref)

@@ -299,12 +299,12 @@ class PrismViT(
         kind = passes[0][0] if len(kinds) == 1 else None
         cond = torch.cat([self.context_table(k)(ids[i * b : (i + 1) * b]) for i, (k, _) in enumerate(passes)])
         last = self.tap_layers[-1]
-        if not self.moe_layers:  # a dense student: every pass computes the same taps
+        if not self.routed_layers:  # no routing up to the last tap: every pass computes the same taps
             _, outs, _, _ = self._run_blocks(self._embed(x), cond[:b], 0, last, self.tap_layers)
             taps = [self.norm(t).repeat(p, 1, 1) for t in outs]
             aux = x.new_zeros(p, dtype=torch.float32)
             return PrismOutput(taps, aux, ids, kind, {} if return_routing else None)
-        first = self.moe_layers[0]
+        first = self.routed_layers[0]
         h = self._embed(x)
         h, outs, _, _ = self._run_blocks(h, cond[:b], 0, first - 1, self.tap_layers)
         taps = [self.norm(t).repeat(p, 1, 1) for t in outs]
