@@ -36,6 +36,7 @@ EXPECTED = {
     "bench_student.py": [
         "ratio train student / dense:",
         "ratio train student + projectors / dense:",
+        "ratio train checkpointed / student + projectors:",
         "ratio eval student / dense:",
     ],
 }
