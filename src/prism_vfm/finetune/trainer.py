@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -33,7 +34,7 @@ from prism_vfm.losses.distill import distillation_criterion
 from prism_vfm.losses.tasks import MultiTaskLoss, dataset_tasks
 from prism_vfm.metrics.multitask import MultiTaskMeter
 from prism_vfm.models.multitask import PrismMultiTask
-from prism_vfm.models.prism_vit import ContextKind
+from prism_vfm.models.prism_vit import Context, ContextKind
 from prism_vfm.teachers import build_teacher
 from prism_vfm.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from prism_vfm.train.distributed import (
@@ -68,13 +69,16 @@ class MultiTaskStep(nn.Module):
         self.model = model
 
     def forward(
-        self, x: Tensor, teacher_ids: Tensor | None
+        self, x: Tensor, teacher_ids: Tensor | Sequence[int] | None
     ) -> tuple[dict[str, Tensor], dict[int, list[Tensor]] | None, Tensor, Tensor]:
+        """``teacher_ids`` best on the host (a list stays there under DDP): they are checked there, and
+        grouping the projections by teacher then reads nothing back from the device."""
         model, student = self.model, self.model.student
         tasks = model.task_names
-        passes: list[tuple[ContextKind, Tensor | int]] = [("task", model.task_id(t)) for t in tasks]
+        passes: list[tuple[ContextKind, Context]] = [("task", model.task_id(t)) for t in tasks]
         if teacher_ids is not None:
-            passes.append(("teacher", teacher_ids))  # checked on the host, then moved
+            teacher_ids = torch.as_tensor(teacher_ids)
+            passes.append(("teacher", teacher_ids))
         out = student.forward_passes(x, passes)
         taps, aux = out.taps, out.aux_loss
         b, size = x.shape[0], (x.shape[-2], x.shape[-1])
@@ -233,7 +237,7 @@ def train_stage2(cfg: Stage2Config, resume: bool = False) -> Path:
                 ids = balanced_teacher_split(x.shape[0], len(teachers), g)
             torch.manual_seed(mix_seed(cfg.seed, step, shard, 1))
             with gradient_sync(net, micro == cfg.accum - 1), autocast(cfg.amp, env.device):
-                outputs, projections, aux_tasks, aux_teacher = net(x, ids)
+                outputs, projections, aux_tasks, aux_teacher = net(x, None if ids is None else ids.tolist())
                 tasks = task_loss({t: o.float() for t, o in outputs.items()}, labels)
                 terms = {f"task/{t}": v for t, v in tasks.weighted.items()}
                 loss = tasks.total

@@ -212,7 +212,8 @@ class PrismViT(
 
         Ids given on the host (an int, a sequence of ints, a CPU tensor) are checked there, before they
         are moved. Ids already on an accelerator are checked only when :attr:`check_device_ids` is set:
-        reading them back would make every forward wait for the device.
+        reading them back would make every forward wait for the device. Under ``torch.compile`` tensor ids
+        are not checked (the check would break the graph).
         """
         n = self.context_table(kind).num_embeddings
         if context is None:
