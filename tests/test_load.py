@@ -311,3 +311,18 @@ def test_released_weights_are_pretrained_tags_of_the_registered_models(released_
     assert asked == {"repo_id": "robotyingtang/PRISM-VFM", "filename": "checkpoints/prism_stage1_vit_b.pth"}
     assert report.kind == "official Stage-1 .pth" and "task_composer_weights" in report.ignored
     assert torch.equal(loaded.state_dict()["blocks.2.moe.experts.w1"], expected["blocks.2.moe.experts.w1"])
+
+
+def test_a_released_tag_builds_a_features_only_backbone(released_stand_in):
+    path, state = released_stand_in
+    kwargs = dict(pretrained=True, img_size=224, pretrained_cfg_overlay=dict(file=str(path)))
+    backbone = timm.create_model("prism_vit_base_patch16_384.prism_stage1", features_only=True, **kwargs)
+    assert backbone.feature_info.module_name() == [f"blocks.{i}" for i in (2, 5, 8, 11)]
+    expected = official_to_ours(read_official(state).student)
+    own = backbone.model.state_dict()
+    for key in ("blocks.2.moe.experts.w1", "teacher_embed.weight", "pos_embed"):
+        assert torch.equal(own[key], expected[key]), key
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        maps = backbone.eval()(x, 1)
+    assert [m.shape for m in maps] == [(1, 768, 14, 14)] * 4
