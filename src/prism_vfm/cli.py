@@ -146,6 +146,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         baselines=baselines,
         save_edges=args.save_edges,
         device=args.device,
+        matcher=args.matcher,
     )
     print(json.dumps({"scores": result["scores"], "delta_m": result["delta_m"]}, indent=2))
 
@@ -332,6 +333,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--baselines", help="JSON file {task: single-task score} for Δm (default: the paper's ViT-B)"
     )
     p.add_argument("--save-edges", action="store_true", help="write the edge maps as PNGs (what SEISM reads)")
+    p.add_argument(
+        "--matcher",
+        choices=["fast", "bsds"],
+        default="fast",
+        help="boundary matcher: maximum matching (fast, default) or SEISM's BSDS matcher (the reference)",
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.set_defaults(func=cmd_evaluate)
 

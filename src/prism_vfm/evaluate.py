@@ -62,8 +62,12 @@ def evaluate(
     save_edges: bool = False,
     device: str = "cpu",
     img_size: tuple[int, int] | None = None,
+    matcher: str = "fast",
 ) -> dict[str, Any]:
     """Scores of every task (edge: odsF, oisF, AP), Δm, written to ``out`` as JSON and Markdown.
+
+    ``matcher`` matches the boundaries (``prism_vfm.metrics.boundary.MATCHERS``): ``"fast"`` (maximum
+    matching) or ``"bsds"`` (the BSDS matcher of SEISM, the reference).
 
     Images are padded (never resized) to ``img_size`` (default: the data set's evaluation size) and the
     metrics are taken on the padded prediction with the padding ignored, as in the paper.
@@ -75,7 +79,8 @@ def evaluate(
     tasks = model.task_names
     reader = DATASETS[dataset](data, split, tasks, DenseTestTransform(size))
     meter = MultiTaskMeter(dataset, [t for t in tasks if t != "edge"])
-    boundaries = BoundaryMeter(BOUNDARY_PROTOCOL[dataset], workers=workers) if "edge" in tasks else None
+    protocol = BOUNDARY_PROTOCOL[dataset]
+    boundaries = BoundaryMeter(protocol, workers=workers, matcher=matcher) if "edge" in tasks else None
     out_dir = Path(out) if out is not None else None
     if save_edges and out_dir is not None:
         (out_dir / "edge").mkdir(parents=True, exist_ok=True)
