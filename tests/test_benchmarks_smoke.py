@@ -23,6 +23,10 @@ EXPECTED = {
         "ratio train (d)/(c) separate experts vs the floor:",
         "ratio eval (d)/(c) separate experts vs the floor:",
     ],
+    "bench_boundary.py": [
+        "ratio speed-up of the fast matcher:",
+        "PASCAL-Context test (5105 images) on 16 cores:",
+    ],
     "bench_stage1.py": [
         "throughput:",
         "teacher share of the step:",
