@@ -72,7 +72,7 @@ def cmd_convert(args: argparse.Namespace) -> None:
 def cmd_smoke(args: argparse.Namespace) -> None:
     from prism_vfm.smoke import run_smoke
 
-    summary = run_smoke(steps=args.steps, out_dir=Path(args.out), seed=args.seed)
+    summary = run_smoke(steps=args.steps, out_dir=Path(args.out), seed=args.seed, overwrite=args.overwrite)
     print(json.dumps(summary, indent=2))
 
 
@@ -104,7 +104,9 @@ def cmd_distill(args: argparse.Namespace) -> None:
     cfg = apply_overrides(cfg, [(k, v) for k, v in direct if v is not None] + list(args.set))
     if not cfg.data:
         raise SystemExit("prism distill: no image folder given (--data PATH or data: in the config file)")
-    run = train_stage1(cfg, resume=args.resume)
+    run = train_stage1(
+        cfg, resume=args.resume, overwrite=args.overwrite, allow_config_change=args.allow_config_change
+    )
     print(f"run saved in {run}")
 
 
@@ -127,7 +129,10 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         raise SystemExit(
             "prism finetune: give the data set folder (--data) and a Stage-1 checkpoint (--init)"
         )
-    print(f"run saved in {train_stage2(cfg, resume=args.resume)}")
+    run = train_stage2(
+        cfg, resume=args.resume, overwrite=args.overwrite, allow_config_change=args.allow_config_change
+    )
+    print(f"run saved in {run}")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -228,6 +233,26 @@ def cmd_analyze(args: argparse.Namespace) -> None:
     print("\n".join(summary["files"]))
 
 
+def _run_folder_arguments(p: argparse.ArgumentParser) -> None:
+    """--resume, --overwrite and --allow-config-change (prism_vfm.train.run)."""
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--resume", action="store_true", help="continue from the run folder's latest checkpoint"
+    )
+    mode.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run in the output folder: removes its config.yaml, config_changes.yaml, "
+        "metrics.jsonl, tensorboard/ and checkpoints/ (and refuses if the folder holds anything else)",
+    )
+    p.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="with --resume: continue although settings differ from the run's config.yaml (the "
+        "differences are recorded in config_changes.yaml)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="prism",
@@ -238,8 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("smoke", help="train a tiny student on a CPU for a few steps (checks an installation)")
     p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--out", default="runs/smoke", help="folder for the trained tiny student")
+    p.add_argument("--out", default="runs/smoke", help="run folder for the tiny student's training")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace a previous smoke run in --out")
     p.set_defaults(func=cmd_smoke)
 
     p = sub.add_parser(
@@ -272,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override a key, e.g. --set optim.lr=5e-4 (repeatable)",
     )
-    p.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
+    _run_folder_arguments(p)
     p.add_argument("--ablation", help="an ablation variant, e.g. wo_anchor, dense, top1 (prism sweep --list)")
     p.set_defaults(func=cmd_distill)
 
@@ -288,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a key (repeatable)"
     )
-    p.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
+    _run_folder_arguments(p)
     p.add_argument("--ablation", help="the Stage-1 run's ablation variant (its loss and teacher switches)")
     p.set_defaults(func=cmd_finetune)
 
@@ -393,7 +419,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ConfigError, FileNotFoundError) as exc:
+    except (ConfigError, FileNotFoundError, FileExistsError) as exc:
         print(f"prism {args.command}: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
 
