@@ -223,6 +223,8 @@ def report(
         f"largest difference: {np.abs(diff).max()} pixels; largest share of an image's ground-truth boundary "
         f"pixels: {100 * share.max():.3f} % (pairs above 0.1 %: {100 * (share > 0.001).mean():.2f} %)"
     )
+    print(f"  equal per threshold (%): {np.round(100 * equal.mean(axis=0), 1).tolist()}")
+    print(f"  mean difference per threshold: {np.round(diff[:, 0].mean(axis=0), 2).tolist()}")
     for kind in ("soft", "perturbed"):
         for dataset in ("pascal", "nyud"):
             rows = (kinds == kind) & (datasets == dataset)
