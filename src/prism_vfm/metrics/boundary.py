@@ -59,7 +59,9 @@ COUNT_FIELDS = ("matched_gt", "total_gt", "matched_pred", "total_pred")
 """The rows of a counts array ``(..., 4, len(THRESHOLDS))``."""
 
 MATCHERS = ("fast", "bsds")
-"""Boundary matchers: maximum bipartite matching (default) and the BSDS correspondence matcher (reference)."""
+"""Boundary matchers: maximum bipartite matching and the BSDS correspondence matcher (the reference)."""
+
+DEFAULT_MATCHER = "fast"
 
 NMS_SMOOTHING_RADIUS = 1
 NMS_ORIENTATION_RADIUS = 4
@@ -159,7 +161,7 @@ def boundary_ground_truth(ground_truth: np.ndarray) -> np.ndarray:
 
 
 def image_counts(
-    edge: np.ndarray, ground_truth: np.ndarray, max_dist_ratio: float, matcher: str = "fast"
+    edge: np.ndarray, ground_truth: np.ndarray, max_dist_ratio: float, matcher: str = DEFAULT_MATCHER
 ) -> np.ndarray:
     """Match counts of one image at every threshold, int64 ``(4, len(THRESHOLDS))`` (``COUNT_FIELDS``).
 
@@ -237,7 +239,7 @@ def count_boundaries(
     max_dist_ratio: float,
     workers: int | None = None,
     progress: bool = True,
-    matcher: str = "fast",
+    matcher: str = DEFAULT_MATCHER,
 ) -> np.ndarray:
     """``image_counts`` of every image by ``matcher``, int64 ``(N, 4, len(THRESHOLDS))``, in input order.
 
@@ -320,7 +322,7 @@ def evaluate_boundaries(
     max_dist_ratio: float,
     workers: int | None = None,
     progress: bool = True,
-    matcher: str = "fast",
+    matcher: str = DEFAULT_MATCHER,
 ) -> dict[str, float | np.ndarray]:
     """``boundary_scores`` of 8-bit predictions (before NMS, at the original image size) against label or
     boundary maps (see ``boundary_ground_truth``); ``workers`` and ``matcher`` as in ``count_boundaries``."""
@@ -364,7 +366,7 @@ class BoundaryMeter:
         dataset: str = "pascal",
         workers: int | None = None,
         progress: bool = True,
-        matcher: str = "fast",
+        matcher: str = DEFAULT_MATCHER,
     ) -> None:
         self.dataset = dataset
         self.max_dist_ratio = dataset_max_dist_ratio(dataset)
@@ -415,7 +417,7 @@ def evaluate_edge_folder(
     ids: Sequence[str] | None = None,
     workers: int | None = None,
     progress: bool = True,
-    matcher: str = "fast",
+    matcher: str = DEFAULT_MATCHER,
 ) -> dict[str, float | np.ndarray]:
     """Score a folder of 8-bit edge PNGs ``<id>.png`` (what the official code saves for SEISM).
 
