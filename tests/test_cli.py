@@ -63,7 +63,7 @@ def test_evaluate_command_passes_the_boundary_matcher_down(monkeypatch, capsys):
 
     def fake_evaluate(*args, **kwargs):
         seen.append(kwargs["matcher"])
-        return {"scores": {}, "delta_m": 0.0}
+        return {"scores": {}, "delta_m": 0.0, "loaded": "nothing"}
 
     monkeypatch.setattr(prism_vfm.evaluate, "evaluate", fake_evaluate)
     common = ["evaluate", "--checkpoint", "ckpt", "--dataset", "pascal", "--data", "data"]
