@@ -10,7 +10,7 @@ node), which often has no perfect matching on what a maximum matching leaves ove
 more pixels stay unmatched (on most (image, threshold) pairs of realistic maps; it moves with the
 matcher's random seed); (b) in principle, an augmenting path that re-matches a long chain of pixels, each
 a little farther apart, can cost more distance than one outlier saves (over ~100 re-matched pixels for
-one more match) — not seen in the measurements, where a 100x outlier cost changes nothing.
+one more match) — not what happens in practice: on the map checked, a 100x outlier cost changed nothing.
 
 SciPy's ``maximum_bipartite_matching`` is not used: its depth-first search may revisit vertices within a
 phase, which takes minutes on the dense layered graphs of noisy boundary maps; its Dinic flow advances a
