@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -134,6 +135,9 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from prism_vfm.evaluate import evaluate
+    from prism_vfm.train.distributed import init_distributed
+
+    env = init_distributed()  # under torchrun every process scores its part of the split
 
     baselines = json.loads(Path(args.baselines).read_text()) if args.baselines else None
     dataset = {"pascal": "pascalcontext", "nyud": "nyud"}[args.dataset]
@@ -147,11 +151,13 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         workers=args.workers,
         baselines=baselines,
         save_edges=args.save_edges,
-        device=args.device,
+        device=str(env.device) if env.world_size > 1 else args.device,
+        img_size=tuple(args.img_size) if args.img_size else None,
         matcher=args.matcher,
     )
-    print(f"prism: {result['loaded']}", file=sys.stderr)
-    print(json.dumps({"scores": result["scores"], "delta_m": result["delta_m"]}, indent=2))
+    if env.is_main:
+        print(f"prism: {result['loaded']}", file=sys.stderr)
+        print(json.dumps({"scores": result["scores"], "delta_m": result["delta_m"]}, indent=2))
 
 
 def cmd_sweep(args: argparse.Namespace) -> None:
@@ -188,6 +194,9 @@ def cmd_sweep(args: argparse.Namespace) -> None:
         if not stage2.data:
             raise SystemExit("prism sweep: Stage 2 needs its data set folder (--stage2-data)")
     baselines = json.loads(Path(args.baselines).read_text()) if args.baselines else None
+    from prism_vfm.train.distributed import init_distributed
+
+    env = init_distributed()  # under torchrun every variant trains and evaluates on all processes
     rows = run_sweep(
         [v.strip() for v in args.variants.split(",") if v.strip()],
         stage1,
@@ -196,10 +205,11 @@ def cmd_sweep(args: argparse.Namespace) -> None:
         split=None if args.no_eval else args.split,
         baselines=baselines,
         eval_workers=args.eval_workers,
-        device=args.device,
+        device=str(env.device) if env.world_size > 1 else args.device,
     )
-    print((Path(args.out) / "comparison.md").read_text())
-    print(f"{len(rows)} variants; table in {args.out}/comparison.md and comparison.json")
+    if env.is_main:
+        print((Path(args.out) / "comparison.md").read_text())
+        print(f"{len(rows)} variants; table in {args.out}/comparison.md and comparison.json")
 
 
 def cmd_analyze(args: argparse.Namespace) -> None:
@@ -374,6 +384,9 @@ def build_parser() -> argparse.ArgumentParser:
         default="fast",
         help="boundary matcher: maximum matching (fast, default) or SEISM's BSDS matcher (the reference)",
     )
+    p.add_argument(
+        "--img-size", type=int, nargs=2, metavar=("H", "W"), help="input size (default: the data set's)"
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.set_defaults(func=cmd_evaluate)
 
@@ -428,11 +441,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+DISTRIBUTED_COMMANDS = frozenset({"distill", "finetune", "evaluate", "sweep"})
+"""The commands that share their work among torchrun's processes (the others refuse to run under it)."""
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``prism`` console command."""
     from prism_vfm.config import ConfigError
 
     args = build_parser().parse_args(argv)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.command not in DISTRIBUTED_COMMANDS:
+        # Every process would do the same work and write the same files.
+        raise SystemExit(
+            f"prism {args.command}: runs in one process; launch it without torchrun "
+            f"(torchrun runs {', '.join(sorted(DISTRIBUTED_COMMANDS))})"
+        )
     try:
         args.func(args)
     except (ConfigError, FileNotFoundError, FileExistsError) as exc:

@@ -1,0 +1,1 @@
+"""VidPrism: a heterogeneous temporal Mixture-of-Experts head that transfers CLIP to video."""
