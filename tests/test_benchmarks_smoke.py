@@ -42,6 +42,11 @@ EXPECTED = {
         "ratio train student + projectors / dense:",
         "ratio eval student / dense:",
     ],
+    "bench_vidprism_head.py": [
+        "agreement: max |logits(head) - logits(reference)|",
+        "ratio train released loops / head (speed-up):",
+        "ratio eval released loops / head (speed-up):",
+    ],
 }
 
 
@@ -160,5 +165,6 @@ def test_run_all_plans_the_gpu_settings_of_the_readme():
     stage1 = ["--device", "cuda", "--dtype", "bf16", "--preset", "LB", "--img-size", "384", "--batch", "64"]
     assert runs["stage1"][2:] == stage1
     assert runs["stage2"][2:] == ["--device", "cuda", "--dtype", "bf16", "--img-size", "512"]
+    assert runs["vidprism_head"][2:] == ["--device", "cuda", "--dtype", "bf16"]
     assert runs["vidprism_model"][2:] == ["--device", "cuda", "--dtype", "bf16"]
     assert "boundary" not in runs

@@ -126,6 +126,17 @@ def test_any_frame_count_agrees_with_the_released_computation(t):
     assert [s.tokens.shape[1] for s in head(x).streams] == [-(-t // r) for r in (2, 4, 8, 16)]
 
 
+def test_repeated_frames_keep_the_released_frame():
+    """Clips shorter than T repeat frames (TSN sampling), so scores tie exactly; the kept frame is the
+    one the release's per-window top-1 picks."""
+    head = make_head().train()
+    base = frames(t=8)
+    x = base[:, torch.tensor([0, 0, 0, 1, 2, 2, 3, 3, 3, 3, 4, 5, 5, 6, 7, 7])]
+    out = head(x)
+    assert any(k.sum() > 0 for k in (s.kept_index for s in out.streams))
+    assert_agree(head, x)
+
+
 @pytest.mark.parametrize("update", ["last", "sum"])
 @pytest.mark.parametrize("training", [True, False])
 def test_dbi_updates_agree_with_the_released_loops(update, training):
@@ -160,6 +171,27 @@ def test_released_dbi_leaves_the_overwritten_pairs_without_gradient():
     dead_mlps = {0, 1, 2, 3, 4, 5, 8, 9, 10, 11, 14, 15}
     expected = {f"score_mlps.{k}.{i}.{w}" for k in dead_mlps for i in (0, 2) for w in ("weight", "bias")}
     assert no_grad == expected | {"fast_to_slow.0to2.weight", "fast_to_slow.0to3.weight"}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_head_on_cuda_agrees_with_the_cpu():
+    """The same weights on the GPU (fp32, TF32 off): same selections, pass flags, outputs and gradients."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    head = make_head().train()
+    gpu = same_weights(head).cuda()
+    x, labels, text = frames(), torch.tensor([0, 1, 2]), torch.randn(5, D)
+    a, b = head(x), gpu(x.cuda())
+    for s, t in zip(a.streams, b.streams, strict=True):
+        assert torch.equal(s.kept_index, t.kept_index.cpu())
+    assert torch.equal(a.dbi.pair_passed, b.dbi.pair_passed.cpu())
+    torch.testing.assert_close(b.logits.cpu(), a.logits, atol=1e-5, rtol=1e-5)
+    released_loss(a, labels, text).total.backward()
+    released_loss(b, labels.cuda(), text.cuda()).total.backward()
+    for (name, p), q in zip(head.named_parameters(), gpu.parameters(), strict=True):
+        assert (p.grad is None) == (q.grad is None), name
+        if p.grad is not None:
+            torch.testing.assert_close(q.grad.cpu(), p.grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
 # --- RgSTA properties
@@ -266,6 +298,10 @@ def test_dbi_off_changes_only_the_expert_inputs():
     for j in range(4):
         assert torch.equal(b.expert_outputs[j], off.experts[j](b.streams[j].tokens))
     assert not torch.allclose(a.logits, b.logits)
+    # a threshold above 1 lets no pair pass: the same as DBI off (SPEC §1.4)
+    closed = same_weights(on, dbi_threshold=1.01)(frames())
+    assert not closed.dbi.pair_passed.any() and closed.dbi.last_writer.tolist() == [-1] * 4
+    assert torch.equal(closed.logits, b.logits)
 
 
 def test_diversity_option_changes_only_the_diversity_term():

@@ -123,10 +123,10 @@ def _diversity(summaries: Tensor, form: str) -> Tensor:
     if form == "inter_expert":
         unit = F.normalize(summaries, p=2, dim=-1)
         sim = torch.bmm(unit, unit.transpose(1, 2))
-        mask = 1 - torch.eye(n).unsqueeze(0)
+        mask = 1 - torch.eye(n, device=summaries.device).unsqueeze(0)
         return ((sim * mask) ** 2).sum() / (batch * n * (n - 1))
     if batch <= 1:
-        return torch.tensor(0.0)
+        return summaries.new_zeros(())
     total, pairs = summaries.new_zeros(()), 0
     for a in range(batch):
         for b in range(a + 1, batch):

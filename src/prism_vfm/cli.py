@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, cast
 
 import torch
 
@@ -15,30 +17,20 @@ if TYPE_CHECKING:
     from prism_vfm import PrismViT
 
 
-def _load_any(source: str, img_size: Sequence[int] | None) -> PrismViT:
-    """A student from a timm model name, a ``save_pretrained`` folder or an official ``.pth``."""
-    import timm
+def _load_any(source: str, img_size: Sequence[int] | None, step: int | None = None) -> torch.nn.Module:
+    """Any model source (``prism_vfm.models.load``); what was loaded is shown on stderr."""
+    from prism_vfm.models.load import load
 
-    from prism_vfm import PrismViT, load_official
-
-    size = cast("tuple[int, int] | None", tuple(img_size) if img_size else None)  # --img-size H W
-    path = Path(source)
-    if path.is_dir():
-        extra: dict[str, Any] = {"img_size": size} if size else {}
-        return PrismViT.from_pretrained(path, **extra)
-    if path.suffix in (".pth", ".pt", ".bin") or path.exists():
-        return load_official(path, img_size=size)
-    if source in timm.list_models("prism_vit_*"):
-        with torch.device("meta"):  # parameter counts need no storage
-            kwargs: dict[str, Any] = {"img_size": size} if size else {}
-            return cast(PrismViT, timm.create_model(source, pretrained=False, **kwargs))
-    raise SystemExit(
-        f"prism: {source!r} is neither a folder, an official .pth nor a registered prism_vit_* model"
-    )
+    model, report = load(source, img_size=img_size, step=step)
+    print(f"prism: {report.summary()}", file=sys.stderr)
+    return model
 
 
 def cmd_info(args: argparse.Namespace) -> None:
-    model = _load_any(args.model, args.img_size)
+    from prism_vfm import PrismMultiTask
+
+    loaded = _load_any(args.model, args.img_size, args.step)
+    model = cast("PrismViT", getattr(loaded, "student", loaded))
     info = {
         "image_size": list(model.patch_embed.img_size),
         "width": model.embed_dim,
@@ -48,31 +40,37 @@ def cmd_info(args: argparse.Namespace) -> None:
         "experts": model.moe_config.num_experts,
         "top_k": model.moe_config.top_k,
         "teachers": len(model.teacher_dims),
-        "tasks": model.num_tasks,
+        "tasks": loaded.task_names if isinstance(loaded, PrismMultiTask) else model.num_tasks,
         "parameters": model.count_parameters(),
         "backbone_parameters": model.count_parameters(backbone_only=True),
         "active_backbone_parameters": model.count_parameters(active=True, backbone_only=True),
     }
+    if isinstance(loaded, PrismMultiTask):
+        info["decoder_head_parameters"] = sum(p.numel() for p in loaded.heads.parameters())
     print(json.dumps(info, indent=2))
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
-    from prism_vfm import PrismViT, export_official, load_official
+    from prism_vfm import PrismViT, export_official
 
     src, out = Path(args.source), Path(args.output)
+    model = _load_any(args.source, args.img_size, args.step)
     if src.is_dir():
-        export_official(PrismViT.from_pretrained(src), out)
+        if not isinstance(model, PrismViT):
+            raise ValueError(
+                f"{src} holds a multi-task model: the official layout written here is the Stage-1 student's"
+            )
+        export_official(model, out)
         print(f"wrote official-layout checkpoint {out}")
     else:
-        model = load_official(src, img_size=tuple(args.img_size) if args.img_size else None)
-        model.save_pretrained(out)
+        cast("PrismViT", model).save_pretrained(out)
         print(f"wrote {out}/config.json and {out}/model.safetensors")
 
 
 def cmd_smoke(args: argparse.Namespace) -> None:
     from prism_vfm.smoke import run_smoke
 
-    summary = run_smoke(steps=args.steps, out_dir=Path(args.out), seed=args.seed)
+    summary = run_smoke(steps=args.steps, out_dir=Path(args.out), seed=args.seed, overwrite=args.overwrite)
     print(json.dumps(summary, indent=2))
 
 
@@ -104,7 +102,9 @@ def cmd_distill(args: argparse.Namespace) -> None:
     cfg = apply_overrides(cfg, [(k, v) for k, v in direct if v is not None] + list(args.set))
     if not cfg.data:
         raise SystemExit("prism distill: no image folder given (--data PATH or data: in the config file)")
-    run = train_stage1(cfg, resume=args.resume)
+    run = train_stage1(
+        cfg, resume=args.resume, overwrite=args.overwrite, allow_config_change=args.allow_config_change
+    )
     print(f"run saved in {run}")
 
 
@@ -127,11 +127,17 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         raise SystemExit(
             "prism finetune: give the data set folder (--data) and a Stage-1 checkpoint (--init)"
         )
-    print(f"run saved in {train_stage2(cfg, resume=args.resume)}")
+    run = train_stage2(
+        cfg, resume=args.resume, overwrite=args.overwrite, allow_config_change=args.allow_config_change
+    )
+    print(f"run saved in {run}")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from prism_vfm.evaluate import evaluate
+    from prism_vfm.train.distributed import init_distributed
+
+    env = init_distributed()  # under torchrun every process scores its part of the split
 
     baselines = json.loads(Path(args.baselines).read_text()) if args.baselines else None
     dataset = {"pascal": "pascalcontext", "nyud": "nyud"}[args.dataset]
@@ -145,9 +151,12 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         workers=args.workers,
         baselines=baselines,
         save_edges=args.save_edges,
-        device=args.device,
+        device=str(env.device) if env.world_size > 1 else args.device,
+        img_size=tuple(args.img_size) if args.img_size else None,
     )
-    print(json.dumps({"scores": result["scores"], "delta_m": result["delta_m"]}, indent=2))
+    if env.is_main:
+        print(f"prism: {result['loaded']}", file=sys.stderr)
+        print(json.dumps({"scores": result["scores"], "delta_m": result["delta_m"]}, indent=2))
 
 
 def cmd_sweep(args: argparse.Namespace) -> None:
@@ -184,6 +193,9 @@ def cmd_sweep(args: argparse.Namespace) -> None:
         if not stage2.data:
             raise SystemExit("prism sweep: Stage 2 needs its data set folder (--stage2-data)")
     baselines = json.loads(Path(args.baselines).read_text()) if args.baselines else None
+    from prism_vfm.train.distributed import init_distributed
+
+    env = init_distributed()  # under torchrun every variant trains and evaluates on all processes
     rows = run_sweep(
         [v.strip() for v in args.variants.split(",") if v.strip()],
         stage1,
@@ -192,10 +204,11 @@ def cmd_sweep(args: argparse.Namespace) -> None:
         split=None if args.no_eval else args.split,
         baselines=baselines,
         eval_workers=args.eval_workers,
-        device=args.device,
+        device=str(env.device) if env.world_size > 1 else args.device,
     )
-    print((Path(args.out) / "comparison.md").read_text())
-    print(f"{len(rows)} variants; table in {args.out}/comparison.md and comparison.json")
+    if env.is_main:
+        print((Path(args.out) / "comparison.md").read_text())
+        print(f"{len(rows)} variants; table in {args.out}/comparison.md and comparison.json")
 
 
 def cmd_analyze(args: argparse.Namespace) -> None:
@@ -220,11 +233,39 @@ def cmd_analyze(args: argparse.Namespace) -> None:
     elif args.batch_size is None:
         options.pop("batch_size")
     out = args.out or f"analysis/{args.analysis}"
+    # What each checkpoint load took from its source, on stderr.
+    shown = logging.StreamHandler(sys.stderr)
+    shown.setFormatter(logging.Formatter("prism: %(message)s"))
+    loading = logging.getLogger("prism_vfm.analysis.loading")
+    loading.addHandler(shown)
+    loading.setLevel(logging.INFO)
     try:
         summary = analyze(args.analysis, args.checkpoint, out, **options)
     except ValueError as exc:
         raise SystemExit(f"prism analyze {args.analysis}: {exc}") from None
+    finally:
+        loading.removeHandler(shown)
     print("\n".join(summary["files"]))
+
+
+def _run_folder_arguments(p: argparse.ArgumentParser) -> None:
+    """--resume, --overwrite and --allow-config-change (prism_vfm.train.run)."""
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--resume", action="store_true", help="continue from the run folder's latest checkpoint"
+    )
+    mode.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run in the output folder: removes its config.yaml, config_changes.yaml, "
+        "metrics.jsonl, tensorboard/ and checkpoints/ (and refuses if the folder holds anything else)",
+    )
+    p.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="with --resume: continue although settings differ from the run's config.yaml (the "
+        "differences are recorded in config_changes.yaml)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -237,8 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("smoke", help="train a tiny student on a CPU for a few steps (checks an installation)")
     p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--out", default="runs/smoke", help="folder for the trained tiny student")
+    p.add_argument("--out", default="runs/smoke", help="run folder for the tiny student's training")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace a previous smoke run in --out")
     p.set_defaults(func=cmd_smoke)
 
     p = sub.add_parser(
@@ -271,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override a key, e.g. --set optim.lr=5e-4 (repeatable)",
     )
-    p.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
+    _run_folder_arguments(p)
     p.add_argument("--ablation", help="an ablation variant, e.g. wo_anchor, dense, top1 (prism sweep --list)")
     p.set_defaults(func=cmd_distill)
 
@@ -287,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a key (repeatable)"
     )
-    p.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
+    _run_folder_arguments(p)
     p.add_argument("--ablation", help="the Stage-1 run's ablation variant (its loss and teacher switches)")
     p.set_defaults(func=cmd_finetune)
 
@@ -320,7 +362,10 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluate", help="per-task metrics (odsF included, no MATLAB) and Δm of a multi-task model"
     )
     p.add_argument(
-        "--checkpoint", required=True, help="Stage-2 checkpoint folder or an official Stage-2 .pth"
+        "--checkpoint",
+        required=True,
+        help="Stage-2 run or checkpoint folder, an official Stage-2 .pth, or a released tag "
+        "(e.g. prism_vit_base_patch16_384.prism_stage2_pascal)",
     )
     p.add_argument("--dataset", required=True, choices=["pascal", "nyud"])
     p.add_argument("--data", required=True, help="the PASCALContext/ or NYUDv2/ folder")
@@ -332,6 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--baselines", help="JSON file {task: single-task score} for Δm (default: the paper's ViT-B)"
     )
     p.add_argument("--save-edges", action="store_true", help="write the edge maps as PNGs (what SEISM reads)")
+    p.add_argument(
+        "--img-size", type=int, nargs=2, metavar=("H", "W"), help="input size (default: the data set's)"
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.set_defaults(func=cmd_evaluate)
 
@@ -346,7 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--checkpoint",
         nargs="+",
         required=True,
-        help="run folder(s), checkpoint or save_pretrained folder(s), official .pth file(s); seeds: one "
+        help="run folder(s), checkpoint or save_pretrained folder(s), official .pth file(s) or released "
+        "tags (prism_vit_base_patch16_384.prism_stage1); seeds: one "
         "per run, the first the reference; coactivation/gates: a run folder means all its checkpoints; "
         "efficiency: also prism_vit_* model names",
     )
@@ -365,13 +414,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("info", help="architecture and parameter counts of a student")
-    p.add_argument("model", help="prism_vit_* model name, save_pretrained folder, or official .pth")
+    p.add_argument(
+        "model",
+        help="prism_vit_* model name (optionally .tag), run, checkpoint or save_pretrained folder, "
+        "or official .pth",
+    )
     p.add_argument("--img-size", type=int, nargs=2, metavar=("H", "W"))
+    p.add_argument("--step", type=int, help="a run folder's checkpoint of this step (default: the latest)")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("convert", help="official .pth → save_pretrained folder, or folder → official .pth")
-    p.add_argument("source")
+    p.add_argument("source", help="official .pth, or a run, checkpoint or save_pretrained folder")
     p.add_argument("output")
+    p.add_argument("--step", type=int, help="a run folder's checkpoint of this step (default: the latest)")
     p.add_argument(
         "--img-size", type=int, nargs=2, metavar=("H", "W"), help="resample pos_embed to this size"
     )
@@ -379,14 +434,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+DISTRIBUTED_COMMANDS = frozenset({"distill", "finetune", "evaluate", "sweep"})
+"""The commands that share their work among torchrun's processes (the others refuse to run under it)."""
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``prism`` console command."""
     from prism_vfm.config import ConfigError
 
     args = build_parser().parse_args(argv)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.command not in DISTRIBUTED_COMMANDS:
+        # Every process would do the same work and write the same files.
+        raise SystemExit(
+            f"prism {args.command}: runs in one process; launch it without torchrun "
+            f"(torchrun runs {', '.join(sorted(DISTRIBUTED_COMMANDS))})"
+        )
     try:
         args.func(args)
-    except (ConfigError, FileNotFoundError) as exc:
+    except (ConfigError, FileNotFoundError, FileExistsError) as exc:
         print(f"prism {args.command}: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
 

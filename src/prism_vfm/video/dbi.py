@@ -42,6 +42,12 @@ def pair_key(i: int, j: int) -> str:
     return f"{i}to{j}"
 
 
+def interpolation_matrix(source: int, target: int, like: Tensor) -> Tensor:
+    """(target, source) matrix of 1-D linear interpolation with align_corners=False."""
+    eye = torch.eye(source, dtype=like.dtype, device=like.device).unsqueeze(0)
+    return F.interpolate(eye, size=target, mode="linear", align_corners=False)[0].t()
+
+
 class DBI(nn.Module):
     """Gated slow→fast and fast→slow exchange between the RgSTA streams."""
 
@@ -84,13 +90,30 @@ class DBI(nn.Module):
         n = len(self.rates)
         return [(i, j) for i in range(n) for j in range(n) if i != j]
 
-    def contribution(self, streams: list[Tensor], i: int, j: int) -> Tensor:
-        """What source i adds to target j before scaling, (B, L_j, D)."""
-        source = streams[i].transpose(1, 2)  # (B, D, L_i)
+    def project_slow(self, stream: Tensor) -> Tensor:
+        """The shared slow→fast 1×1 convolution on a (B, L, D) stream."""
+        return F.linear(stream, self.slow_to_fast.weight.squeeze(-1), self.slow_to_fast.bias)
+
+    def contribution(self, streams: list[Tensor], i: int, j: int, projected: Tensor | None = None) -> Tensor:
+        """What source i adds to target j before scaling, (B, L_j, D).
+
+        Computed in the (B, L, D) layout as products: slow → fast as the interpolation matrix times the
+        1×1 projection of the source (both linear in time and channels, so they commute; the
+        interpolation weights of a row sum to 1, so the bias passes unchanged), which projects the short
+        slow stream once instead of the long interpolated one (``projected`` may pass it in); fast → slow
+        as one product of the kernel with the strided windows of the padded stream."""
+        source = streams[i]
+        length = streams[j].shape[1]
         if self.slow[i]:
-            up = F.interpolate(source, size=streams[j].shape[1], mode="linear", align_corners=False)
-            return self.slow_to_fast(up).transpose(1, 2)
-        return self.fast_to_slow[pair_key(i, j)](source).transpose(1, 2)
+            if projected is None:
+                projected = self.project_slow(source)
+            return interpolation_matrix(source.shape[1], length, source) @ projected
+        conv = self.fast_to_slow[pair_key(i, j)]
+        assert isinstance(conv, nn.Conv1d)
+        pad = int(conv.padding[0])  # type: ignore[index]
+        padded = F.pad(source, (0, 0, pad, pad))
+        windows = padded.unfold(1, conv.kernel_size[0], conv.stride[0])  # (B, L_j, D, 5)
+        return F.linear(windows.reshape(*windows.shape[:2], -1), conv.weight.reshape(conv.out_channels, -1))
 
     def forward(self, streams: list[Tensor]) -> DBIOutput:
         """Exchange information between ``streams`` (each (B, L_i, D))."""
@@ -107,6 +130,7 @@ class DBI(nn.Module):
         passed = {p: not mean < self.threshold for p, mean in zip(pairs, means, strict=True)}
 
         outputs = list(streams)
+        projected: dict[int, Tensor] = {}  # slow sources through the shared 1×1 projection
         last_writer = [-1] * n
         for j in range(n):
             sources = [i for i in range(n) if i != j and passed[(i, j)] and self.slow[i] != self.slow[j]]
@@ -116,7 +140,10 @@ class DBI(nn.Module):
             writers = sources[-1:] if self.update == "last" else sources
             out = streams[j]
             for i in writers:
-                out = out + scores[(i, j)].view(-1, 1, 1) * self.contribution(streams, i, j)
+                if self.slow[i] and i not in projected:
+                    projected[i] = self.project_slow(streams[i])
+                contrib = self.contribution(streams, i, j, projected.get(i))
+                out = out + scores[(i, j)].view(-1, 1, 1) * contrib
             outputs[j] = out
 
         batch = streams[0].shape[0]

@@ -86,7 +86,9 @@ class VidPrismHead(nn.Module):
         The text variant needs ``class_text`` (C, D) and returns cosine logits against it; the other
         variants ignore it (the text loss takes it separately, see :func:`released_loss`)."""
         self._check(features, class_text)
-        streams = [module(features) for module in self.rgsta]
+        with torch.no_grad():
+            frame_norm = features.norm(dim=-1)
+        streams = [module(features, frame_norm) for module in self.rgsta]
         rank = torch.stack([s.rank_loss for s in streams]).mean()
         tokens = [s.tokens for s in streams]
         dbi = self.dbi(tokens) if self.cfg.dbi else None

@@ -17,6 +17,7 @@ from torch import Tensor
 if TYPE_CHECKING:
     from prism_vfm.video.head import HeadOutput
 
+COS_EPS = 1e-8  # the eps of torch.nn.functional.cosine_similarity
 RELEASED_WEIGHTS = {"ce": 1.0, "gate": 0.01, "text": 0.01, "diversity": 0.005, "rank": 0.1}
 
 
@@ -51,7 +52,9 @@ def diversity_released(summaries: Tensor) -> Tensor:
     batch = summaries.shape[0]
     if batch < 2:
         return summaries.new_zeros(())
-    cos = F.cosine_similarity(summaries[:, None], summaries[None, :], dim=-1)  # (B, B, N)
+    # cos[a, b, i] for every pair of samples at once: a (B, B, N) product, not a (B, B, N, D) broadcast
+    unit = summaries / summaries.norm(dim=-1, keepdim=True).clamp_min(COS_EPS)
+    cos = torch.einsum("aid,bid->abi", unit, unit)
     a, b = torch.triu_indices(batch, batch, offset=1, device=summaries.device)
     return (1.0 - cos[a, b].mean(-1)).mean()
 

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 RANK_CLAMP = 1e-9
 MERGE_EPS = 1e-6
+NORM_EPS = 1e-12  # of torch.nn.functional.normalize
 
 
 @dataclass
@@ -55,13 +56,20 @@ class RgSTA(nn.Module):
         self.score_norm = nn.LayerNorm(dim)  # on the unnormalised projection
         self.score = nn.Linear(dim, 1, bias=False)
 
-    def forward(self, x: Tensor) -> RgSTAOutput:
-        """Merge frame features ``x`` (B, T, D) into ``ceil(T / rate)`` tokens."""
+    def forward(self, x: Tensor, frame_norm: Tensor | None = None) -> RgSTAOutput:
+        """Merge frame features ``x`` (B, T, D) into ``ceil(T / rate)`` tokens.
+
+        ``frame_norm`` (B, T) may pass in ‖x‖₂ per frame, shared by the rates; no gradient flows through
+        it (it enters the hard selection and the detached rank target only)."""
         batch, frames, dim = x.shape
+        if frame_norm is None:
+            with torch.no_grad():
+                frame_norm = x.norm(dim=-1)
+        norm = frame_norm
         h = self.metric_proj(x)
         s_pred = self.score(self.score_norm(h)).squeeze(-1)
-        norm = x.norm(dim=-1)
-        s_mix = self.alpha * s_pred + (1 - self.alpha) * norm
+        with torch.no_grad():  # only its per-window argmax is used
+            s_mix = self.alpha * s_pred + (1 - self.alpha) * norm
 
         full = frames // self.rate
         split = full * self.rate
@@ -93,14 +101,19 @@ class RgSTA(nn.Module):
     ) -> tuple[Tensor, Tensor, Tensor | None]:
         """Windows (B, n, w, ...) → merged tokens (B, n, D), kept positions (B, n), rank loss per window."""
         batch, windows, width, dim = xw.shape
-        m = F.normalize(hw, dim=-1)
-        sim = (m @ m.transpose(-1, -2)).masked_fill(torch.eye(width, dtype=torch.bool, device=xw.device), 0.0)
-        kept = s_mix.argmax(-1)
+        # cosine similarity from the window's Gram matrix: (w, w) work per window instead of (w, D)
+        gram = hw @ hw.transpose(-1, -2)
+        length = gram.diagonal(dim1=-2, dim2=-1).clamp_min(NORM_EPS**2).sqrt()
+        eye = torch.eye(width, dtype=torch.bool, device=xw.device)
+        sim = (gram / (length.unsqueeze(-1) * length.unsqueeze(-2))).masked_fill(eye, 0.0)
+        # topk, not argmax: they break exact ties (repeated frames) differently, and the release uses topk
+        kept = s_mix.topk(1, dim=-1).indices.squeeze(-1)
         attn = torch.softmax(sim / self.tau, dim=-1)
         to_kept = attn.gather(-1, kept[..., None, None].expand(batch, windows, width, 1)).squeeze(-1)
-        weight = (to_kept / (to_kept + MERGE_EPS)).masked_fill(F.one_hot(kept, width).bool(), 0.0)
-        kept_tokens = xw.gather(2, kept[..., None, None].expand(batch, windows, 1, dim)).squeeze(2)
-        merged = kept_tokens + (weight.unsqueeze(-2) @ xw).squeeze(-2) / 2.0
+        is_kept = F.one_hot(kept, width).to(xw.dtype)
+        # o = c_k + 1/2 sum_{t != k} w_t c_t as one product: weight 1 on the kept frame, w_t / 2 elsewhere
+        coef = (to_kept / (to_kept + MERGE_EPS)) / 2.0 * (1.0 - is_kept) + is_kept
+        merged = (coef.unsqueeze(-2) @ xw).squeeze(-2)
         if not self.training:
             return merged, kept, None
         target = (norm + sim.mean(dim=-2)).detach()  # high norm + representative (column mean of S)
