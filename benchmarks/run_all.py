@@ -43,7 +43,8 @@ def plan(device: str, quick: bool) -> list[tuple[str, list[str]]]:
     stage1 = ["--preset", "LB", "--img-size", "384", "--batch", "64"] if full_gpu else []
     runs.append(("stage1", [py, str(HERE / "bench_stage1.py"), *common, *stage1]))
     runs.append(("vidprism_model", [py, str(HERE / "bench_vidprism_model.py"), *common]))
-    if not gpu:
+    if not gpu:  # CPU work (the video loader's is CPU work on any host): not worth a lent GPU's minutes
+        runs.append(("video_data", [py, str(HERE / "bench_video_data.py"), *(["--quick"] if quick else [])]))
         runs.append(("boundary", [py, str(HERE / "bench_boundary.py"), *(["--quick"] if quick else [])]))
     return runs
 
