@@ -31,7 +31,7 @@ def plan(device: str, quick: bool) -> list[tuple[str, list[str]]]:
             "tests/test_moe_dispatch.py",
             "tests/test_teachers.py",
             "tests/test_metrics.py",
-            "tests/test_video_head.py",
+            "tests/test_video_head.py::test_head_on_cuda_agrees_with_the_cpu",
         ]
         runs.append(("cuda_tests", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", *cuda_tests]))
     runs += [
