@@ -381,8 +381,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--matcher",
         choices=["fast", "bsds"],
-        default="fast",
-        help="boundary matcher: maximum matching (fast, default) or SEISM's BSDS matcher (the reference)",
+        default="bsds",
+        help="boundary matcher: SEISM's BSDS matcher (bsds, the reference, default) or a maximum matching "
+        "(fast: about 50x faster, scores about 0.1 point higher)",
     )
     p.add_argument(
         "--img-size", type=int, nargs=2, metavar=("H", "W"), help="input size (default: the data set's)"
