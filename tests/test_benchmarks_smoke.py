@@ -23,6 +23,10 @@ EXPECTED = {
         "ratio train (d)/(c) separate experts vs the floor:",
         "ratio eval (d)/(c) separate experts vs the floor:",
     ],
+    "bench_boundary.py": [
+        "ratio speed-up of the fast matcher:",
+        "PASCAL-Context test (5105 images) on 16 cores:",
+    ],
     "bench_stage1.py": [
         "throughput:",
         "teacher share of the step:",
@@ -40,6 +44,7 @@ EXPECTED = {
     "bench_student.py": [
         "ratio train student / dense:",
         "ratio train student + projectors / dense:",
+        "ratio train checkpointed / student + projectors:",
         "ratio eval student / dense:",
     ],
     "bench_vidprism_head.py": [

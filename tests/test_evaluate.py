@@ -52,7 +52,24 @@ def test_evaluate_accepts_an_official_stage2_file(tmp_path):
     loaded, report = load(path, img_size=(48, 64), multitask=True)
     assert report.kind == "official Stage-2 .pth" and "task_composer_weights" in report.ignored
     x = torch.randn(1, 3, 48, 64)
-    for task, out in model(x).items():
-        torch.testing.assert_close(loaded(x)[task], out, rtol=1e-5, atol=1e-5)
+    for task, out in model(x).predictions.items():
+        torch.testing.assert_close(loaded(x).predictions[task], out, rtol=1e-5, atol=1e-5)
     official = evaluate(path, "pascalcontext", root, workers=1, img_size=(48, 64))
     assert set(official["scores"]) == set(TASK_OUTPUT_CHANNELS["pascalcontext"])
+
+
+def test_evaluate_scores_edges_with_either_matcher(tmp_path):
+    root = tmp_path / "data"
+    write_tiny_nyud(root, n_train=2, n_val=2, size=(40, 48), seed=3)
+    tiny_model("nyud").save_pretrained(tmp_path / "ckpt")
+    edge = {
+        matcher: evaluate(tmp_path / "ckpt", "nyud", root, workers=1, img_size=(48, 64), matcher=matcher)[
+            "scores"
+        ]["edge"]
+        for matcher in ("fast", "bsds")
+    }
+    # A maximum matching is never smaller than the BSDS matcher's, and differs from it by a pixel or two.
+    assert edge["bsds"]["odsF"] <= edge["fast"]["odsF"] + 1e-9
+    assert edge["fast"]["odsF"] == pytest.approx(edge["bsds"]["odsF"], abs=2.0)
+    with pytest.raises(ValueError, match="unknown boundary matcher 'csa'"):
+        evaluate(tmp_path / "ckpt", "nyud", root, workers=1, img_size=(48, 64), matcher="csa")

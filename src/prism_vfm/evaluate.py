@@ -26,7 +26,7 @@ from tqdm import tqdm
 from prism_vfm.data.dense_transforms import DEFAULT_INPUT_SIZE, DenseTestTransform
 from prism_vfm.data.nyud import NYUDv2
 from prism_vfm.data.pascal_context import PascalContext
-from prism_vfm.metrics.boundary import BoundaryMeter, boundary_scores, edge_logits_to_uint8
+from prism_vfm.metrics.boundary import DEFAULT_MATCHER, BoundaryMeter, boundary_scores, edge_logits_to_uint8
 from prism_vfm.metrics.multitask import HEADLINE_METRICS, SINGLE_TASK_BASELINES, MultiTaskMeter, delta_m
 from prism_vfm.models.load import load
 from prism_vfm.models.multitask import PrismMultiTask
@@ -54,8 +54,13 @@ def evaluate(
     save_edges: bool = False,
     device: str = "cpu",
     img_size: tuple[int, int] | None = None,
+    matcher: str = DEFAULT_MATCHER,
 ) -> dict[str, Any]:
     """Scores of every task (edge: odsF, oisF, AP), Δm, written to ``out`` as JSON and Markdown.
+
+    ``matcher`` matches the boundaries (``prism_vfm.metrics.boundary.MATCHERS``): ``"bsds"`` (the BSDS
+    matcher of SEISM, the reference; the default) or ``"fast"`` (maximum matching, about 50× faster and
+    about 0.1 point higher).
 
     Images are padded (never resized) to ``img_size`` (default: the data set's evaluation size) and the
     metrics are taken on the padded prediction with the padding ignored, as in the paper.
@@ -70,7 +75,8 @@ def evaluate(
     meter = MultiTaskMeter(dataset, [t for t in tasks if t != "edge"])
     if workers is None and "LOCAL_WORLD_SIZE" in os.environ:  # torchrun: the node's CPUs shared by its ranks
         workers = max(1, (os.cpu_count() or 1) // int(os.environ["LOCAL_WORLD_SIZE"]))
-    boundaries = BoundaryMeter(BOUNDARY_PROTOCOL[dataset], workers=workers) if "edge" in tasks else None
+    protocol = BOUNDARY_PROTOCOL[dataset]
+    boundaries = BoundaryMeter(protocol, workers=workers, matcher=matcher) if "edge" in tasks else None
     out_dir = Path(out) if out is not None else None
     if save_edges and out_dir is not None:
         (out_dir / "edge").mkdir(parents=True, exist_ok=True)
@@ -78,7 +84,7 @@ def evaluate(
     loader = DataLoader(part, batch_size=batch_size, num_workers=0, collate_fn=_collate)
     main = is_main_process()
     for batch in tqdm(loader, desc=f"evaluate {split}", unit="batch", disable=not main):
-        outputs = model(batch["image"].to(device))
+        outputs = model(batch["image"].to(device)).predictions
         meter.update(
             {t: o.float() for t, o in outputs.items() if t != "edge"},
             {t: batch[t].to(device) for t in tasks if t != "edge"},
