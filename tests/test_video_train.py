@@ -245,3 +245,20 @@ def test_transfer_from_something_else_names_what_is_missing(data, tmp_path):
     save_file({"head.classifier.weight": torch.zeros(3, 16)}, str(tmp_path / "other" / "model.safetensors"))
     with pytest.raises(LoadError, match="missing"):
         transfer_init(model, tmp_path / "other")
+
+
+def test_a_bf16_step_with_activation_checkpointing_trains_fp32_weights(data, tmp_path):
+    from prism_vfm.video.train import build_model
+
+    cfg = tiny_cfg(
+        data, tmp_path / "bf16", ("amp", "bf16"), ("model.grad_checkpointing", True), ("epochs", 1)
+    )
+    torch.manual_seed(cfg.seed)  # the trainer's seed: the same initial weights
+    initial = build_model(cfg, num_classes=3).state_dict()
+    run = train_video(cfg)
+    losses = [r["loss/total"] for r in read_scalars(run) if "loss/total" in r]
+    assert losses and all(np.isfinite(losses))
+    trained = final_weights(run)
+    for key in ("backbone.tower.blocks.0.attn.qkv.weight", "head.classifier.weight"):
+        assert trained[key].dtype == torch.float32
+        assert not torch.equal(trained[key], initial[key]), key
