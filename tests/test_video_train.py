@@ -262,3 +262,15 @@ def test_a_bf16_step_with_activation_checkpointing_trains_fp32_weights(data, tmp
     for key in ("backbone.tower.blocks.0.attn.qkv.weight", "head.classifier.weight"):
         assert trained[key].dtype == torch.float32
         assert not torch.equal(trained[key], initial[key]), key
+
+
+def test_a_bad_list_line_stops_the_command_with_its_file_and_line(data, tmp_path):
+    bad = tmp_path / "train.txt"
+    lines = (data / "train.txt").read_text().splitlines()
+    bad.write_text("\n".join([lines[0], lines[1].rsplit(" ", 1)[0] + " seven", *lines[2:]]) + "\n")
+    result = subprocess.run(
+        _cli(data, tmp_path / "x", "--set", f"data.train_list={bad}"), capture_output=True, text=True
+    )
+    assert result.returncode == 2
+    message = result.stderr.strip().splitlines()[-1]
+    assert message.startswith("prism video train:") and f"{bad}, line 2" in message and "'seven'" in message

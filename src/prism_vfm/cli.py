@@ -587,10 +587,16 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"prism {args.command}: runs in one process; launch it without torchrun "
             f"(torchrun runs {', '.join(sorted(DISTRIBUTED_COMMANDS))})"
         )
+    # The video readers report a bad list line, label CSV or frame count as a ValueError naming the file
+    # and line: for the video commands that is the whole message.
+    user_errors: tuple[type[Exception], ...] = (ConfigError, FileNotFoundError, FileExistsError)
+    if args.command == "video":
+        user_errors += (ValueError,)
     try:
         args.func(args)
-    except (ConfigError, FileNotFoundError, FileExistsError) as exc:
-        print(f"prism {args.command}: {exc}", file=sys.stderr)
+    except user_errors as exc:
+        name = f"{args.command} {args.video_command}" if args.command == "video" else args.command
+        print(f"prism {name}: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
 
 
