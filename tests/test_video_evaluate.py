@@ -16,7 +16,7 @@ import yaml
 
 from prism_vfm.config import apply_overrides
 from prism_vfm.video.data.dataset import VideoDataset
-from prism_vfm.video.data.lists import read_video_list
+from prism_vfm.video.data.lists import VideoSample, read_video_list
 from prism_vfm.video.data.synthetic import write_tiny_video_dataset
 from prism_vfm.video.evaluate import evaluate_video, load_vidprism
 from prism_vfm.video.metrics import ClassificationMeter, average_views
@@ -221,3 +221,16 @@ def test_a_protocol_file_with_an_unknown_key_is_named(trained, tmp_path):
 
     with pytest.raises(ConfigError, match="unknown configuration key view"):
         read_protocol(_protocol(trained, tmp_path, view=3))
+
+
+def test_k_shot_lists_hold_k_videos_of_every_class_and_depend_only_on_the_seed():
+    from prism_vfm.video.data.fewshot import harmonic_mean, k_shot
+
+    samples = [VideoSample(f"c{c}/v{v}.avi", c) for c in range(4) for v in range(6)]
+    two = k_shot(samples, 2, seed=0)
+    assert sorted(s.label for s in two) == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert two == k_shot(samples, 2, seed=0) and two != k_shot(samples, 2, seed=1)
+    assert [samples.index(s) for s in two] == sorted(samples.index(s) for s in two)
+    with pytest.raises(ValueError, match="class 0 has 6 videos, fewer than 7 shots"):
+        k_shot(samples, 7, seed=0)
+    assert harmonic_mean(80.0, 60.0) == pytest.approx(2 * 80 * 60 / 140) and harmonic_mean(0.0, 50.0) == 0.0
