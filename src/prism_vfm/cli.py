@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, NoReturn, cast
 
 import torch
+
+from prism_vfm.errors import PrismError
 
 if TYPE_CHECKING:
     from prism_vfm import PrismViT
@@ -37,6 +40,19 @@ def _load_any(source: str, img_size: Sequence[int] | None) -> PrismViT:
     )
 
 
+def _check_folder(path: str | Path | None, what: str) -> None:
+    """ValueError, before any work starts, when output folder ``path`` cannot be one: it, or the nearest
+    part of it that exists, is a file."""
+    if path is None or str(path) == "":
+        return
+    existing = Path(path)
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        where = "is" if existing == Path(path) else f"lies under {existing}, which is"
+        raise ValueError(f"{what} {path} {where} a file, not a folder")
+
+
 def cmd_info(args: argparse.Namespace) -> None:
     model = _load_any(args.model, args.img_size)
     info = {
@@ -60,10 +76,18 @@ def cmd_convert(args: argparse.Namespace) -> None:
     from prism_vfm import PrismViT, export_official, load_official
 
     src, out = Path(args.source), Path(args.output)
+    if not src.exists():
+        raise FileNotFoundError(
+            f"{src} does not exist; expected a save_pretrained folder or an official .pth"
+        )
     if src.is_dir():
+        if out.is_dir():
+            raise ValueError(f"output {out} is a folder; converting a folder writes one official .pth file")
+        _check_folder(out.parent, "the folder of output")
         export_official(PrismViT.from_pretrained(src), out)
         print(f"wrote official-layout checkpoint {out}")
     else:
+        _check_folder(out, "output")
         model = load_official(src, img_size=tuple(args.img_size) if args.img_size else None)
         model.save_pretrained(out)
         print(f"wrote {out}/config.json and {out}/model.safetensors")
@@ -72,6 +96,7 @@ def cmd_convert(args: argparse.Namespace) -> None:
 def cmd_smoke(args: argparse.Namespace) -> None:
     from prism_vfm.smoke import run_smoke
 
+    _check_folder(args.out, "--out")
     summary = run_smoke(steps=args.steps, out_dir=Path(args.out), seed=args.seed)
     print(json.dumps(summary, indent=2))
 
@@ -104,6 +129,7 @@ def cmd_distill(args: argparse.Namespace) -> None:
     cfg = apply_overrides(cfg, [(k, v) for k, v in direct if v is not None] + list(args.set))
     if not cfg.data:
         raise SystemExit("prism distill: no image folder given (--data PATH or data: in the config file)")
+    _check_folder(cfg.out, "run folder (out)")
     run = train_stage1(cfg, resume=args.resume)
     print(f"run saved in {run}")
 
@@ -127,13 +153,30 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         raise SystemExit(
             "prism finetune: give the data set folder (--data) and a Stage-1 checkpoint (--init)"
         )
+    _check_folder(cfg.out, "run folder (out)")
     print(f"run saved in {train_stage2(cfg, resume=args.resume)}")
+
+
+def _read_baselines(path: str | None) -> dict[str, float] | None:
+    """The ``--baselines`` JSON file ``{task: single-task score}``; ValueError naming what is wrong."""
+    if not path:
+        return None
+    try:
+        baselines = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--baselines {path} is not valid JSON: {exc}") from None
+    if not isinstance(baselines, dict) or not all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in baselines.values()
+    ):
+        raise ValueError(f"--baselines {path} must hold an object {{task: single-task score}}")
+    return {str(k): float(v) for k, v in baselines.items()}
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from prism_vfm.evaluate import evaluate
 
-    baselines = json.loads(Path(args.baselines).read_text()) if args.baselines else None
+    _check_folder(args.out, "--out")
+    baselines = _read_baselines(args.baselines)
     dataset = {"pascal": "pascalcontext", "nyud": "nyud"}[args.dataset]
     result = evaluate(
         args.checkpoint,
@@ -183,7 +226,8 @@ def cmd_sweep(args: argparse.Namespace) -> None:
         stage2 = apply_overrides(stage2, [(k, v) for k, v in direct if v is not None] + list(args.stage2_set))
         if not stage2.data:
             raise SystemExit("prism sweep: Stage 2 needs its data set folder (--stage2-data)")
-    baselines = json.loads(Path(args.baselines).read_text()) if args.baselines else None
+    _check_folder(args.out, "--out")
+    baselines = _read_baselines(args.baselines)
     rows = run_sweep(
         [v.strip() for v in args.variants.split(",") if v.strip()],
         stage1,
@@ -220,6 +264,7 @@ def cmd_analyze(args: argparse.Namespace) -> None:
     elif args.batch_size is None:
         options.pop("batch_size")
     out = args.out or f"analysis/{args.analysis}"
+    _check_folder(out, "--out")
     try:
         summary = analyze(args.analysis, args.checkpoint, out, **options)
     except ValueError as exc:
@@ -227,8 +272,31 @@ def cmd_analyze(args: argparse.Namespace) -> None:
     print("\n".join(summary["files"]))
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error as one line (``prism distill: error: …``) and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _count(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer of at least ``minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    """The ``prism`` argument parser and its sub-commands."""
+    parser = _Parser(
         prog="prism",
         description="PRISM: distil vision foundation models into a "
         "dual-stream conditioned-MoE ViT and recombine it for dense prediction.",
@@ -236,9 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("smoke", help="train a tiny student on a CPU for a few steps (checks an installation)")
-    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--steps", type=_count(1), default=30)
     p.add_argument("--out", default="runs/smoke", help="folder for the trained tiny student")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_count(0), default=0)
     p.set_defaults(func=cmd_smoke)
 
     p = sub.add_parser(
@@ -306,13 +374,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stage2-data", help="the PASCALContext/ or NYUDv2/ folder (runs Stage 2)")
     p.add_argument("--stage2-preset", help="Stage-2 preset: pascal, nyud or tiny")
     p.add_argument("--stage2-config", help="Stage-2 YAML file of configuration keys")
-    p.add_argument(
-        "--stage2-set", action="append", default=[], metavar="KEY=VALUE", help="Stage-2 override"
-    )
+    p.add_argument("--stage2-set", action="append", default=[], metavar="KEY=VALUE", help="Stage-2 override")
     p.add_argument("--split", default="val", help="evaluation split after Stage 2")
     p.add_argument("--no-eval", action="store_true", help="skip the evaluation after Stage 2")
     p.add_argument("--baselines", help="JSON file {task: single-task score} for Δm")
-    p.add_argument("--eval-workers", type=int, help="processes for the boundary evaluation")
+    p.add_argument("--eval-workers", type=_count(0), help="processes for the boundary evaluation")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="evaluation")
     p.set_defaults(func=cmd_sweep)
 
@@ -326,8 +392,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="the PASCALContext/ or NYUDv2/ folder")
     p.add_argument("--split", default="val")
     p.add_argument("--out", help="folder for metrics.json, metrics.md (and edge/ PNGs with --save-edges)")
-    p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--workers", type=int, help="processes for the boundary evaluation (default: all CPUs)")
+    p.add_argument("--batch-size", type=_count(1), default=2)
+    p.add_argument(
+        "--workers", type=_count(0), help="processes for the boundary evaluation (default: all CPUs)"
+    )
     p.add_argument(
         "--baselines", help="JSON file {task: single-task score} for Δm (default: the paper's ViT-B)"
     )
@@ -353,10 +421,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="folder of images (e.g. a validation set or a JPEGImages folder)")
     p.add_argument("--out", help="folder for the PNG figures, JSON and Markdown (default analysis/<name>)")
     p.add_argument("--kind", choices=["teacher", "task"], help="context kind (default: task for Stage 2)")
-    p.add_argument("--contexts", type=int, nargs="+", help="context ids (default: all of the kind)")
-    p.add_argument("--images", type=int, default=64, help="images analysed (the first, in sorted order)")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--img-size", type=int, nargs=2, metavar=("H", "W"), help="rebuild for this input size")
+    p.add_argument("--contexts", type=_count(0), nargs="+", help="context ids (default: all of the kind)")
+    p.add_argument(
+        "--images", type=_count(1), default=64, help="images analysed (the first, in sorted order)"
+    )
+    p.add_argument("--batch-size", type=_count(1))
+    p.add_argument(
+        "--img-size", type=_count(1), nargs=2, metavar=("H", "W"), help="rebuild for this input size"
+    )
     p.add_argument("--threshold", type=float, help="coactivation: selection frequency (default top_k/E)")
     p.add_argument("--teachers", nargs="+", help="gradients: teacher names in id order (default: the run's)")
     p.add_argument("--teachers-dir", help="gradients: folder of teacher weight files (default: Hub)")
@@ -366,28 +438,45 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="architecture and parameter counts of a student")
     p.add_argument("model", help="prism_vit_* model name, save_pretrained folder, or official .pth")
-    p.add_argument("--img-size", type=int, nargs=2, metavar=("H", "W"))
+    p.add_argument("--img-size", type=_count(1), nargs=2, metavar=("H", "W"))
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("convert", help="official .pth → save_pretrained folder, or folder → official .pth")
     p.add_argument("source")
     p.add_argument("output")
     p.add_argument(
-        "--img-size", type=int, nargs=2, metavar=("H", "W"), help="resample pos_embed to this size"
+        "--img-size", type=_count(1), nargs=2, metavar=("H", "W"), help="resample pos_embed to this size"
     )
     p.set_defaults(func=cmd_convert)
     return parser
 
 
+USER_ERRORS: tuple[type[BaseException], ...] = (PrismError, ValueError, KeyError, OSError)
+"""What bad input raises (a project error, or validation's ValueError / KeyError / file errors): reported
+as one line without a traceback. ``PRISM_DEBUG=1`` shows the traceback instead."""
+
+
+def error_line(exc: BaseException) -> str:
+    """``exc`` as the one line the command line prints: its message, or its type when it has none."""
+    if isinstance(exc, KeyError) and len(exc.args) == 1 and isinstance(exc.args[0], str):
+        message = exc.args[0]  # str(KeyError) adds quotes
+    elif isinstance(exc, OSError) and exc.strerror and exc.filename is not None:
+        message = f"{exc.filename}: {exc.strerror}"
+    else:
+        message = str(exc)
+    message = " ".join(line.strip() for line in message.splitlines() if line.strip())
+    return message or type(exc).__name__
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``prism`` console command."""
-    from prism_vfm.config import ConfigError
-
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ConfigError, FileNotFoundError) as exc:
-        print(f"prism {args.command}: {exc}", file=sys.stderr)
+    except USER_ERRORS as exc:
+        if os.environ.get("PRISM_DEBUG", "") not in ("", "0"):
+            raise
+        print(f"prism: error: {error_line(exc)}", file=sys.stderr)
         raise SystemExit(2) from None
 
 

@@ -25,6 +25,7 @@ from concurrent.futures import ProcessPoolExecutor
 from contextlib import nullcontext
 from itertools import repeat
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,10 +35,7 @@ from skimage.morphology import thin
 from torch import Tensor
 from tqdm import tqdm
 
-try:
-    from pyEdgeEval import correspond_pixels, nms
-except ImportError as error:
-    raise ImportError("boundary evaluation needs pyEdgeEval: pip install 'prism-vfm[eval]'") from error
+from prism_vfm.errors import MissingExtraError
 
 THRESHOLDS: np.ndarray = np.arange(1, 100) / 100.0
 """The 99 binarisation thresholds 0.01 ... 0.99, each the double nearest to k / 100 as MATLAB parses it."""
@@ -55,6 +53,15 @@ MATCHER_SEED = 1
 """Seed of the matcher's random outlier connections, set again before every match."""
 
 
+def pyedgeeval() -> Any:
+    """The pyEdgeEval module (the ``eval`` extra); MissingExtraError naming the extra when it is absent."""
+    try:
+        import pyEdgeEval
+    except ImportError as error:
+        raise MissingExtraError("the boundary (edge) evaluation", "pyEdgeEval", "eval") from error
+    return pyEdgeEval
+
+
 def _matcher_seeder() -> Callable[[], None]:
     """A function that reseeds the random generator of pyEdgeEval's matcher with ``MATCHER_SEED``.
 
@@ -65,7 +72,7 @@ def _matcher_seeder() -> Callable[[], None]:
     (another compiler's name mangling) the counts keep that jitter, and a warning says so.
     """
     try:
-        library = ctypes.CDLL(sys.modules[correspond_pixels.__module__].__file__)
+        library = ctypes.CDLL(sys.modules[pyedgeeval().correspond_pixels.__module__].__file__)
         generator = ctypes.addressof(ctypes.c_char.in_dll(library, "_ZN6Random4randE"))
         reseed = library._ZN6Random6reseedEm
     except (OSError, AttributeError, ValueError):
@@ -80,7 +87,14 @@ def _matcher_seeder() -> Callable[[], None]:
     return lambda: reseed(generator, MATCHER_SEED)
 
 
-_reseed_matcher = _matcher_seeder()
+_seeders: list[Callable[[], None]] = []
+
+
+def _reseed_matcher() -> None:
+    """Reseed the matcher (the seeder is looked up once per process, on first use)."""
+    if not _seeders:
+        _seeders.append(_matcher_seeder())
+    _seeders[0]()
 
 
 def _conv_tri(image: np.ndarray, radius: int) -> np.ndarray:
@@ -112,7 +126,7 @@ def edge_nms(edge: np.ndarray, radius: int = 4, border: int = 5, multiplier: flo
     if edge.dtype != np.uint8 or edge.ndim != 2:
         raise ValueError(f"edge_nms needs a 2-D uint8 map, got {edge.dtype} of shape {edge.shape}")
     smoothed = _conv_tri(edge.astype(np.float32) / 255, NMS_SMOOTHING_RADIUS)
-    suppressed = nms(smoothed, _edge_orientation(smoothed), r=radius, s=border, m=multiplier)
+    suppressed = pyedgeeval().nms(smoothed, _edge_orientation(smoothed), r=radius, s=border, m=multiplier)
     # MATLAB's uint8() rounds half away from zero (np.round would round half to even).
     return np.clip(np.floor(suppressed * 255 + 0.5), 0, 255).astype(np.uint8)
 
@@ -168,7 +182,7 @@ def image_counts(edge: np.ndarray, ground_truth: np.ndarray, max_dist_ratio: flo
         previous_total = total
         pred = thin(above)
         _reseed_matcher()
-        matched_pred, matched_gt, _, _ = correspond_pixels(pred, gt, max_dist=max_dist_ratio)
+        matched_pred, matched_gt, _, _ = pyedgeeval().correspond_pixels(pred, gt, max_dist=max_dist_ratio)
         counts[:, k] = (matched_gt > 0).sum(), total_gt, (matched_pred > 0).sum(), pred.sum()
     return counts
 
@@ -307,6 +321,7 @@ class BoundaryMeter:
     """
 
     def __init__(self, dataset: str = "pascal", workers: int | None = None, progress: bool = True) -> None:
+        pyedgeeval()  # a missing extra is reported before any image is predicted
         self.dataset = dataset
         self.max_dist_ratio = dataset_max_dist_ratio(dataset)
         self.workers = workers
