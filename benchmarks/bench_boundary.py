@@ -21,7 +21,7 @@ import torch
 from scipy import ndimage
 
 import harness
-from prism_vfm.metrics.boundary import MAX_DIST_RATIO, boundary_ground_truth, count_boundaries
+from prism_vfm.metrics.boundary import boundary_ground_truth, count_boundaries, dataset_max_dist_ratio
 
 
 def synthetic_image(size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
 
     images = [synthetic_image(args.size, seed) for seed in range(args.images)]
     edges, labels = [e for e, _ in images], [g for _, g in images]
-    ratio = MAX_DIST_RATIO[args.dataset]
+    ratio = dataset_max_dist_ratio(args.dataset)
 
     def evaluate(workers: int) -> np.ndarray:
         return count_boundaries(edges, labels, ratio, workers=workers, progress=False)

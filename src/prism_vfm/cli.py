@@ -102,8 +102,8 @@ def cmd_smoke(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
+    from prism_vfm.data.registry import HEADLINE_METRICS
     from prism_vfm.demo.pipeline import run_demo
-    from prism_vfm.metrics.multitask import HEADLINE_METRICS
 
     if args.seed < 0:
         raise SystemExit(f"prism demo: --seed must be >= 0, got {args.seed}")
@@ -397,7 +397,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers", type=_count(0), help="processes for the boundary evaluation (default: all CPUs)"
     )
     p.add_argument(
-        "--baselines", help="JSON file {task: single-task score} for Δm (default: the paper's ViT-B)"
+        "--baselines",
+        help="JSON file {task: single-task score} for Δm (default: the paper's, for the model's backbone)",
     )
     p.add_argument("--save-edges", action="store_true", help="write the edge maps as PNGs (what SEISM reads)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -7,6 +7,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
+from prism_vfm.data.registry import get_dataset
+
 
 @dataclass
 class DistillConfig:
@@ -80,9 +82,7 @@ def preset(name: str) -> Stage2Config:
 
 def resolved(cfg: Stage2Config) -> Stage2Config:
     """Fill the data-set-dependent defaults (tasks, input size)."""
-    from prism_vfm.data.dense_transforms import DEFAULT_INPUT_SIZE
-    from prism_vfm.losses.tasks import dataset_tasks
-
-    tasks = cfg.tasks or tuple(dataset_tasks(cfg.dataset))
-    size = cfg.img_size or DEFAULT_INPUT_SIZE[cfg.dataset]
+    info = get_dataset(cfg.dataset)
+    tasks = cfg.tasks or tuple(info.tasks)
+    size = cfg.img_size or info.input_size
     return dataclasses.replace(cfg, tasks=tuple(tasks), img_size=tuple(size))

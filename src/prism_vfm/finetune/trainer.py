@@ -24,13 +24,12 @@ from tqdm import tqdm
 from prism_vfm.compat.official import infer_config, official_to_ours, read_official
 from prism_vfm.config import save_yaml
 from prism_vfm.data.dense_transforms import DenseTestTransform, DenseTrainTransform
-from prism_vfm.data.nyud import NYUDv2
-from prism_vfm.data.pascal_context import PascalContext
+from prism_vfm.data.registry import dataset_tasks, get_dataset
 from prism_vfm.data.sampling import SeededAugmentation, ShardedBatchSampler, mix_seed
 from prism_vfm.distill.assignment import balanced_teacher_split
 from prism_vfm.finetune.config import Stage2Config, resolved
 from prism_vfm.losses.distill import distillation_criterion
-from prism_vfm.losses.tasks import MultiTaskLoss, dataset_tasks
+from prism_vfm.losses.tasks import MultiTaskLoss
 from prism_vfm.metrics.multitask import MultiTaskMeter
 from prism_vfm.models.multitask import PrismMultiTask
 from prism_vfm.models.prism_vit import ContextKind
@@ -52,8 +51,6 @@ from prism_vfm.train.precision import autocast
 from prism_vfm.train.schedule import poly
 
 logger = logging.getLogger(__name__)
-
-DATASETS = {"pascalcontext": PascalContext, "nyud": NYUDv2}
 
 
 class MultiTaskStep(nn.Module):
@@ -148,7 +145,7 @@ def train_stage2(cfg: Stage2Config, resume: bool = False) -> Path:
     torch.manual_seed(cfg.seed)
     img_size = cast("tuple[int, int]", cfg.img_size)  # (H, W) after resolved()
 
-    dataset_cls = DATASETS[cfg.dataset]
+    dataset_cls = get_dataset(cfg.dataset).reader_class()
     full = dataset_cls(cfg.data, "train", cfg.tasks, transform=None)
     train_ids, val_ids = _split(len(full), cfg.holdout, cfg.seed)
     train_set = Subset(full, train_ids)

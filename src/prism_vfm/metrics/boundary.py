@@ -35,13 +35,11 @@ from skimage.morphology import thin
 from torch import Tensor
 from tqdm import tqdm
 
+from prism_vfm.data.registry import get_dataset
 from prism_vfm.errors import MissingExtraError
 
 THRESHOLDS: np.ndarray = np.arange(1, 100) / 100.0
 """The 99 binarisation thresholds 0.01 ... 0.99, each the double nearest to k / 100 as MATLAB parses it."""
-
-MAX_DIST_RATIO: dict[str, float] = {"pascal": 0.0075, "pascalcontext": 0.0075, "nyud": 0.011}
-"""Matching tolerance as a fraction of the image diagonal (both spellings of PASCAL-Context in use here)."""
 
 COUNT_FIELDS = ("matched_gt", "total_gt", "matched_pred", "total_pred")
 """The rows of a counts array ``(..., 4, len(THRESHOLDS))``."""
@@ -188,10 +186,8 @@ def image_counts(edge: np.ndarray, ground_truth: np.ndarray, max_dist_ratio: flo
 
 
 def dataset_max_dist_ratio(dataset: str) -> float:
-    """The matching tolerance of ``dataset``; ValueError naming an unknown one."""
-    if dataset not in MAX_DIST_RATIO:
-        raise ValueError(f"unknown dataset {dataset!r}; expected one of {sorted(MAX_DIST_RATIO)}")
-    return MAX_DIST_RATIO[dataset]
+    """The matching tolerance of ``dataset`` (any of its names); ValueError naming an unknown one."""
+    return get_dataset(dataset).boundary_max_dist_ratio
 
 
 def _available_cpus() -> int:

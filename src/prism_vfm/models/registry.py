@@ -14,10 +14,10 @@ from __future__ import annotations
 import re
 from typing import Any, cast
 
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import Tensor
 
-from prism_vfm.data.image_folder import IMAGENET_MEAN, IMAGENET_STD
 from prism_vfm.layers.net2net import resize_mlp_param
 from prism_vfm.models.prism_vit import PrismViT, resample_pos_embed
 
@@ -56,8 +56,8 @@ def _cfg(hf_hub_id: str) -> dict[str, Any]:
         hf_hub_id=hf_hub_id,
         num_classes=0,
         input_size=(3, 384, 384),
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
+        mean=IMAGENET_DEFAULT_MEAN,
+        std=IMAGENET_DEFAULT_STD,
         interpolation="bicubic",
         license="apache-2.0",
     )
