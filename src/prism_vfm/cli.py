@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, cast
 
 import torch
 
+from prism_vfm.data.registry import get_dataset
 from prism_vfm.errors import PrismError
 
 if TYPE_CHECKING:
@@ -146,7 +147,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         from prism_vfm.ablation import apply_ablation
 
         cfg = apply_ablation(cfg, args.ablation)
-    dataset = {"pascal": "pascalcontext", "nyud": "nyud"}.get(args.dataset) if args.dataset else None
+    dataset = get_dataset(args.dataset).name if args.dataset else None
     direct = [("dataset", dataset), ("data", args.data), ("init", args.init), ("out", args.out)]
     cfg = apply_overrides(cfg, [(k, v) for k, v in direct if v is not None] + list(args.set))
     if not cfg.data or not cfg.init:
@@ -177,7 +178,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
     _check_folder(args.out, "--out")
     baselines = _read_baselines(args.baselines)
-    dataset = {"pascal": "pascalcontext", "nyud": "nyud"}[args.dataset]
+    dataset = get_dataset(args.dataset).name
     result = evaluate(
         args.checkpoint,
         dataset,
@@ -221,7 +222,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
         stage2 = stage2_preset(args.stage2_preset or args.dataset or "pascal")
         if args.stage2_config:
             stage2 = load_yaml(Stage2Config, args.stage2_config, base=stage2)
-        dataset = {"pascal": "pascalcontext", "nyud": "nyud"}.get(args.dataset) if args.dataset else None
+        dataset = get_dataset(args.dataset).name if args.dataset else None
         direct = [("dataset", dataset), ("data", args.stage2_data), ("distill.weights", args.teachers_dir)]
         stage2 = apply_overrides(stage2, [(k, v) for k, v in direct if v is not None] + list(args.stage2_set))
         if not stage2.data:
