@@ -52,6 +52,8 @@ def _check_folder(path: str | Path | None, what: str) -> None:
     if existing.exists() and not existing.is_dir():
         where = "is" if existing == Path(path) else f"lies under {existing}, which is"
         raise ValueError(f"{what} {path} {where} a file, not a folder")
+    if existing.exists() and not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(f"{what} {path}: {existing} is not writable")
 
 
 def cmd_info(args: argparse.Namespace) -> None:
