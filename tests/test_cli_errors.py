@@ -125,3 +125,17 @@ def test_missing_eval_extra_is_named_before_any_work():
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO_ROOT
     ).stdout
     assert "pip install 'prism-vfm[eval]'" in out and "pyEdgeEval" in out
+
+
+def test_sweep_without_baselines_for_its_backbone_stops_before_training(tmp_path, capsys, monkeypatch):
+    import prism_vfm.ablation
+
+    monkeypatch.setattr(prism_vfm.ablation, "run_sweep", lambda *a, **k: pytest.fail("the sweep started"))
+    for name in ("images", "PASCALContext"):
+        (tmp_path / name).mkdir()
+    argv = ["sweep", "--variants", "prism", "--out", str(tmp_path / "s"), "--preset", "tiny"]
+    argv += ["--data", str(tmp_path / "images"), "--dataset", "pascal", "--stage2-preset", "tiny"]
+    argv += ["--stage2-data", str(tmp_path / "PASCALContext")]
+    err = _fails(argv, capsys)
+    assert "PASCAL-Context has no single-task baselines for a ViT of width" in err
+    assert not (tmp_path / "s").exists()

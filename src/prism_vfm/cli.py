@@ -175,6 +175,21 @@ def _read_baselines(path: str | None) -> dict[str, float] | None:
     return {str(k): float(v) for k, v in baselines.items()}
 
 
+def _check_baselines_exist(stage1: Any, dataset: str) -> None:
+    """ValueError before any training when the sweep's evaluation would find no Δm baselines for the
+    student's backbone (the student is built on the meta device: no memory, no weights)."""
+    import timm
+
+    from prism_vfm.data.registry import backbone_name
+
+    student = stage1.student
+    with torch.device("meta"):
+        model = timm.create_model(
+            student.model, pretrained=False, **dict(student.overrides, img_size=student.img_size)
+        )
+    get_dataset(dataset).baselines_for(backbone_name(model.embed_dim, len(model.blocks)))
+
+
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from prism_vfm.evaluate import evaluate
 
@@ -231,6 +246,8 @@ def cmd_sweep(args: argparse.Namespace) -> None:
             raise SystemExit("prism sweep: Stage 2 needs its data set folder (--stage2-data)")
     _check_folder(args.out, "--out")
     baselines = _read_baselines(args.baselines)
+    if stage2 is not None and not args.no_eval and baselines is None:
+        _check_baselines_exist(stage1, stage2.dataset)
     rows = run_sweep(
         [v.strip() for v in args.variants.split(",") if v.strip()],
         stage1,
