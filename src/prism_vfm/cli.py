@@ -184,8 +184,11 @@ def _check_baselines_exist(stage1: Any, dataset: str) -> None:
 
     student = stage1.student
     with torch.device("meta"):
-        model = timm.create_model(
-            student.model, pretrained=False, **dict(student.overrides, img_size=student.img_size)
+        model = cast(
+            "PrismViT",
+            timm.create_model(
+                student.model, pretrained=False, **dict(student.overrides, img_size=student.img_size)
+            ),
         )
     get_dataset(dataset).baselines_for(backbone_name(model.embed_dim, len(model.blocks)))
 
