@@ -18,7 +18,7 @@ from tests.tiny import tiny_student
 def test_smoke_run_learns_and_saves(tmp_path):
     summary = run_smoke(steps=12, out_dir=tmp_path / "run")
     assert summary["last_loss"] < summary["first_loss"]
-    model = PrismViT.from_pretrained(tmp_path / "run")
+    model = PrismViT.from_pretrained(summary["saved_to"])
     assert model.moe_layers == (1, 3)
     assert len(summary["lambda_mean_per_layer_and_teacher"]) == 2
 

@@ -92,3 +92,29 @@ def test_teachers_are_cached_and_loaded_through_the_registry(tmp_path):
 def test_demo_refuses_a_negative_seed(tmp_path, capsys):
     with pytest.raises(SystemExit, match="seed"):
         main(["demo", "--quick", "--seed", "-1", "--out", str(tmp_path)])
+
+
+def test_demo_refuses_a_folder_holding_outputs_another_program_wrote(tmp_path, capsys):
+    mine = tmp_path / "data" / "measurements.csv"
+    mine.parent.mkdir()
+    mine.write_text("1,2,3")
+    with pytest.raises(SystemExit) as exit_:
+        main(["demo", "--quick", "--out", str(tmp_path), "--cache-dir", str(tmp_path / "cache")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and str(tmp_path / "data") in err and "no demo marker" in err
+    assert mine.read_text() == "1,2,3" and not (tmp_path / "cache").exists()  # refused before any work
+
+
+def test_a_demo_replaces_only_what_a_previous_demo_wrote(tmp_path):
+    from prism_vfm.demo.pipeline import MARKER, prepare_output
+
+    out = tmp_path / "demo"
+    prepare_output(out)  # a fresh folder: created and marked
+    assert (out / MARKER).is_file()
+    for name in ("data", "figures", "stage1"):
+        (out / name).mkdir()
+        (out / name / "x").write_text("old")
+    (out / "report.md").write_text("old report")
+    (out / "notes.txt").write_text("the user's")
+    prepare_output(out)
+    assert sorted(p.name for p in out.iterdir()) == sorted([MARKER, "notes.txt"])

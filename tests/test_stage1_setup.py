@@ -7,6 +7,7 @@ import math
 import pytest
 import timm
 import torch
+from torch import nn
 
 from prism_vfm import export_official
 from prism_vfm.distill.config import StudentConfig, preset
@@ -48,15 +49,43 @@ def test_presets_match_the_published_recipe(name, model, teachers, batch, decorr
     assert cfg.teachers.assignment == "balanced" and cfg.loss.lb_weight == 0.1
 
 
-def test_param_groups_give_pretrained_modules_a_hundredth_and_no_decay_to_1d():
+def _biases_and_norms(model: nn.Module) -> set[str]:
+    """Every bias (the experts' stacked b1, b2 included) and every normalisation-layer parameter."""
+    names = set()
+    for name, _ in model.named_parameters():
+        owner = model.get_submodule(name.rpartition(".")[0])
+        if name.endswith((".bias", ".b1", ".b2")) or isinstance(owner, (nn.LayerNorm, nn.BatchNorm2d)):
+            names.add(name)
+    return names
+
+
+def test_param_groups_give_pretrained_modules_a_hundredth_and_decay_to_weights_only():
     model = tiny_student()
     groups = {g["name"]: g for g in param_groups(model, 1e-3, 0.01, 0.01)}
     assert groups["new"]["lr"] == 1e-3 and groups["pretrained"]["lr"] == pytest.approx(1e-5)
     assert groups["new_no_decay"]["weight_decay"] == 0 and groups["pretrained"]["weight_decay"] == 0.01
-    assert all(p.ndim >= 2 for p in groups["new"]["params"])
-    assert all(p.ndim < 2 for p in groups["pretrained_no_decay"]["params"])
+    names = {id(p): n for n, p in model.named_parameters()}
+    undecayed = {names[id(p)] for g in groups.values() if g["weight_decay"] == 0 for p in g["params"]}
+    decayed = {names[id(p)] for g in groups.values() if g["weight_decay"] > 0 for p in g["params"]}
+    assert undecayed == _biases_and_norms(model)
+    assert {"blocks.1.moe.experts.b1", "blocks.1.moe.experts.b2", "blocks.0.norm1.weight"} <= undecayed
+    assert {"blocks.1.moe.experts.w1", "blocks.0.attn.qkv.weight", "projectors.0.0.0.weight"} <= decayed
+    assert len(decayed) + len(undecayed) == len(names)
     anchor = model.blocks[1].anchor.fc1.weight
     assert any(p is anchor for p in groups["pretrained"]["params"])
+
+
+def test_stage2_weight_decay_spares_every_bias_and_norm_parameter():
+    from prism_vfm import PrismMultiTask
+    from prism_vfm.train.optim import weight_decay_groups
+
+    model = PrismMultiTask(dict(TINY), {"semseg": 21, "normals": 3})
+    groups = {g["name"]: g for g in weight_decay_groups(model, 1e-6)}
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert {names[id(p)] for p in groups["no_decay"]["params"]} == _biases_and_norms(model)
+    assert groups["no_decay"]["weight_decay"] == 0 and groups["decay"]["weight_decay"] == 1e-6
+    decayed = {names[id(p)] for p in groups["decay"]["params"]}
+    assert "heads.semseg.linear_fuse.0.weight" in decayed and "student.blocks.1.moe.experts.w2" in decayed
 
 
 def test_schedules():

@@ -149,3 +149,24 @@ def test_cli_rejects_unknown_keys(images, tmp_path):
         _cli(images, tmp_path / "x", "--set", "optim.lrr=1"), capture_output=True, text=True
     )
     assert result.returncode != 0 and "unknown configuration key optim.lrr" in result.stderr
+
+
+def test_a_bf16_autocast_step_runs_on_the_cpu_and_trains(images, tmp_path, monkeypatch):
+    from prism_vfm.distill import trainer
+
+    initial: dict[str, torch.Tensor] = {}
+    real = trainer.build_student
+
+    def keep_initial(*args, **kwargs):
+        model = real(*args, **kwargs)
+        initial.update({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return model
+
+    monkeypatch.setattr(trainer, "build_student", keep_initial)
+    run = train_stage1(tiny_cfg(images, tmp_path / "bf16", ("amp", "bf16"), ("max_steps", 2)))
+    losses = [r["loss/total"] for r in read_scalars(run)]
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+    trained = final_weights(run)
+    for key in ("blocks.1.moe.experts.w1", "blocks.1.moe.router.gate.weight", "blocks.0.attn.qkv.weight"):
+        assert trained[key].dtype == torch.float32  # the weights stay fp32 under autocast
+        assert not torch.equal(trained[key], initial[key]), key

@@ -109,18 +109,19 @@ def _ddp_worker(rank: int, port: int, root: str, out: str) -> None:
     import os
 
     from prism_vfm.finetune import trainer as stage2
+    from prism_vfm.train import loop
 
     os.environ.update(
         RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
     )
     torch.set_num_threads(1)
-    real = stage2.full_state
+    real = loop.full_state
 
     def keep_rank_state(model, optimizer):  # every rank's own weights and BN statistics, at each checkpoint
         torch.save({k: v.clone() for k, v in model.state_dict().items()}, f"{out}/rank{rank}.pt")
         return real(model, optimizer)
 
-    stage2.full_state = keep_rank_state
+    loop.full_state = keep_rank_state
     from pathlib import Path
 
     Path(out).mkdir(parents=True, exist_ok=True)
@@ -149,3 +150,15 @@ def test_two_process_ddp_keeps_ranks_in_sync(setup, tmp_path):
     initial = PrismMultiTask.from_pretrained(tmp_path / "run" / "checkpoints" / "step_00000003")
     assert any(float(initial.state_dict()[k].abs().sum()) > 0 for k in bn)  # statistics were updated
     assert latest_checkpoint(tmp_path / "run").name == "step_00000003"
+
+
+def test_a_bf16_autocast_step_runs_on_the_cpu_and_trains(setup, tmp_path):
+    run = train_stage2(cfg_for(setup, tmp_path / "bf16", ("amp", "bf16"), ("max_steps", 2), ("holdout", 0.0)))
+    losses = [r["loss/total"] for r in read_scalars(run) if "loss/total" in r]
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+    initial = load_file(setup / "stage1" / "model.safetensors")
+    trained = load_file(latest_checkpoint(run) / "model.safetensors")
+    for key in ("blocks.1.moe.experts.w1", "blocks.0.attn.qkv.weight"):
+        assert trained[f"student.{key}"].dtype == torch.float32
+        assert not torch.equal(trained[f"student.{key}"], initial[key]), key
+    assert any(k.startswith("heads.") for k in trained)

@@ -100,7 +100,7 @@ def cmd_smoke(args: argparse.Namespace) -> None:
     from prism_vfm.smoke import run_smoke
 
     _check_folder(args.out, "--out")
-    summary = run_smoke(steps=args.steps, out_dir=Path(args.out), seed=args.seed)
+    summary = run_smoke(steps=args.steps, out_dir=Path(args.out), seed=args.seed, overwrite=args.overwrite)
     print(json.dumps(summary, indent=2))
 
 
@@ -133,7 +133,9 @@ def cmd_distill(args: argparse.Namespace) -> None:
     if not cfg.data:
         raise SystemExit("prism distill: no image folder given (--data PATH or data: in the config file)")
     _check_folder(cfg.out, "run folder (out)")
-    run = train_stage1(cfg, resume=args.resume)
+    run = train_stage1(
+        cfg, resume=args.resume, overwrite=args.overwrite, allow_config_change=args.allow_config_change
+    )
     print(f"run saved in {run}")
 
 
@@ -157,7 +159,10 @@ def cmd_finetune(args: argparse.Namespace) -> None:
             "prism finetune: give the data set folder (--data) and a Stage-1 checkpoint (--init)"
         )
     _check_folder(cfg.out, "run folder (out)")
-    print(f"run saved in {train_stage2(cfg, resume=args.resume)}")
+    run = train_stage2(
+        cfg, resume=args.resume, overwrite=args.overwrite, allow_config_change=args.allow_config_change
+    )
+    print(f"run saved in {run}")
 
 
 def _read_baselines(path: str | None) -> dict[str, float] | None:
@@ -317,6 +322,26 @@ def _count(minimum: int) -> Callable[[str], int]:
     return parse
 
 
+def _run_folder_arguments(p: argparse.ArgumentParser) -> None:
+    """--resume, --overwrite and --allow-config-change (prism_vfm.train.run)."""
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--resume", action="store_true", help="continue from the run folder's latest checkpoint"
+    )
+    mode.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run in the output folder: removes its config.yaml, config_changes.yaml, "
+        "metrics.jsonl, tensorboard/ and checkpoints/ (and refuses if the folder holds anything else)",
+    )
+    p.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="with --resume: continue although settings differ from the run's config.yaml (the "
+        "differences are recorded in config_changes.yaml)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``prism`` argument parser and its sub-commands."""
     parser = _Parser(
@@ -328,8 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("smoke", help="train a tiny student on a CPU for a few steps (checks an installation)")
     p.add_argument("--steps", type=_count(1), default=30)
-    p.add_argument("--out", default="runs/smoke", help="folder for the trained tiny student")
+    p.add_argument("--out", default="runs/smoke", help="run folder for the tiny student's training")
     p.add_argument("--seed", type=_count(0), default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace a previous smoke run in --out")
     p.set_defaults(func=cmd_smoke)
 
     p = sub.add_parser(
@@ -362,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override a key, e.g. --set optim.lr=5e-4 (repeatable)",
     )
-    p.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
+    _run_folder_arguments(p)
     p.add_argument("--ablation", help="an ablation variant, e.g. wo_anchor, dense, top1 (prism sweep --list)")
     p.set_defaults(func=cmd_distill)
 
@@ -378,7 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a key (repeatable)"
     )
-    p.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
+    _run_folder_arguments(p)
     p.add_argument("--ablation", help="the Stage-1 run's ablation variant (its loss and teacher switches)")
     p.set_defaults(func=cmd_finetune)
 

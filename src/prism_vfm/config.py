@@ -199,3 +199,14 @@ def _is_section(cls: type, dotted: str) -> bool:
 def save_yaml(config: Any, path: str | Path) -> None:
     """Write ``config`` as YAML (the file a run directory keeps next to its checkpoints)."""
     Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+
+
+def require(ok: bool, key: str, expected: str, value: Any) -> None:
+    """Unless ``ok``, a :class:`ConfigError` naming ``key``, what was ``expected`` and the ``value`` given."""
+    if not ok:
+        raise ConfigError(f"{key}: expected {expected}, got {value!r}")
+
+
+def require_weights(key: str, value: str) -> None:
+    """``value`` is ``"hub"``, ``"none"`` or an existing file or folder."""
+    require(value in ("hub", "none") or Path(value).exists(), key, "'hub', 'none' or an existing path", value)

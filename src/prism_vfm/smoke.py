@@ -1,42 +1,59 @@
-"""A few Stage-1 steps of a tiny student against three tiny frozen teachers, on random images.
+"""A few Stage-1 steps of a tiny student against the three tiny teachers, on random images.
 
 It checks an installation end to end on a CPU in seconds: routing by teacher context, the distillation
-and decorrelation losses, load balancing, backward, and ``save_pretrained``.
+and decorrelation losses, load balancing, backward, the training loop and its checkpoints. It runs the
+Stage-1 step (:func:`~prism_vfm.distill.trainer.distill_loss`) in the library's one training loop, on
+images held in memory.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
-from torch import nn
-from tqdm import tqdm
+from torch import Tensor
 
 from prism_vfm.distill.assignment import balanced_teacher_split
+from prism_vfm.distill.trainer import distill_loss
 from prism_vfm.losses.decorrelation import DecorrelationLoss
 from prism_vfm.losses.distill import DistillLoss
 from prism_vfm.models.prism_vit import PrismViT
+from prism_vfm.teachers import TINY_TEACHERS, build_teacher
+from prism_vfm.train.checkpoint import latest_checkpoint
+from prism_vfm.train.distributed import DistEnv
+from prism_vfm.train.logging import read_scalars
+from prism_vfm.train.loop import Loop, fit
+from prism_vfm.train.run import TrainingRun
 
 
-def _tiny_teacher(seed: int, width: int) -> nn.ModuleList:
-    """A frozen random convnet with two taps on an 8x8 grid (stride 4), like a ViT at a finer patch."""
-    g = torch.Generator().manual_seed(seed)
-    net = nn.ModuleList([nn.Conv2d(3, width, 4, stride=4), nn.Conv2d(width, width, 3, padding=1)])
-    for p in net.parameters():
-        p.data = torch.randn(p.shape, generator=g) * 0.3
-    return net.eval().requires_grad_(False)
+@dataclass
+class SmokeConfig:
+    """The smoke run's settings (saved as the run folder's ``config.yaml``)."""
+
+    steps: int = 30
+    seed: int = 0
+    batch: int = 6
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    lb_weight: float = 0.1
 
 
-def _teacher_taps(net: nn.ModuleList, x: torch.Tensor) -> list[torch.Tensor]:
-    first = torch.tanh(net[0](x))
-    return [first, torch.tanh(net[1](first))]
-
-
-def run_smoke(steps: int = 30, out_dir: Path | None = None, seed: int = 0, batch: int = 6) -> dict[str, Any]:
-    """Train for ``steps`` and return a summary (first/last loss, λ and expert use per teacher)."""
+def run_smoke(
+    steps: int = 30,
+    out_dir: Path | str = "runs/smoke",
+    seed: int = 0,
+    batch: int = 6,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Train for ``steps`` into the run folder ``out_dir``; a summary (first/last loss, λ and expert use)."""
+    if steps < 1 or batch < 1:
+        raise ValueError(f"steps and batch must be >= 1, got {steps} and {batch}")
+    cfg = SmokeConfig(steps=steps, seed=seed, batch=batch)
+    run = TrainingRun(out_dir, cfg, overwrite=overwrite)
     torch.manual_seed(seed)
-    widths = (16, 24, 16)
+    teachers = [build_teacher(spec, 32, weights="none") for spec in TINY_TEACHERS]
     model = PrismViT(
         img_size=32,
         patch_size=8,
@@ -44,34 +61,30 @@ def run_smoke(steps: int = 30, out_dir: Path | None = None, seed: int = 0, batch
         depth=4,
         num_heads=3,
         moe_layers=(1, 3),
-        teacher_dims=widths,
+        teacher_dims=tuple(t.out_dim for t in teachers),
         num_experts=6,
         top_k=2,
     ).train()
-    teachers = [_tiny_teacher(seed + 1 + t, w) for t, w in enumerate(widths)]
     criterion = DistillLoss("cos+l1+decorrelation", decorrelation=DecorrelationLoss())
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     images = torch.randn(4 * batch, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
-    losses = []
-    for step in (bar := tqdm(range(steps), desc="smoke", unit="step")):
-        x = images[(step % 4) * batch : (step % 4 + 1) * batch]
-        ctx = balanced_teacher_split(batch, len(teachers))
-        taps, aux = model(x, ctx, return_aux=True)
-        student = model.project_by_teacher(taps, ctx, model.grid_size(x))
-        with torch.no_grad():
-            target = {t: _teacher_taps(teachers[t], x[ctx == t]) for t in student}
-        terms = criterion(student, target)
-        loss = terms["total"] + 0.1 * aux
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
-        bar.set_postfix(loss=f"{losses[-1]:.4f}", aux=f"{float(aux.detach()):.4f}")
+    batches = (images[(s % 4) * batch : (s % 4 + 1) * batch] for s in range(steps))
+
+    def forward_step(x: Tensor, step: int, micro: int) -> tuple[Tensor, dict[str, Tensor]]:
+        ctx = balanced_teacher_split(x.shape[0], len(teachers))
+        loss, terms = distill_loss(model, model, teachers, criterion, x, ctx, cfg.lb_weight)
+        return loss, {**terms, "total": loss.detach()}
+
+    config = cast("dict[str, Any]", model._hub_mixin_config)  # init kwargs: a dict
+    loop = Loop(steps, forward_step, log_every=1, desc="smoke", model_config=config)
+    fit(run, model, model, optimizer, scheduler, batches, loop, DistEnv(0, 1, 0, torch.device("cpu")))
+    losses = [r["loss/total"] for r in read_scalars(run.path)]
     model.eval()
     with torch.no_grad():
         model(images[:batch], balanced_teacher_split(batch, len(teachers)))
     stats = model.routing_stats()
-    summary = {
+    return {
         "steps": steps,
         "first_loss": losses[0],
         "last_loss": losses[-1],
@@ -80,8 +93,5 @@ def run_smoke(steps: int = 30, out_dir: Path | None = None, seed: int = 0, batch
             (c / c.sum(1, keepdim=True).clamp_min(1)).round(decimals=3).tolist()
             for c in stats["expert_counts"]
         ],
+        "saved_to": str(latest_checkpoint(run.path)),
     }
-    if out_dir is not None:
-        model.save_pretrained(out_dir)
-        summary["saved_to"] = str(out_dir)
-    return summary

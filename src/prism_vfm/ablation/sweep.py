@@ -113,7 +113,8 @@ def _train(train: Callable[..., Path], cfg: Any, run: Path) -> Path:
     """Train (resuming an interrupted run) unless the run finished before; the last checkpoint."""
     finished = run / "finished"
     if not finished.is_file():
-        train(cfg, resume=latest_checkpoint(run) is not None)
+        resume = latest_checkpoint(run) is not None
+        train(cfg, resume=resume, overwrite=not resume)  # a run killed before its first checkpoint restarts
         finished.write_text("")
     ckpt = latest_checkpoint(run)
     if ckpt is None:

@@ -30,8 +30,38 @@ from prism_vfm.finetune.config import DistillConfig, Stage2Config
 from prism_vfm.train.checkpoint import latest_checkpoint
 
 DATASET: Final = "pascalcontext"
-OUTPUTS = ("data", "stage1", "stage2", "single_task", "eval", "figures")
-"""The folders a demo writes under its output folder (replaced when it runs there again)."""
+OUTPUTS = (
+    *("data", "stage1", "stage2", "single_task", "eval", "figures"),
+    *("report.md", "analysis.json", "summary.json"),
+)
+"""What a demo writes under its output folder (replaced when a demo runs there again)."""
+
+MARKER = ".prism_demo"
+"""The file that marks a folder as a demo's output: only then are its ``OUTPUTS`` replaced."""
+
+
+def prepare_output(out: Path) -> None:
+    """Make ``out`` ready for a demo: a previous demo's outputs are removed, nothing else is touched.
+
+    Raises:
+        FileExistsError: ``out`` is a file, or holds one of the demo's output names without the marker
+            of a previous demo (it is someone else's; the message names the path).
+    """
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"demo output {out} is a file, not a folder")
+    present = [out / name for name in OUTPUTS if (out / name).exists()]
+    if present and not (out / MARKER).is_file():
+        raise FileExistsError(
+            f"{present[0]} exists but {out} holds no demo marker ({MARKER}): the demo replaces only what a "
+            "demo wrote; choose another --out or move it away"
+        )
+    for path in present:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text("written by `prism demo`: its outputs here are replaced by the next demo run\n")
 
 
 @dataclass
@@ -182,12 +212,7 @@ def run_demo(
         raise ValueError(f"seed must be >= 0, got {seed}")
     cfg = config or demo_config(quick, seed)
     out = Path(out)
-    if out.is_file():
-        raise FileExistsError(f"demo output {out} is a file, not a folder")
-    for name in OUTPUTS:  # a previous demo's results in the same folder are replaced, nothing else
-        if (out / name).is_dir():
-            shutil.rmtree(out / name)
-    out.mkdir(parents=True, exist_ok=True)
+    prepare_output(out)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     timings: dict[str, float] = {}
     size = (cfg.img_size, cfg.img_size)

@@ -5,7 +5,13 @@ from __future__ import annotations
 import copy
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
+
+import timm
+
+from prism_vfm.config import require, require_weights
+from prism_vfm.teachers import list_teachers
 
 
 @dataclass
@@ -62,8 +68,8 @@ class Stage1Config:
     workers: int = 8
     seed: int = 42
     amp: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
-    ckpt_every: int = 1000  # steps; a checkpoint is also written at every epoch end and at the end
-    keep_last: int = 3
+    ckpt_every: int = 1000  # steps (0: none); a checkpoint is also written at every epoch end and at the end
+    keep_last: int = 3  # checkpoints kept, the newest (0: all)
     log_every: int = 20
     max_steps: int = 0  # >0 stops early (smoke runs); the schedule still spans the full epochs
     fsdp: bool = (
@@ -118,3 +124,46 @@ def preset(name: str) -> Stage1Config:
     if name not in PRESETS:
         raise ValueError(f"unknown Stage-1 preset {name!r}; expected one of {sorted(PRESETS)}")
     return dataclasses.replace(copy.deepcopy(PRESETS[name]), preset=name)
+
+
+def validate_stage1(cfg: Stage1Config) -> None:
+    """Check every value of ``cfg`` before anything is built; a :class:`ConfigError` names the key."""
+    require(bool(cfg.data) and Path(cfg.data).is_dir(), "data", "an existing image folder", cfg.data)
+    require(bool(cfg.out), "out", "a run folder", cfg.out)
+    require(cfg.epochs > 0, "epochs", "a number > 0", cfg.epochs)
+    for key in ("batch_size", "accum", "log_every"):
+        require(getattr(cfg, key) >= 1, key, "an integer >= 1", getattr(cfg, key))
+    for key in ("workers", "seed", "max_steps"):
+        require(getattr(cfg, key) >= 0, key, "an integer >= 0", getattr(cfg, key))
+    require(cfg.ckpt_every >= 0, "ckpt_every", "an integer >= 0 (0: epoch ends and the end)", cfg.ckpt_every)
+    require(cfg.keep_last >= 0, "keep_last", "an integer >= 0 (0: keep every checkpoint)", cfg.keep_last)
+    s = cfg.student
+    students = timm.list_models("prism_vit_*")
+    require(s.model in students, "student.model", f"a registered student ({', '.join(students)})", s.model)
+    require(s.img_size >= 1, "student.img_size", "an integer >= 1", s.img_size)
+    require(
+        s.init in ("timm", "none") or Path(s.init).exists(),
+        "student.init",
+        "'timm', 'none' or an existing file or folder",
+        s.init,
+    )
+    t = cfg.teachers
+    known = list_teachers()
+    require(len(t.names) >= 1, "teachers.names", "at least one teacher", t.names)
+    require(len(set(t.names)) == len(t.names), "teachers.names", "distinct names", t.names)
+    for i, name in enumerate(t.names):
+        require(name in known, f"teachers.names[{i}]", f"a registered teacher ({', '.join(known)})", name)
+    require_weights("teachers.weights", t.weights)
+    loss = cfg.loss
+    for key in ("cos_weight", "l1_weight", "decorrelation_weight", "lb_weight"):
+        require(getattr(loss, key) >= 0, f"loss.{key}", "a number >= 0", getattr(loss, key))
+    for i, tap in enumerate(loss.decorrelation_taps):
+        require(tap >= 0, f"loss.decorrelation_taps[{i}]", "a tap index >= 0", tap)
+    o = cfg.optim
+    for key in ("lr", "max_lr", "clip_grad"):
+        require(getattr(o, key) > 0, f"optim.{key}", "a number > 0", getattr(o, key))
+    for key in ("pretrained_lr_scale", "weight_decay", "warmup_epochs", "warmup_start_lr", "min_lr"):
+        require(getattr(o, key) >= 0, f"optim.{key}", "a number >= 0", getattr(o, key))
+    require(o.lr_reference_batch >= 1, "optim.lr_reference_batch", "an integer >= 1", o.lr_reference_batch)
+    for i, beta in enumerate(o.betas):
+        require(0 <= beta < 1, f"optim.betas[{i}]", "a number in [0, 1)", beta)

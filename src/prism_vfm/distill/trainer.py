@@ -1,6 +1,7 @@
 """Stage 1: distil the frozen teachers into the student, top to bottom in one function.
 
-environment → data → teachers → student → optimiser and schedule → (resume) → steps → checkpoints.
+run folder (checked, resumed) → data → teachers → student → optimiser and schedule → the step function,
+handed to the training loop (:func:`prism_vfm.train.loop.fit`) with when to log and save.
 Every batch, teacher assignment and random draw of the student is a function of (seed, step, shard), so a
 run gives the same weights whatever its number of processes (same global batch) and however often it is
 interrupted and resumed.
@@ -10,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, cast
@@ -19,43 +19,33 @@ import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
-from prism_vfm.config import save_yaml
 from prism_vfm.data.image_folder import UnlabelledImageFolder, stage1_train_transform
 from prism_vfm.data.sampling import SeededAugmentation, ShardedBatchSampler, mix_seed
 from prism_vfm.distill.assignment import balanced_teacher_split, single_teacher
-from prism_vfm.distill.config import Stage1Config
+from prism_vfm.distill.config import Stage1Config, validate_stage1
 from prism_vfm.distill.student import build_student
 from prism_vfm.losses.distill import DistillLoss, distillation_criterion
 from prism_vfm.models.prism_vit import PrismViT
 from prism_vfm.teachers import build_teacher
-from prism_vfm.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from prism_vfm.train.distributed import (
-    DistEnv,
-    all_reduce_sum,
-    barrier,
-    full_state,
-    gradient_sync,
-    init_distributed,
-    load_optimizer_state,
-    to_local_scalar,
-    wrap_model,
-)
-from prism_vfm.train.logging import RunLogger
-from prism_vfm.train.precision import autocast
+from prism_vfm.train.distributed import DistEnv, all_reduce_sum, init_distributed, wrap_model
+from prism_vfm.train.loop import Loop, fit
+from prism_vfm.train.optim import decay_split
+from prism_vfm.train.run import TrainingRun
 from prism_vfm.train.schedule import warmup_cosine
 
 logger = logging.getLogger(__name__)
 
 
 def param_groups(model: PrismViT, lr: float, pretrained_scale: float, weight_decay: float) -> list[dict]:
-    """AdamW groups: new vs pretrained learning rate × decay on ≥2-D parameters only (SPEC §6)."""
+    """AdamW groups: new vs pretrained learning rate × weight decay on weights, none on biases and norms
+    (SPEC §6; :mod:`prism_vfm.train.optim`)."""
     groups = []
     for origin, params in model.parameter_groups().items():
         scale = 1.0 if origin == "new" else pretrained_scale
+        split = decay_split(model, params)
         for decay in (True, False):
-            chosen = [p for p in params if p.requires_grad and (p.ndim >= 2) == decay]
+            chosen = split[decay]
             if chosen:
                 groups.append(
                     {
@@ -115,13 +105,24 @@ def distill_loss(
     return loss, {**{k: v.detach() for k, v in terms.items()}, "aux": aux.detach()}
 
 
-def train_stage1(cfg: Stage1Config, resume: bool = False) -> Path:
-    """Run Stage 1 as configured; returns the run directory. Launch under torchrun for several processes."""
+def train_stage1(
+    cfg: Stage1Config, resume: bool = False, overwrite: bool = False, allow_config_change: bool = False
+) -> Path:
+    """Run Stage 1 as configured; returns the run directory. Launch under torchrun for several processes.
+
+    ``resume``, ``overwrite`` and ``allow_config_change`` are those of
+    :class:`~prism_vfm.train.run.TrainingRun`.
+    """
+    validate_stage1(cfg)
     env: DistEnv = init_distributed()
-    run_dir = Path(cfg.out)
-    if env.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_yaml(cfg, run_dir / "config.yaml")
+    run = TrainingRun(
+        cfg.out,
+        cfg,
+        resume=resume,
+        overwrite=overwrite,
+        allow_config_change=allow_config_change,
+        is_main=env.is_main,
+    )
     torch.manual_seed(cfg.seed)
 
     # data
@@ -141,19 +142,7 @@ def train_stage1(cfg: Stage1Config, resume: bool = False) -> Path:
         build_teacher(name, img_size, cfg.teachers.weights).to(env.device) for name in cfg.teachers.names
     ]
     model = build_student(cfg.student, teacher_dims=[t.out_dim for t in teachers]).to(env.device).train()
-
-    start_step, saved = 0, None
-    if resume:
-        ckpt = latest_checkpoint(run_dir)
-        if ckpt is None:
-            raise FileNotFoundError(
-                f"--resume: {run_dir} has no checkpoint (looked for {run_dir}/checkpoints/latest)"
-            )
-        weights, saved = load_checkpoint(ckpt)
-        model.load_state_dict(weights, strict=True)
-        start_step = int(saved["step"])
-        if env.is_main:
-            logger.info("resuming %s at step %d", ckpt, start_step)
+    run.restore_weights(model)
     units = [
         *model.blocks,
         *(head for heads in (model.projectors or []) for head in cast(nn.ModuleList, heads)),
@@ -171,12 +160,9 @@ def train_stage1(cfg: Stage1Config, resume: bool = False) -> Path:
         return warmup_cosine(step, total_steps, warmup, lr, o.warmup_start_lr, o.min_lr) / lr
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-    if saved is not None:
-        load_optimizer_state(model, optimizer, saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
 
     sampler = ShardedBatchSampler(
-        len(images), cfg.batch_size, end_step, cfg.seed, env.rank, env.world_size, cfg.accum, start_step
+        len(images), cfg.batch_size, end_step, cfg.seed, env.rank, env.world_size, cfg.accum, run.start_step
     )
     loader = DataLoader(
         SeededAugmentation(images, stage1_train_transform(img_size), cfg.seed),
@@ -186,74 +172,39 @@ def train_stage1(cfg: Stage1Config, resume: bool = False) -> Path:
         persistent_workers=cfg.workers > 0,
     )
     criterion = build_criterion(cfg)
-    log = RunLogger(run_dir, enabled=env.is_main)
-    batches = iter(loader)
-    bar = tqdm(
-        total=end_step,
-        initial=start_step,
-        desc="stage 1",
-        unit="step",
-        disable=not env.is_main,
-        dynamic_ncols=True,
-    )
-    tic, seen = time.perf_counter(), 0
-    for step in range(start_step, end_step):
-        terms_sum: dict[str, Tensor] = {}
-        for micro in range(cfg.accum):
-            x = next(batches).to(env.device, non_blocking=True)
-            shard = sampler.shard(micro)
-            ctx = _assign(cfg, x.shape[0], len(teachers), step, shard)
-            # The student's own randomness (expert dropout, router noise) is tied to (step, shard) too.
-            torch.manual_seed(mix_seed(cfg.seed, step, shard, 1))
-            with gradient_sync(net, micro == cfg.accum - 1):
-                with autocast(cfg.amp, env.device):
-                    loss, terms = distill_loss(net, model, teachers, criterion, x, ctx, cfg.loss.lb_weight)
-                (loss / cfg.accum).backward()
-            for k, v in terms.items():
-                terms_sum[k] = terms_sum.get(k, 0.0) + v.detach() / cfg.accum
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        seen += global_batch
-        done = step + 1
-        bar.update(1)
 
-        if done % cfg.log_every == 0 or done == end_step:
-            rate = seen / (time.perf_counter() - tic)
-            scalars = {f"loss/{k}": float(all_reduce_sum(v) / env.world_size) for k, v in terms_sum.items()}
-            scalars.update(
-                {
-                    "lr": cast(float, scheduler.get_last_lr()[0]),  # lr given as a float
-                    "images_per_s": rate,
-                    "grad_norm": to_local_scalar(grad_norm),
-                    "data/skipped_images": float(all_reduce_sum(torch.tensor(images.skipped))),
-                }
-            )
-            scalars.update(_routing_scalars(model, list(cfg.teachers.names)))
-            log.scalars(done, scalars)
-            bar.set_postfix(
-                loss=f"{scalars['loss/total']:.4f}", lr=f"{scalars['lr']:.2e}", img_s=f"{rate:.1f}"
-            )
-            tic, seen = time.perf_counter(), 0
-        epoch_end = done % steps_per_epoch == 0
-        if done % cfg.ckpt_every == 0 or epoch_end or done == end_step:
-            weights, optim_state = full_state(model, optimizer)  # collective under FSDP
-            if env.is_main:
-                state = {
-                    "optimizer": optim_state,
-                    "scheduler": scheduler.state_dict(),
-                    "step": done,
-                    "epoch": done / steps_per_epoch,
-                }
-                config = cast("dict[str, Any] | None", model._hub_mixin_config)  # init kwargs: a dict
-                save_checkpoint(run_dir, done, weights, state, cfg.keep_last, config)
-    bar.close()
-    log.close()
-    barrier()  # the last checkpoint is on disk before any rank returns
+    def forward_step(batch: Tensor, step: int, micro: int) -> tuple[Tensor, dict[str, Tensor]]:
+        x = batch.to(env.device, non_blocking=True)
+        shard = sampler.shard(micro)
+        ctx = _assign(cfg, x.shape[0], len(teachers), step, shard)
+        # The student's own randomness (expert dropout, router noise) is tied to (step, shard) too.
+        torch.manual_seed(mix_seed(cfg.seed, step, shard, 1))
+        return distill_loss(net, model, teachers, criterion, x, ctx, cfg.loss.lb_weight)
+
+    def scalars(done: int) -> dict[str, float]:
+        skipped = {"data/skipped_images": float(all_reduce_sum(torch.tensor(images.skipped)))}
+        return {**skipped, **_routing_scalars(model, list(cfg.teachers.names))}
+
+    loop = Loop(
+        end_step,
+        forward_step,
+        accum=cfg.accum,
+        amp=cfg.amp,
+        clip_grad=cfg.optim.clip_grad,
+        log_every=cfg.log_every,
+        ckpt_every=cfg.ckpt_every,
+        keep_last=cfg.keep_last,
+        samples_per_step=global_batch,
+        desc="stage 1",
+        scalars=scalars,
+        checkpoint_at=lambda done: done % steps_per_epoch == 0,  # every epoch end
+        extra_state=lambda done: {"epoch": done / steps_per_epoch},
+        model_config=cast("dict[str, Any] | None", model._hub_mixin_config),  # init kwargs: a dict
+    )
+    fit(run, model, net, optimizer, scheduler, iter(loader), loop, env)
     if env.is_main and images.skipped:
         logger.warning("%d unreadable images were replaced by their next readable neighbour", images.skipped)
-    return run_dir
+    return run.path
 
 
 def _routing_scalars(model: PrismViT, names: list[str]) -> dict[str, float]:

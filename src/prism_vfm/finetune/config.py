@@ -5,9 +5,12 @@ from __future__ import annotations
 import copy
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
-from prism_vfm.data.registry import get_dataset
+from prism_vfm.config import require, require_weights
+from prism_vfm.data.registry import dataset_tasks, get_dataset
+from prism_vfm.teachers import list_teachers
 
 
 @dataclass
@@ -45,9 +48,9 @@ class Stage2Config:
     # Official quirk: row 3 of the fresh task table is a copy of the DINOv2 teacher embedding.
     task_table_init: Literal["fresh", "copy_dinov2"] = "fresh"
     holdout: float = 0.05  # fraction of train held out for validation (never the test split)
-    val_every: int = 2000
-    ckpt_every: int = 2000
-    keep_last: int = 3
+    val_every: int = 2000  # steps between validations (0: only at the end)
+    ckpt_every: int = 2000  # steps between checkpoints (0: only at the end)
+    keep_last: int = 3  # checkpoints kept, the newest (0: all)
     log_every: int = 20
     max_steps: int = 0
     distill: DistillConfig = field(default_factory=DistillConfig)
@@ -86,3 +89,45 @@ def resolved(cfg: Stage2Config) -> Stage2Config:
     tasks = cfg.tasks or tuple(info.tasks)
     size = cfg.img_size or info.input_size
     return dataclasses.replace(cfg, tasks=tuple(tasks), img_size=tuple(size))
+
+
+def validate_stage2(cfg: Stage2Config) -> None:
+    """Check every value of ``cfg`` before anything is built; a :class:`ConfigError` names the key."""
+    require(bool(cfg.data) and Path(cfg.data).is_dir(), "data", "an existing data set folder", cfg.data)
+    require(
+        bool(cfg.init) and Path(cfg.init).exists(),
+        "init",
+        "an existing Stage-1 checkpoint folder or official .pth",
+        cfg.init,
+    )
+    require(bool(cfg.out), "out", "a run folder", cfg.out)
+    known = list(dataset_tasks(cfg.dataset))
+    for i, task in enumerate(cfg.tasks):
+        require(task in known, f"tasks[{i}]", f"a task of {cfg.dataset} ({', '.join(known)})", task)
+    require(len(set(cfg.tasks)) == len(cfg.tasks), "tasks", "distinct tasks", cfg.tasks)
+    require(
+        len(cfg.img_size) in (0, 2) and all(v >= 1 for v in cfg.img_size),
+        "img_size",
+        "[] (the data set's size) or [H, W] of integers >= 1",
+        list(cfg.img_size),
+    )
+    for key in ("iters", "batch_size", "accum", "log_every"):
+        require(getattr(cfg, key) >= 1, key, "an integer >= 1", getattr(cfg, key))
+    for key in ("workers", "seed", "max_steps", "val_every", "ckpt_every", "keep_last"):
+        require(getattr(cfg, key) >= 0, key, "an integer >= 0", getattr(cfg, key))
+    for key in ("lr", "poly_power", "clip_grad"):
+        require(getattr(cfg, key) > 0, key, "a number > 0", getattr(cfg, key))
+    require(cfg.weight_decay >= 0, "weight_decay", "a number >= 0", cfg.weight_decay)
+    require(0 <= cfg.holdout < 1, "holdout", "a fraction in [0, 1)", cfg.holdout)
+    d = cfg.distill
+    require(d.alpha >= 0, "distill.alpha", "a number >= 0 (0: no distillation)", d.alpha)
+    require(d.lb_weight >= 0, "distill.lb_weight", "a number >= 0", d.lb_weight)
+    for i, tap in enumerate(d.decorrelation_taps):
+        require(tap >= 0, f"distill.decorrelation_taps[{i}]", "a tap index >= 0", tap)
+    if d.alpha > 0:
+        teachers = list_teachers()
+        require(len(d.teachers) >= 1, "distill.teachers", "at least one teacher when alpha > 0", d.teachers)
+        for i, name in enumerate(d.teachers):
+            expected = f"a registered teacher ({', '.join(teachers)})"
+            require(name in teachers, f"distill.teachers[{i}]", expected, name)
+        require_weights("distill.weights", d.weights)

@@ -1,7 +1,8 @@
 """Stage 2: fine-tune a distilled student for multi-task dense prediction, top to bottom in one function.
 
 environment → data (train minus a held-out part; never the test split) → model from a Stage-1 checkpoint →
-teachers (distillation kept on with weight α) → AdamW + poly schedule → steps → validation → checkpoints.
+teachers (distillation kept on with weight α) → AdamW + poly schedule → the step function, handed to the
+training loop (:func:`prism_vfm.train.loop.fit`) with validation and checkpoints.
 The last checkpoint is the reported one. Batches and random draws depend only on (seed, step, shard), as in
 Stage 1, so ``--resume`` continues exactly.
 """
@@ -10,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from pathlib import Path
 from typing import Any, cast
 
@@ -19,35 +19,24 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Subset
-from tqdm import tqdm
 
 from prism_vfm.compat.official import infer_config, official_to_ours, read_official
-from prism_vfm.config import save_yaml
 from prism_vfm.data.dense_transforms import DenseTestTransform, DenseTrainTransform
 from prism_vfm.data.registry import dataset_tasks, get_dataset
 from prism_vfm.data.sampling import SeededAugmentation, ShardedBatchSampler, mix_seed
 from prism_vfm.distill.assignment import balanced_teacher_split
-from prism_vfm.finetune.config import Stage2Config, resolved
+from prism_vfm.finetune.config import Stage2Config, resolved, validate_stage2
 from prism_vfm.losses.distill import distillation_criterion
 from prism_vfm.losses.tasks import MultiTaskLoss
 from prism_vfm.metrics.multitask import MultiTaskMeter
 from prism_vfm.models.multitask import PrismMultiTask
 from prism_vfm.models.prism_vit import ContextKind
 from prism_vfm.teachers import build_teacher
-from prism_vfm.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from prism_vfm.train.distributed import (
-    all_reduce_sum,
-    average_floating_buffers,
-    barrier,
-    full_state,
-    gradient_sync,
-    init_distributed,
-    load_optimizer_state,
-    to_local_scalar,
-    wrap_model,
-)
-from prism_vfm.train.logging import RunLogger
+from prism_vfm.train.distributed import average_floating_buffers, init_distributed, wrap_model
+from prism_vfm.train.loop import Loop, fit
+from prism_vfm.train.optim import weight_decay_groups
 from prism_vfm.train.precision import autocast
+from prism_vfm.train.run import TrainingRun
 from prism_vfm.train.schedule import poly
 
 logger = logging.getLogger(__name__)
@@ -134,14 +123,25 @@ def _split(n: int, holdout: float, seed: int) -> tuple[list[int], list[int]]:
     return sorted(order[k:]), sorted(order[:k])
 
 
-def train_stage2(cfg: Stage2Config, resume: bool = False) -> Path:
-    """Run Stage 2 as configured; returns the run directory."""
+def train_stage2(
+    cfg: Stage2Config, resume: bool = False, overwrite: bool = False, allow_config_change: bool = False
+) -> Path:
+    """Run Stage 2 as configured; returns the run directory.
+
+    ``resume``, ``overwrite`` and ``allow_config_change`` are those of
+    :class:`~prism_vfm.train.run.TrainingRun`.
+    """
+    validate_stage2(cfg)
     cfg = resolved(cfg)
     env = init_distributed()
-    run_dir = Path(cfg.out)
-    if env.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_yaml(cfg, run_dir / "config.yaml")
+    run = TrainingRun(
+        cfg.out,
+        cfg,
+        resume=resume,
+        overwrite=overwrite,
+        allow_config_change=allow_config_change,
+        is_main=env.is_main,
+    )
     torch.manual_seed(cfg.seed)
     img_size = cast("tuple[int, int]", cfg.img_size)  # (H, W) after resolved()
 
@@ -163,16 +163,7 @@ def train_stage2(cfg: Stage2Config, resume: bool = False) -> Path:
         else []
     )
     model = build_multitask(cfg, tuple(t.out_dim for t in teachers)).to(env.device).train()
-    start_step, saved = 0, None
-    if resume:
-        ckpt = latest_checkpoint(run_dir)
-        if ckpt is None:
-            raise FileNotFoundError(
-                f"--resume: {run_dir} has no checkpoint (looked for {run_dir}/checkpoints/latest)"
-            )
-        weights, saved = load_checkpoint(ckpt)
-        model.load_state_dict(weights, strict=True)
-        start_step = int(saved["step"])
+    run.restore_weights(model)
     if alpha == 0:
         model.student.teacher_embed.requires_grad_(False)  # unused without the teacher pass
     # PyTorch's SyncBatchNorm runs on CUDA only.
@@ -184,22 +175,17 @@ def train_stage2(cfg: Stage2Config, resume: bool = False) -> Path:
             "CPU processes: BatchNorm normalises each process's batch (SyncBatchNorm needs CUDA); running "
             "statistics are averaged over the processes at every checkpoint"
         )
-    step_module = MultiTaskStep(model)
-    net = wrap_model(step_module, env, fsdp=False)
+    net = wrap_model(MultiTaskStep(model), env, fsdp=False)
 
-    optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay
-    )
+    optimizer = torch.optim.AdamW(weight_decay_groups(model, cfg.weight_decay), lr=cfg.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: poly(s, cfg.iters, 1.0, cfg.poly_power)
     )
-    if saved is not None:
-        load_optimizer_state(model, optimizer, saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
 
     end_step = min(cfg.iters, cfg.max_steps) if cfg.max_steps > 0 else cfg.iters
+    start = run.start_step
     sampler = ShardedBatchSampler(
-        len(train_set), cfg.batch_size, end_step, cfg.seed, env.rank, env.world_size, cfg.accum, start_step
+        len(train_set), cfg.batch_size, end_step, cfg.seed, env.rank, env.world_size, cfg.accum, start
     )
     loader = DataLoader(
         SeededAugmentation(train_set, DenseTrainTransform(img_size), cfg.seed),
@@ -212,71 +198,53 @@ def train_stage2(cfg: Stage2Config, resume: bool = False) -> Path:
     distill = distillation_criterion(
         cfg.distill.decorrelation, decorrelation_taps=cfg.distill.decorrelation_taps
     )
-    log = RunLogger(run_dir, enabled=env.is_main)
-    batches = iter(loader)
-    bar = tqdm(total=end_step, initial=start_step, desc="stage 2", unit="step", disable=not env.is_main)
-    tic, seen = time.perf_counter(), 0
-    for step in range(start_step, end_step):
-        sums: dict[str, Tensor] = {}
-        for micro in range(cfg.accum):
-            batch = next(batches)
-            x = batch["image"].to(env.device, non_blocking=True)
-            labels = {t: batch[t].to(env.device, non_blocking=True) for t in cfg.tasks}
-            shard = sampler.shard(micro)
-            ids = None
-            if teachers:
-                g = torch.Generator().manual_seed(mix_seed(cfg.seed, step, shard, 0))
-                ids = balanced_teacher_split(x.shape[0], len(teachers), g)
-            torch.manual_seed(mix_seed(cfg.seed, step, shard, 1))
-            with gradient_sync(net, micro == cfg.accum - 1), autocast(cfg.amp, env.device):
-                outputs, projections, aux_tasks, aux_teacher = net(x, ids)
-                tasks = task_loss({t: o.float() for t, o in outputs.items()}, labels)
-                terms = {f"task/{t}": v for t, v in tasks.weighted.items()}
-                loss = tasks.total
-                if projections is not None:
-                    with torch.no_grad():
-                        targets = {t: teachers[t](x[(ids == t).to(x.device)]) for t in projections}
-                    d = distill(projections, targets)
-                    reg = d["total"] + cfg.distill.lb_weight * (aux_teacher + aux_tasks)
-                    loss = loss + alpha * reg
-                    if isinstance(net, DDP):  # heads of absent teachers join with zero weight
-                        loss = loss + model.student.absent_heads_term(projections)
-                    terms["distill"] = d["total"]
-                terms["aux_tasks"], terms["total"] = aux_tasks, loss
-                (loss / cfg.accum).backward()
-            for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + v.detach() / cfg.accum
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        seen += cfg.batch_size * env.world_size * cfg.accum
-        done = step + 1
-        bar.update(1)
-        if done % cfg.log_every == 0 or done == end_step:
-            scalars = {f"loss/{k}": float(all_reduce_sum(v) / env.world_size) for k, v in sums.items()}
-            scalars.update(
-                lr=cast(float, scheduler.get_last_lr()[0]),  # lr given as a float
-                grad_norm=to_local_scalar(grad_norm),
-                images_per_s=seen / (time.perf_counter() - tic),
-            )
-            log.scalars(done, scalars)
-            bar.set_postfix(loss=f"{scalars['loss/total']:.4f}", lr=f"{scalars['lr']:.2e}")
-            tic, seen = time.perf_counter(), 0
-        if val_ids and (done % cfg.val_every == 0 or done == end_step):
-            log.scalars(done, {f"val/{k}": v for k, v in validate(model, val_set, cfg, env.device).items()})
-        if done % cfg.ckpt_every == 0 or done == end_step:
-            if cpu_processes:
-                average_floating_buffers(model)
-            weights, optim_state = full_state(model, optimizer)
-            if env.is_main:
-                state = {"optimizer": optim_state, "scheduler": scheduler.state_dict(), "step": done}
-                config = cast("dict[str, Any] | None", model._hub_mixin_config)  # init kwargs: a dict
-                save_checkpoint(run_dir, done, weights, state, cfg.keep_last, config)
-    bar.close()
-    log.close()
-    barrier()  # the last checkpoint is on disk before any rank returns
-    return run_dir
+
+    def forward_step(batch: dict[str, Tensor], step: int, micro: int) -> tuple[Tensor, dict[str, Tensor]]:
+        x = batch["image"].to(env.device, non_blocking=True)
+        labels = {t: batch[t].to(env.device, non_blocking=True) for t in cfg.tasks}
+        shard = sampler.shard(micro)
+        ids = None
+        if teachers:
+            g = torch.Generator().manual_seed(mix_seed(cfg.seed, step, shard, 0))
+            ids = balanced_teacher_split(x.shape[0], len(teachers), g)
+        torch.manual_seed(mix_seed(cfg.seed, step, shard, 1))
+        outputs, projections, aux_tasks, aux_teacher = net(x, ids)
+        tasks = task_loss({t: o.float() for t, o in outputs.items()}, labels)
+        terms = {f"task/{t}": v for t, v in tasks.weighted.items()}
+        loss = tasks.total
+        if projections is not None:
+            with torch.no_grad():
+                targets = {t: teachers[t](x[(ids == t).to(x.device)]) for t in projections}
+            d = distill(projections, targets)
+            reg = d["total"] + cfg.distill.lb_weight * (aux_teacher + aux_tasks)
+            loss = loss + alpha * reg
+            if isinstance(net, DDP):  # heads of absent teachers join with zero weight
+                loss = loss + model.student.absent_heads_term(projections)
+            terms["distill"] = d["total"]
+        terms["aux_tasks"], terms["total"] = aux_tasks, loss
+        return loss, {k: v.detach() for k, v in terms.items()}
+
+    def validation(done: int) -> dict[str, float]:
+        return {f"val/{k}": v for k, v in validate(model, val_set, cfg, env.device).items()}
+
+    loop = Loop(
+        end_step,
+        forward_step,
+        accum=cfg.accum,
+        amp=cfg.amp,
+        clip_grad=cfg.clip_grad,
+        log_every=cfg.log_every,
+        ckpt_every=cfg.ckpt_every,
+        keep_last=cfg.keep_last,
+        samples_per_step=cfg.batch_size * env.world_size * cfg.accum,
+        desc="stage 2",
+        evaluate=validation if val_ids else None,
+        eval_every=cfg.val_every,
+        before_save=(lambda: average_floating_buffers(model)) if cpu_processes else None,
+        model_config=cast("dict[str, Any] | None", model._hub_mixin_config),  # init kwargs: a dict
+    )
+    fit(run, model, net, optimizer, scheduler, iter(loader), loop, env)
+    return run.path
 
 
 @torch.no_grad()

@@ -37,6 +37,8 @@ BACKENDS = ("auto", "grouped", "padded", "loop")
 class GroupedExperts(nn.Module):
     """``num_experts`` MLPs D → H → D with exact GELU, weights stacked as (E, D, H) and (E, H, D)."""
 
+    bias_parameters = ("b1", "b2")  # stacked biases: 2-D, yet biases (no weight decay)
+
     def __init__(
         self, num_experts: int, dim: int, hidden: int, backend: str = "auto", keep_grad_memory: bool = False
     ) -> None:

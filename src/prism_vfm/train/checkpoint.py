@@ -4,7 +4,8 @@ A checkpoint is a folder ``<run>/checkpoints/step_XXXXXXXX/`` holding ``model.sa
 loadable with ``PrismViT.from_pretrained`` together with ``config.json``) and ``state.pt`` (optimizer,
 scheduler, step, RNG states; read back with ``weights_only=True``). The folder is written under a
 temporary name and renamed into place, so a crash mid-save never leaves a half-written checkpoint under a
-final name; ``latest`` names the newest complete one.
+final name; ``latest`` names the newest complete one. Temporary names start with a dot; a kill mid-save
+leaves one behind, which :func:`remove_stale_temporaries` clears when the run starts again.
 """
 
 from __future__ import annotations
@@ -35,7 +36,14 @@ def save_checkpoint(
     keep_last: int = 3,
     config: dict[str, Any] | None = None,
 ) -> Path:
-    """Write checkpoint ``step`` atomically, point ``latest`` at it, keep only the last ``keep_last``."""
+    """Write checkpoint ``step`` atomically, point ``latest`` at it, and prune.
+
+    ``keep_last`` ≥ 1 keeps the newest ``keep_last`` checkpoints of steps up to ``step`` (this one
+    included); 0 keeps every checkpoint. Checkpoints of later steps are never touched (they belong to no
+    step this run has reached), so ``latest`` always names a checkpoint that exists.
+    """
+    if keep_last < 0:
+        raise ValueError(f"keep_last must be >= 0 (0 keeps every checkpoint), got {keep_last}")
     root = checkpoint_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:08d}"
@@ -60,9 +68,36 @@ def save_checkpoint(
         Path(p).write_text(final.name + "\n")
 
     atomic_write(root / "latest", write_latest)
-    for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+    if keep_last > 0:
+        reached = sorted(s for s in checkpoint_steps(run_dir) if s <= step)
+        for old in reached[:-keep_last]:
+            shutil.rmtree(root / f"step_{old:08d}", ignore_errors=True)
     return final
+
+
+def checkpoint_steps(run_dir: Path) -> list[int]:
+    """The steps of a run's complete-named checkpoint folders, in increasing order."""
+    steps = []
+    for p in checkpoint_dir(run_dir).glob("step_*"):
+        suffix = p.name.removeprefix("step_")
+        if p.is_dir() and suffix.isdigit():
+            steps.append(int(suffix))
+    return sorted(steps)
+
+
+def remove_stale_temporaries(run_dir: Path) -> list[Path]:
+    """Delete what a kill during a save left behind (dot-named temporaries of checkpoints and ``latest``).
+
+    Only names this module writes are touched: ``.step_XXXXXXXX.*`` folders and ``.latest.*.tmp`` files.
+    """
+    root = checkpoint_dir(run_dir)
+    stale = [*root.glob(".step_*"), *root.glob(".latest.*.tmp")] if root.is_dir() else []
+    for p in stale:
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+    return stale
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
