@@ -11,8 +11,9 @@ from prism_vfm import PrismMultiTask
 from prism_vfm.compat.official import ours_to_official
 from prism_vfm.data.registry import backbone_name, dataset_tasks, get_dataset
 from prism_vfm.data.tiny_dense import write_tiny_nyud, write_tiny_pascal
-from prism_vfm.evaluate import evaluate, load_multitask
+from prism_vfm.evaluate import evaluate
 from prism_vfm.metrics.multitask import delta_m
+from prism_vfm.models.load import load
 from tests.tiny import TINY
 
 
@@ -58,7 +59,8 @@ def test_evaluate_accepts_an_official_stage2_file(tmp_path):
     state.update({f"heads.{k}": v for k, v in model.heads.state_dict().items()})
     path = tmp_path / "official_stage2.pth"
     torch.save({"model": state}, path)
-    loaded = load_multitask(path, (48, 64))
+    loaded, report = load(path, img_size=(48, 64), multitask=True)
+    assert report.kind == "official Stage-2 .pth" and "task_composer_weights" in report.ignored
     x = torch.randn(1, 3, 48, 64)
     for task, out in model(x).items():
         torch.testing.assert_close(loaded(x)[task], out, rtol=1e-5, atol=1e-5)

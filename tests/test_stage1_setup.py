@@ -13,6 +13,7 @@ from prism_vfm import export_official
 from prism_vfm.distill.config import StudentConfig, preset
 from prism_vfm.distill.student import build_student
 from prism_vfm.distill.trainer import param_groups
+from prism_vfm.models.load import LoadError
 from prism_vfm.train.schedule import poly, warmup_cosine
 from tests.tiny import TINY, tiny_student
 
@@ -110,9 +111,19 @@ def test_student_initialises_from_our_folder_an_official_file_and_a_timm_vit(tmp
     for init in (tmp_path / "ours", tmp_path / "official.pth"):
         model = build_student(_cfg(str(init)), teacher_dims=(16, 24, 16)).eval()
         torch.testing.assert_close(model(x, 1), source(x, 1), rtol=0, atol=0)
-    # Other teacher widths: the backbone loads, the projector heads start fresh.
-    other = build_student(_cfg(str(tmp_path / "ours")), teacher_dims=(8, 8)).eval()
+    # Other teachers: an error naming the projector heads and the teacher table of another shape, unless
+    # they are allowed to start fresh.
+    shapes = r"ours \(folder\) does not fill.*teacher_embed\.weight \(3, 32\) \(model: \(2, 32\)\)"
+    with pytest.raises(LoadError, match=shapes):
+        build_student(_cfg(str(tmp_path / "ours")), teacher_dims=(8, 8))
+    cfg = _cfg(str(tmp_path / "ours"))
+    cfg.init_fresh = ("projectors.*",)
+    with pytest.raises(LoadError, match="teacher_embed"):
+        build_student(cfg, teacher_dims=(8, 8))
+    cfg.init_fresh = ("projectors.*", "teacher_embed.*")
+    other = build_student(cfg, teacher_dims=(8, 8)).eval()
     torch.testing.assert_close(other.pos_embed, source.pos_embed)
+    torch.testing.assert_close(other.blocks[1].moe.experts.w1, source.blocks[1].moe.experts.w1)
     dense = timm.create_model(
         "vit_tiny_patch16_224",
         pretrained=False,

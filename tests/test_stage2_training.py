@@ -97,6 +97,8 @@ def test_sam_teacher_alignment_on_non_square_inputs(setup, tmp_path, monkeypatch
 
     monkeypatch.setattr(stage2, "build_teacher", spy)
     overrides = [("distill.teachers", ["tiny_a", "tiny_b", "tiny_sam"]), ("distill.sam_alignment", alignment)]
+    # tiny_sam is wider than the Stage-1 third teacher: its projector heads start fresh, by request.
+    overrides.append(("init_fresh", ["projectors.2.*"]))
     run = train_stage2(cfg_for(setup, tmp_path / alignment, ("max_steps", 2), *overrides))
     sam = built[-1]
     assert sam.spec.name == "tiny_sam" and sam.grid_size() == grid

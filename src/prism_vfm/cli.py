@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -19,26 +20,13 @@ if TYPE_CHECKING:
     from prism_vfm import PrismViT
 
 
-def _load_any(source: str, img_size: Sequence[int] | None) -> PrismViT:
-    """A student from a timm model name, a ``save_pretrained`` folder or an official ``.pth``."""
-    import timm
+def _load_any(source: str, img_size: Sequence[int] | None, step: int | None = None) -> torch.nn.Module:
+    """Any model source (``prism_vfm.models.load``); what was loaded is shown on stderr."""
+    from prism_vfm.models.load import load
 
-    from prism_vfm import PrismViT, load_official
-
-    size = cast("tuple[int, int] | None", tuple(img_size) if img_size else None)  # --img-size H W
-    path = Path(source)
-    if path.is_dir():
-        extra: dict[str, Any] = {"img_size": size} if size else {}
-        return PrismViT.from_pretrained(path, **extra)
-    if path.suffix in (".pth", ".pt", ".bin") or path.exists():
-        return load_official(path, img_size=size)
-    if source in timm.list_models("prism_vit_*"):
-        with torch.device("meta"):  # parameter counts need no storage
-            kwargs: dict[str, Any] = {"img_size": size} if size else {}
-            return cast(PrismViT, timm.create_model(source, pretrained=False, **kwargs))
-    raise SystemExit(
-        f"prism: {source!r} is neither a folder, an official .pth nor a registered prism_vit_* model"
-    )
+    model, report = load(source, img_size=img_size, step=step)
+    print(f"prism: {report.summary()}", file=sys.stderr)
+    return model
 
 
 def _check_folder(path: str | Path | None, what: str) -> None:
@@ -57,7 +45,10 @@ def _check_folder(path: str | Path | None, what: str) -> None:
 
 
 def cmd_info(args: argparse.Namespace) -> None:
-    model = _load_any(args.model, args.img_size)
+    from prism_vfm import PrismMultiTask
+
+    loaded = _load_any(args.model, args.img_size, args.step)
+    model = cast("PrismViT", getattr(loaded, "student", loaded))
     info = {
         "image_size": list(model.patch_embed.img_size),
         "width": model.embed_dim,
@@ -67,32 +58,36 @@ def cmd_info(args: argparse.Namespace) -> None:
         "experts": model.moe_config.num_experts,
         "top_k": model.moe_config.top_k,
         "teachers": len(model.teacher_dims),
-        "tasks": model.num_tasks,
+        "tasks": loaded.task_names if isinstance(loaded, PrismMultiTask) else model.num_tasks,
         "parameters": model.count_parameters(),
         "backbone_parameters": model.count_parameters(backbone_only=True),
         "active_backbone_parameters": model.count_parameters(active=True, backbone_only=True),
     }
+    if isinstance(loaded, PrismMultiTask):
+        info["decoder_head_parameters"] = sum(p.numel() for p in loaded.heads.parameters())
     print(json.dumps(info, indent=2))
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
-    from prism_vfm import PrismViT, export_official, load_official
+    from prism_vfm import PrismViT, export_official
 
     src, out = Path(args.source), Path(args.output)
-    if not src.exists():
-        raise FileNotFoundError(
-            f"{src} does not exist; expected a save_pretrained folder or an official .pth"
-        )
     if src.is_dir():
         if out.is_dir():
             raise ValueError(f"output {out} is a folder; converting a folder writes one official .pth file")
         _check_folder(out.parent, "the folder of output")
-        export_official(PrismViT.from_pretrained(src), out)
-        print(f"wrote official-layout checkpoint {out}")
     else:
         _check_folder(out, "output")
-        model = load_official(src, img_size=tuple(args.img_size) if args.img_size else None)
-        model.save_pretrained(out)
+    model = _load_any(args.source, args.img_size, args.step)
+    if src.is_dir():
+        if not isinstance(model, PrismViT):
+            raise ValueError(
+                f"{src} holds a multi-task model: the official layout written here is the Stage-1 student's"
+            )
+        export_official(model, out)
+        print(f"wrote official-layout checkpoint {out}")
+    else:
+        cast("PrismViT", model).save_pretrained(out)
         print(f"wrote {out}/config.json and {out}/model.safetensors")
 
 
@@ -216,6 +211,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         save_edges=args.save_edges,
         device=args.device,
     )
+    print(f"prism: {result['loaded']}", file=sys.stderr)
     print(json.dumps({"scores": result["scores"], "delta_m": result["delta_m"]}, indent=2))
 
 
@@ -293,10 +289,18 @@ def cmd_analyze(args: argparse.Namespace) -> None:
         options.pop("batch_size")
     out = args.out or f"analysis/{args.analysis}"
     _check_folder(out, "--out")
+    # What each checkpoint load took from its source, on stderr.
+    shown = logging.StreamHandler(sys.stderr)
+    shown.setFormatter(logging.Formatter("prism: %(message)s"))
+    loading = logging.getLogger("prism_vfm.analysis.loading")
+    loading.addHandler(shown)
+    loading.setLevel(logging.INFO)
     try:
         summary = analyze(args.analysis, args.checkpoint, out, **options)
     except ValueError as exc:
         raise SystemExit(f"prism analyze {args.analysis}: {exc}") from None
+    finally:
+        loading.removeHandler(shown)
     print("\n".join(summary["files"]))
 
 
@@ -435,7 +439,10 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluate", help="per-task metrics (odsF included, no MATLAB) and Δm of a multi-task model"
     )
     p.add_argument(
-        "--checkpoint", required=True, help="Stage-2 checkpoint folder or an official Stage-2 .pth"
+        "--checkpoint",
+        required=True,
+        help="Stage-2 run or checkpoint folder, an official Stage-2 .pth, or a released tag "
+        "(e.g. prism_vit_base_patch16_384.prism_stage2_pascal)",
     )
     p.add_argument("--dataset", required=True, choices=["pascal", "nyud"])
     p.add_argument("--data", required=True, help="the PASCALContext/ or NYUDv2/ folder")
@@ -464,7 +471,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--checkpoint",
         nargs="+",
         required=True,
-        help="run folder(s), checkpoint or save_pretrained folder(s), official .pth file(s); seeds: one "
+        help="run folder(s), checkpoint or save_pretrained folder(s), official .pth file(s) or released "
+        "tags (prism_vit_base_patch16_384.prism_stage1); seeds: one "
         "per run, the first the reference; coactivation/gates: a run folder means all its checkpoints; "
         "efficiency: also prism_vit_* model names",
     )
@@ -487,13 +495,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("info", help="architecture and parameter counts of a student")
-    p.add_argument("model", help="prism_vit_* model name, save_pretrained folder, or official .pth")
+    p.add_argument(
+        "model",
+        help="prism_vit_* model name (optionally .tag), run, checkpoint or save_pretrained folder, "
+        "or official .pth",
+    )
     p.add_argument("--img-size", type=_count(1), nargs=2, metavar=("H", "W"))
+    p.add_argument(
+        "--step", type=_count(0), help="a run folder's checkpoint of this step (default: the latest)"
+    )
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("convert", help="official .pth → save_pretrained folder, or folder → official .pth")
-    p.add_argument("source")
+    p.add_argument("source", help="official .pth, or a run, checkpoint or save_pretrained folder")
     p.add_argument("output")
+    p.add_argument(
+        "--step", type=_count(0), help="a run folder's checkpoint of this step (default: the latest)"
+    )
     p.add_argument(
         "--img-size", type=_count(1), nargs=2, metavar=("H", "W"), help="resample pos_embed to this size"
     )

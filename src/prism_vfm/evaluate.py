@@ -15,36 +15,17 @@ from typing import Any, cast
 import numpy as np
 import torch
 from PIL import Image
-from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from prism_vfm.compat.official import load_official_multitask
 from prism_vfm.data.dense_transforms import DenseTestTransform
 from prism_vfm.data.nyud import NYUDv2
 from prism_vfm.data.pascal_context import PascalContext
 from prism_vfm.data.registry import HEADLINE_METRICS, backbone_name, get_dataset
 from prism_vfm.metrics.boundary import BoundaryMeter, edge_logits_to_uint8
 from prism_vfm.metrics.multitask import MultiTaskMeter, delta_m
+from prism_vfm.models.load import load
 from prism_vfm.models.multitask import PrismMultiTask
-
-
-def load_multitask(checkpoint: str | Path, img_size: tuple[int, int]) -> PrismMultiTask:
-    """A multi-task model built for ``img_size``: our folder (``config.json`` + ``model.safetensors``, e.g. a
-    run checkpoint) or an official Stage-2 ``.pth``."""
-    path = Path(checkpoint)
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"{path} has no config.json: expected a Stage-2 checkpoint folder")
-        config = json.loads((path / "config.json").read_text())
-        if "student_args" not in config:
-            raise ValueError(f"{path} holds a Stage-1 student, not a multi-task model (no decoder heads)")
-        model = PrismMultiTask({**config["student_args"], "img_size": tuple(img_size)}, config["tasks"])
-        model.load_state_dict_resampled(load_file(path / "model.safetensors"), strict=True)
-        return model.eval()
-    if path.is_file():
-        return load_official_multitask(path, img_size=cast("tuple[int, int]", tuple(img_size)))
-    raise FileNotFoundError(f"checkpoint {path} does not exist")
 
 
 @torch.no_grad()
@@ -73,7 +54,8 @@ def evaluate(
     info = get_dataset(dataset)
     dataset = info.name
     size = cast("tuple[int, int]", tuple(img_size)) if img_size else info.input_size
-    model = load_multitask(checkpoint, size).to(device)
+    loaded, report = load(checkpoint, img_size=size, multitask=True)
+    model = cast(PrismMultiTask, loaded).to(device)
     if baselines is None:
         student = model.student
         baselines = info.baselines_for(backbone_name(student.embed_dim, len(student.blocks)))
@@ -113,6 +95,7 @@ def evaluate(
         "dataset": dataset,
         "split": split,
         "checkpoint": str(checkpoint),
+        "loaded": report.summary(),
         "images": len(reader),
         "scores": scores,
         "delta_m": delta_m(scores, base) if base else None,

@@ -3,12 +3,13 @@
 A checkpoint is one of: a run folder (its latest checkpoint, or all of them for series over training), a
 checkpoint or ``save_pretrained`` folder (``config.json`` + ``model.safetensors``; Stage 1 or Stage 2),
 or an official ``.pth`` (Stage 1 or Stage 2, detected from its keys). Loading goes through the library's
-own loaders; this module only decides which one and finds the teacher names a run recorded.
+loader (:func:`prism_vfm.models.load.load`); this module expands run folders into checkpoints and finds
+the teacher names a run recorded.
 """
 
 from __future__ import annotations
 
-import json
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,16 +23,17 @@ from torch.utils.data import DataLoader
 from torchvision import transforms
 
 from prism_vfm.analysis.common import OFFICIAL_TEACHER_NAMES
-from prism_vfm.compat.official import load_official, load_official_multitask, read_official
 from prism_vfm.data.image_folder import IMAGENET_MEAN, IMAGENET_STD, UnlabelledImageFolder
-from prism_vfm.evaluate import load_multitask
+from prism_vfm.models.load import LoadReport, is_released_tag, load
 from prism_vfm.models.multitask import PrismMultiTask
 from prism_vfm.models.prism_vit import PrismViT
 from prism_vfm.train.checkpoint import checkpoint_dir, latest_checkpoint
 
+logger = logging.getLogger(__name__)
+
 _KINDS = (
     "a run folder, a checkpoint or save_pretrained folder (config.json + model.safetensors), "
-    "or an official .pth"
+    "an official .pth, or a released checkpoint's tag (e.g. prism_vit_base_patch16_384.prism_stage1)"
 )
 
 
@@ -44,6 +46,7 @@ class LoadedModel:
     source: Path
     teachers: list[str] | None = None  # teacher registry names a run was trained with
     teacher_weights: str | None = None  # where that run took the teachers' weights from
+    report: LoadReport | None = None  # what the load took from the source
 
     @property
     def student(self) -> PrismViT:
@@ -61,7 +64,8 @@ class LoadedModel:
         if kind == "teacher":
             if self.teachers and len(self.teachers) == self.student.num_teachers:
                 return [self.teachers[c] for c in contexts]
-            if self.source.is_file() and self.student.num_teachers == len(OFFICIAL_TEACHER_NAMES):
+            official = self.source.is_file() or is_released_tag(str(self.source))
+            if official and self.student.num_teachers == len(OFFICIAL_TEACHER_NAMES):
                 return [OFFICIAL_TEACHER_NAMES[c] for c in contexts]
         return [f"{kind} {c}" for c in contexts]
 
@@ -85,6 +89,9 @@ def expand_checkpoints(sources: Sequence[str | os.PathLike], series: bool) -> li
     out: list[Path] = []
     for source in sources:
         path = Path(source)
+        if not path.exists() and is_released_tag(str(source)):
+            out.append(path)  # the loader downloads it
+            continue
         if not path.exists():
             raise FileNotFoundError(f"checkpoint {path} does not exist; expected {_KINDS}")
         if is_run_dir(path):
@@ -111,47 +118,27 @@ def load_for_analysis(
 ) -> LoadedModel:
     """Load any checkpoint the analyses accept (see the module notes); a run folder gives its latest.
 
-    ``img_size`` (H, W) rebuilds the model for another input size (position embedding resampled).
+    ``img_size`` (H, W) rebuilds the model for another input size (position embedding resampled). What
+    was loaded is logged (``prism analyze`` shows it).
     """
     path = expand_checkpoints([source], series=False)[0]
-    size = cast("tuple[int, int] | None", tuple(int(s) for s in img_size) if img_size else None)  # (H, W)
+    model, report = load(path, img_size=img_size)
+    logger.info("%s", report.summary())
     teachers, weights = None, None
     if path.is_dir():
-        config_file = path / "config.json"
-        if not config_file.is_file() or not (path / "model.safetensors").is_file():
-            raise FileNotFoundError(f"{path} has no config.json and model.safetensors; expected {_KINDS}")
-        config = json.loads(config_file.read_text())
-        if "student_args" in config:
-            saved = config["student_args"].get("img_size", 384)
-            saved = (saved, saved) if isinstance(saved, int) else tuple(saved)
-            model: nn.Module = load_multitask(path, size or saved)
-        else:
-            extra: dict[str, Any] = {"img_size": size} if size else {}
-            model = PrismViT.from_pretrained(path, **extra)
         run_cfg = _run_config(path)
         block = run_cfg.get("teachers") or {}
         distill = run_cfg.get("distill") or {}
         teachers = block.get("names") or distill.get("teachers")
         weights = block.get("weights") or distill.get("weights")
-        label = path.name
-    else:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except Exception:  # read_official names the problem (truncated file, not a checkpoint, ...)
-            state = path
-        stage = read_official(state).stage
-        model = (
-            load_official(state, img_size=size)
-            if stage == 1
-            else load_official_multitask(state, img_size=size)
-        )
-        label = path.stem
+    label = path.name if path.is_dir() or not path.exists() else path.stem
     return LoadedModel(
         model.to(device).eval(),
         label,
         path,
         list(teachers) if teachers else None,
         str(weights) if weights else None,
+        report,
     )
 
 

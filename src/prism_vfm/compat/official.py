@@ -21,7 +21,7 @@ from torch import Tensor
 from prism_vfm.data.registry import DATASETS
 from prism_vfm.models.multitask import PrismMultiTask
 from prism_vfm.models.prism_vit import PrismViT
-from prism_vfm.utils.io import atomic_torch_save
+from prism_vfm.utils.io import atomic_torch_save, read_torch_file
 
 logger = logging.getLogger(__name__)
 
@@ -70,13 +70,9 @@ def read_official(source: str | os.PathLike | Mapping[str, Any]) -> OfficialChec
         where = str(path)
         if not path.is_file():
             raise FileNotFoundError(f"official checkpoint {path} does not exist")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # torch raises several types for truncated or foreign files
-            raise OfficialCheckpointError(
-                f"could not read {path} as a PyTorch checkpoint with weights_only=True ({exc}); the file "
-                "may be truncated (download it again) or not an official PRISM .pth"
-            ) from exc
+        state = read_torch_file(path)
+    if not isinstance(state, Mapping):
+        raise OfficialCheckpointError(f"{where} holds a {type(state).__name__}, not a state dict")
     if "model" in state and isinstance(state["model"], Mapping):
         state = state["model"]
     if not state or not all(isinstance(v, Tensor) for v in state.values()):

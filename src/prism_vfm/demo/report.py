@@ -7,7 +7,7 @@ from __future__ import annotations
 import itertools
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -19,6 +19,7 @@ from prism_vfm.data.pascal_context import PascalContext
 from prism_vfm.data.registry import HEADLINE_METRICS, LOWER_IS_BETTER
 from prism_vfm.demo.teachers import DEMO_TEACHERS, ROLES, teacher_probe
 from prism_vfm.errors import MissingExtraError
+from prism_vfm.models.multitask import PrismMultiTask
 from prism_vfm.models.prism_vit import PrismViT
 
 TEACHER_LABELS = [f"{n.removeprefix('demo_')} ({ROLES[n]})" for n in DEMO_TEACHERS]
@@ -29,13 +30,13 @@ def analyse(
 ) -> tuple[dict[str, Path], dict[str, Any]]:
     """Routing affinity and λ statistics of the Stage-1 student (teacher contexts) and the Stage-2 model
     (task contexts) on the val images, a prediction grid and their figures under ``out/figures``."""
-    from prism_vfm.evaluate import load_multitask
+    from prism_vfm.models.load import load
 
     figures_dir = out / "figures"
     figures_dir.mkdir(parents=True, exist_ok=True)
     size = (img_size, img_size)
     student = PrismViT.from_pretrained(stage1).eval()
-    multi = load_multitask(stage2, size)
+    multi = cast(PrismMultiTask, load(stage2, img_size=size, multitask=True)[0])
     tasks = multi.task_names
     reader = PascalContext(data, "val", tasks, DenseTestTransform(size))
     batches = [

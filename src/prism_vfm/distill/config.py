@@ -21,6 +21,9 @@ class StudentConfig:
     # "timm" = the AugReg ViT weights of the same size (hub), "none" = random, or a path: a timm ViT file,
     # one of our save_pretrained folders, or an official PRISM .pth.
     init: str = "timm"
+    # Entries the init checkpoint may leave at their random initialisation (patterns, e.g. "projectors.*"
+    # for teachers of another width); any other entry it does not fill is an error.
+    init_fresh: tuple[str, ...] = ()
     overrides: dict[str, Any] = field(default_factory=dict)  # further PrismViT arguments
 
 

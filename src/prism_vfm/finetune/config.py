@@ -31,7 +31,10 @@ class DistillConfig:
 class Stage2Config:
     dataset: Literal["pascalcontext", "nyud"] = "pascalcontext"
     data: str = ""  # the PASCALContext/ or NYUDv2/ folder
-    init: str = ""  # Stage-1 checkpoint: our save_pretrained/checkpoint folder or an official .pth
+    init: str = ""  # Stage-1 checkpoint: a run, checkpoint or save_pretrained folder, or an official .pth
+    # Entries the init may leave at their random initialisation besides the new task table (patterns, e.g.
+    # "projectors.*" when the teachers' widths differ from Stage 1's); any other is an error.
+    init_fresh: tuple[str, ...] = ()
     out: str = "runs/stage2"
     tasks: tuple[str, ...] = ()  # empty: every task of the data set, in the released order
     img_size: tuple[int, ...] = ()  # empty: 512x512 (PASCAL) / 448x576 (NYUD)

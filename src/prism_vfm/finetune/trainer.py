@@ -9,18 +9,15 @@ Stage 1, so ``--resume`` continues exactly.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any, cast
 
 import torch
-from safetensors.torch import load_file
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Subset
 
-from prism_vfm.compat.official import infer_config, official_to_ours, read_official
 from prism_vfm.data.dense_transforms import DenseTestTransform, DenseTrainTransform
 from prism_vfm.data.registry import dataset_tasks, get_dataset
 from prism_vfm.data.sampling import SeededAugmentation, ShardedBatchSampler, mix_seed
@@ -29,6 +26,7 @@ from prism_vfm.finetune.config import Stage2Config, resolved, validate_stage2
 from prism_vfm.losses.distill import distillation_criterion
 from prism_vfm.losses.tasks import MultiTaskLoss
 from prism_vfm.metrics.multitask import MultiTaskMeter
+from prism_vfm.models.load import load_into, student_args
 from prism_vfm.models.multitask import PrismMultiTask
 from prism_vfm.models.prism_vit import ContextKind
 from prism_vfm.teachers import build_teacher
@@ -77,25 +75,11 @@ class MultiTaskStep(nn.Module):
 def build_multitask(cfg: Stage2Config, teacher_dims: tuple[int, ...]) -> PrismMultiTask:
     """The multi-task model initialised from ``cfg.init`` (ours or official, Stage 1 or Stage 2).
 
-    The task table starts fresh (or with the official DINOv2-row copy); projector heads are kept when the
-    teacher widths match and distillation is on; the position embedding is resampled to ``cfg.img_size``.
+    The task table starts fresh (or with the official DINOv2-row copy); with distillation on, the projector
+    heads come from the init (teachers of another width: an error unless ``cfg.init_fresh`` names
+    ``"projectors.*"``); the position embedding is resampled to ``cfg.img_size``.
     """
-    path = Path(cfg.init)
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(
-                f"{path} has no config.json: expected a save_pretrained or checkpoint folder"
-            )
-        args = json.loads((path / "config.json").read_text())
-        args = args.get("student_args", args)
-        state = load_file(path / "model.safetensors")
-        state = {k.removeprefix("student."): v for k, v in state.items() if not k.startswith("heads.")}
-    elif path.is_file():
-        official = read_official(path)
-        args, state = infer_config(official.student), official_to_ours(official.student)
-    else:
-        raise FileNotFoundError(f"Stage-2 init {path} does not exist (a Stage-1 folder or official .pth)")
-    args = {k: v for k, v in args.items() if k != "num_tasks"}
+    args = {k: v for k, v in student_args(cfg.init).items() if k != "num_tasks"}
     args.update(
         img_size=tuple(cfg.img_size),
         teacher_dims=teacher_dims or args.get("teacher_dims", ()),
@@ -103,13 +87,11 @@ def build_multitask(cfg: Stage2Config, teacher_dims: tuple[int, ...]) -> PrismMu
     )
     channels = dataset_tasks(cfg.dataset)
     model = PrismMultiTask(args, {t: channels[t] for t in cfg.tasks})
-    own = model.student.state_dict()
-    kept = {k: v for k, v in state.items() if k in own and (v.shape == own[k].shape or k == "pos_embed")}
-    kept.pop("task_embed.weight", None)
-    result = model.student.load_state_dict_resampled(kept, strict=False)
-    lost = [k for k in result.missing_keys if not k.startswith(("projectors.", "task_embed."))]
-    if lost:
-        raise ValueError(f"Stage-2 init {path} lacks backbone entries, e.g. {lost[:5]}")
+    # The task table is new (the Stage-1 contexts were teachers); anything else must come from the init.
+    report = load_into(
+        model.student, cfg.init, allow_fresh=("task_embed.*", *cfg.init_fresh), exclude=("task_embed.*",)
+    )
+    logger.info("init: %s", report.summary())
     if cfg.task_table_init == "copy_dinov2" and len(cfg.tasks) > 3:
         with torch.no_grad():
             task_embed = cast(nn.Embedding, model.student.task_embed)  # num_tasks = len(cfg.tasks) > 3

@@ -7,19 +7,26 @@ Importing :mod:`prism_vfm` registers ``prism_vit_{tiny,small,base,large}_patch16
 
 ``pretrained=True`` starts from the ImageNet-21k AugReg ViT weights the official runs start from: the
 pretrained MLP of every dual-stream block becomes its anchor, its shared expert and each routed expert.
+The authors' released checkpoints are further tags (``prism_vit_base_patch16_384.prism_stage1``, …; see
+``prism_vfm.models.load.RELEASED``): their student, architecture read from the file, loaded strictly::
+
+    model = timm.create_model("prism_vit_base_patch16_384.prism_stage1", pretrained=True)
+    model = timm.create_model("prism_vit_base_patch16_384.prism_stage1", pretrained=True,
+                              pretrained_cfg_overlay=dict(file="prism_stage1_vit_b.pth"))  # a local copy
 """
 
 from __future__ import annotations
 
-import re
 from typing import Any, cast
 
+import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from torch import Tensor
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, resolve_pretrained_cfg
 
-from prism_vfm.layers.net2net import resize_mlp_param
-from prism_vfm.models.prism_vit import PrismViT, resample_pos_embed
+from prism_vfm.compat.official import infer_config, read_official
+from prism_vfm.models.load import RELEASE_REPO, RELEASED, checkpoint_filter_fn, release_file
+from prism_vfm.models.prism_vit import PrismViT
+from prism_vfm.utils.io import read_torch_file
 
 # Student architecture and teacher widths of the published Stage-1 presets (SPEC §6).
 STUDENT_PRESETS: dict[str, dict[str, Any]] = {
@@ -51,92 +58,73 @@ def student_architecture(name: str) -> dict[str, Any]:
     return dict(_ARCHS[name])
 
 
-def _cfg(hf_hub_id: str) -> dict[str, Any]:
-    return dict(
+def _cfg(hf_hub_id: str, size: tuple[int, int] = (384, 384), **extra: Any) -> dict[str, Any]:
+    cfg = dict(
         hf_hub_id=hf_hub_id,
         num_classes=0,
-        input_size=(3, 384, 384),
+        input_size=(3, *size),
         mean=IMAGENET_DEFAULT_MEAN,
         std=IMAGENET_DEFAULT_STD,
         interpolation="bicubic",
         license="apache-2.0",
     )
+    return {**cfg, **extra}
 
 
-default_cfgs = generate_default_cfgs({f"{name}.augreg_in21k": _cfg(hub) for name, hub in _AUGREG.items()})
-
-
-def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: PrismViT) -> dict[str, Tensor]:
-    """Turn a plain timm ViT state dict (or an official PRISM one) into ``model``'s keys.
-
-    A dense ViT's MLP in a dual-stream block is copied into the anchor, the shared expert and every routed
-    expert (resized by :func:`resize_mlp_param` where their width differs); in a widened block it is
-    Net2Net-tiled. Modules a dense ViT lacks (router, λ gate, context tables, projectors) keep ``model``'s
-    initialisation; the classifier head is dropped; ``pos_embed`` is resampled to the model's grid. A
-    PRISM checkpoint's (ours or official) anchors initialise the MLPs of a student whose blocks there are
-    dense or wide.
-    """
-    from prism_vfm.compat.official import official_to_ours, read_official
-
-    # A training checkpoint holds the state dict under "model".
-    state_dict = cast("dict[str, Tensor]", state_dict.get("model", state_dict))
-    if any(k.startswith(("backbone.pos_embed", "backbone.backbone.")) for k in state_dict):
-        converted = official_to_ours(read_official(state_dict).student)
-        if all(i in model.moe_layers for i in _dual_stream_indices(converted)):
-            return converted
-        state_dict = converted
-    state_dict = _anchors_as_mlps(state_dict, model)
-    own = model.state_dict()
-    out: dict[str, Tensor] = {}
-    for key, value in state_dict.items():
-        m = re.match(r"^blocks\.(\d+)\.mlp\.(fc[12])\.(weight|bias)$", key)
-        if m and int(m.group(1)) in model.moe_layers:
-            block, fc, kind = int(m.group(1)), m.group(2), m.group(3)
-            if f"blocks.{block}.anchor.{fc}.{kind}" in own:
-                out[f"blocks.{block}.anchor.{fc}.{kind}"] = value
-            hidden = own[f"blocks.{block}.moe.experts.w1"].shape[-1]
-            value = resize_mlp_param(f"{fc}.{kind}", value, hidden)
-            if f"blocks.{block}.moe.shared.{fc}.{kind}" in own:
-                out[f"blocks.{block}.moe.shared.{fc}.{kind}"] = value
-            stacked = own[f"blocks.{block}.moe.experts.{'w' if kind == 'weight' else 'b'}{fc[-1]}"]
-            value = value.t() if kind == "weight" else value
-            out[f"blocks.{block}.moe.experts.{'w' if kind == 'weight' else 'b'}{fc[-1]}"] = (
-                value.unsqueeze(0).expand_as(stacked).clone()
+# AugReg tags: the initialisation of Stage 1 (a plain ViT; the dual-stream modules start fresh). Release
+# tags: the authors' PRISM checkpoints (student only; Stage-2 decoder heads are left out), MIT licensed.
+default_cfgs = generate_default_cfgs(
+    {
+        **{f"{name}.augreg_in21k": _cfg(hub) for name, hub in _AUGREG.items()},
+        **{
+            f"{name}.{tag}": _cfg(
+                RELEASE_REPO, size, hf_hub_filename=file, license="mit", description=f"PRISM {what}"
             )
-        elif m and int(m.group(1)) in model.wide_layers:
-            out[key] = resize_mlp_param(f"{m.group(2)}.{m.group(3)}", value, model.wide_hidden)
-        elif key in own:
-            out[key] = value
-    if "pos_embed" in out and out["pos_embed"].shape != own["pos_embed"].shape:
-        out["pos_embed"] = resample_pos_embed(
-            out["pos_embed"], model.patch_embed.grid_size, model.num_prefix_tokens
-        )
-    for key, value in own.items():
-        out.setdefault(key, value)
-    return out
-
-
-def _dual_stream_indices(state_dict: dict[str, Tensor]) -> set[int]:
-    return {int(m.group(1)) for k in state_dict if (m := re.match(r"^blocks\.(\d+)\.anchor\.", k))}
-
-
-def _anchors_as_mlps(state_dict: dict[str, Tensor], model: PrismViT) -> dict[str, Tensor]:
-    """``blocks.{i}.anchor.*`` renamed ``blocks.{i}.mlp.*`` where ``model``'s block ``i`` is dense."""
-    out = {}
-    for key, value in state_dict.items():
-        m = re.match(r"^blocks\.(\d+)\.anchor\.(.*)$", key)
-        if m is not None and int(m.group(1)) not in model.moe_layers:
-            out[f"blocks.{m.group(1)}.mlp.{m.group(2)}"] = value
-        else:
-            out[key] = value
-    return out
+            for name, tags in RELEASED.items()
+            for tag, (file, size, what) in tags.items()
+        },
+    }
+)
 
 
 def _create(variant: str, pretrained: bool, **kwargs: Any) -> PrismViT:
     args = {**_ARCHS[variant], **kwargs}
+    if pretrained:
+        cfg = resolve_pretrained_cfg(
+            variant, kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay")
+        )
+        if cfg.tag in RELEASED.get(variant, {}):
+            return _create_released(variant, cfg, args)
     return build_model_with_cfg(
         PrismViT, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **args
     )
+
+
+def _create_released(variant: str, cfg: Any, args: dict[str, Any]) -> PrismViT:
+    """A released checkpoint's student: architecture read from the file, weights loaded strictly
+    (``checkpoint_filter_fn`` raises a ``LoadError`` listing any entry the file does not fill)."""
+    state = read_torch_file(release_file(cfg, args.get("cache_dir")))
+    arch = infer_config(read_official(state).student)
+    for key in ("embed_dim", "depth"):
+        if arch[key] != _ARCHS[variant][key]:
+            raise ValueError(
+                f"{cfg.file or cfg.hf_hub_filename} holds a student with {key}={arch[key]}, not the "
+                f"{_ARCHS[variant][key]} of {variant}"
+            )
+    arch["img_size"] = tuple(cfg.input_size[-2:])
+    args = {**arch, **{k: v for k, v in args.items() if k not in _ARCHS[variant]}}
+    if args.get("features_only"):
+        # timm wraps the model after loading it: hand it the weights through the configuration.
+        args["pretrained_cfg_overlay"] = dict(args.get("pretrained_cfg_overlay") or {}, state_dict=state)
+        model = build_model_with_cfg(
+            PrismViT, variant, True, pretrained_filter_fn=checkpoint_filter_fn, **args
+        )
+        cast(dict, model.pretrained_cfg).pop("state_dict", None)  # keep no second copy of the weights
+        return model
+    with torch.device("meta"):  # every value comes from the file: no random initialisation to waste
+        model = build_model_with_cfg(PrismViT, variant, False, **args)
+    model.load_state_dict(checkpoint_filter_fn(state, model), strict=True, assign=True)
+    return model
 
 
 @register_model

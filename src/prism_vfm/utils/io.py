@@ -1,15 +1,16 @@
-"""Atomic file writes: a crash mid-save never leaves a corrupt file under the final name."""
+"""Atomic file writes (a crash mid-save never leaves a corrupt file under the final name), and safe reads."""
 
 from __future__ import annotations
 
 import os
+import pickle
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 
@@ -42,3 +43,56 @@ def atomic_save_safetensors(
     """``safetensors.torch.save_file`` written atomically (tensors made contiguous)."""
     tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+class CheckpointReadError(ValueError):
+    """A weight file that cannot be read (truncated, corrupt, or not a checkpoint)."""
+
+
+class UnsafePickleError(CheckpointReadError):
+    """A torch file that needs code to unpickle; ``weights_only=True`` refused it and ran nothing."""
+
+
+def read_torch_file(path: str | os.PathLike, mmap: bool = False) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU, with an error that names the file and the cause.
+
+    A file whose pickle refers to code (functions or classes beyond tensors and plain containers) is
+    refused by ``weights_only=True`` before anything runs: that is reported as an unsafe pickle, not as a
+    damaged file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as exc:
+        try:
+            code = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+        except Exception:  # an archive too damaged to list: fall through to the generic message
+            code = []
+        if code or "Weights only load failed" in str(exc):
+            names = f" ({', '.join(code)})" if code else ""
+            raise UnsafePickleError(
+                f"{path} is an unsafe pickle: it refers to code{names}, which weights_only=True refused to "
+                "run; nothing in it was executed. Load only weight files (tensors) from sources you trust"
+            ) from None
+        raise CheckpointReadError(f"{path} is not a readable PyTorch checkpoint ({exc})") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise CheckpointReadError(
+            f"{path} is not a readable PyTorch checkpoint; it may be truncated (copy or download it "
+            f"again) ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+        ) from None
+
+
+def read_safetensors_file(path: str | os.PathLike) -> dict[str, Tensor]:
+    """``safetensors.torch.load_file`` on the CPU, with an error that names the file and the cause."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weight file {path} does not exist")
+    try:
+        return load_file(path, device="cpu")
+    except Exception as exc:  # safetensors raises its own SafetensorError (and OSError) for bad files
+        raise CheckpointReadError(
+            f"{path} is not a readable safetensors file; it may be truncated (copy or download it again) "
+            f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+        ) from None
