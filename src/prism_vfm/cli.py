@@ -195,10 +195,12 @@ def _check_baselines_exist(stage1: Any, dataset: str) -> None:
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from prism_vfm.evaluate import evaluate
+    from prism_vfm.train.distributed import init_distributed
 
     _check_folder(args.out, "--out")
     baselines = _read_baselines(args.baselines)
     dataset = get_dataset(args.dataset).name
+    env = init_distributed()  # under torchrun every process scores its part of the split
     result = evaluate(
         args.checkpoint,
         dataset,
@@ -209,10 +211,12 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         workers=args.workers,
         baselines=baselines,
         save_edges=args.save_edges,
-        device=args.device,
+        device=str(env.device) if env.world_size > 1 else args.device,
+        img_size=tuple(args.img_size) if args.img_size else None,
     )
-    print(f"prism: {result['loaded']}", file=sys.stderr)
-    print(json.dumps({"scores": result["scores"], "delta_m": result["delta_m"]}, indent=2))
+    if env.is_main:
+        print(f"prism: {result['loaded']}", file=sys.stderr)
+        print(json.dumps({"scores": result["scores"], "delta_m": result["delta_m"]}, indent=2))
 
 
 def cmd_sweep(args: argparse.Namespace) -> None:
@@ -252,6 +256,9 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     baselines = _read_baselines(args.baselines)
     if stage2 is not None and not args.no_eval and baselines is None:
         _check_baselines_exist(stage1, stage2.dataset)
+    from prism_vfm.train.distributed import init_distributed
+
+    env = init_distributed()  # under torchrun every variant trains and evaluates on all processes
     rows = run_sweep(
         [v.strip() for v in args.variants.split(",") if v.strip()],
         stage1,
@@ -260,10 +267,11 @@ def cmd_sweep(args: argparse.Namespace) -> None:
         split=None if args.no_eval else args.split,
         baselines=baselines,
         eval_workers=args.eval_workers,
-        device=args.device,
+        device=str(env.device) if env.world_size > 1 else args.device,
     )
-    print((Path(args.out) / "comparison.md").read_text())
-    print(f"{len(rows)} variants; table in {args.out}/comparison.md and comparison.json")
+    if env.is_main:
+        print((Path(args.out) / "comparison.md").read_text())
+        print(f"{len(rows)} variants; table in {args.out}/comparison.md and comparison.json")
 
 
 def cmd_analyze(args: argparse.Namespace) -> None:
@@ -457,6 +465,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="JSON file {task: single-task score} for Δm (default: the paper's, for the model's backbone)",
     )
     p.add_argument("--save-edges", action="store_true", help="write the edge maps as PNGs (what SEISM reads)")
+    p.add_argument(
+        "--img-size", type=_count(1), nargs=2, metavar=("H", "W"), help="input size (default: the data set's)"
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.set_defaults(func=cmd_evaluate)
 
@@ -536,9 +547,19 @@ def error_line(exc: BaseException) -> str:
     return message or type(exc).__name__
 
 
+DISTRIBUTED_COMMANDS = frozenset({"distill", "finetune", "evaluate", "sweep"})
+"""The commands that share their work among torchrun's processes (the others refuse to run under it)."""
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``prism`` console command."""
     args = build_parser().parse_args(argv)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.command not in DISTRIBUTED_COMMANDS:
+        # Every process would do the same work and write the same files.
+        raise SystemExit(
+            f"prism {args.command}: runs in one process; launch it without torchrun "
+            f"(torchrun runs {', '.join(sorted(DISTRIBUTED_COMMANDS))})"
+        )
     try:
         args.func(args)
     except USER_ERRORS as exc:

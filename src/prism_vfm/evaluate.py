@@ -3,11 +3,16 @@
 Pixel metrics are pooled over the whole split; boundaries go through the SEISM protocol (NMS, thinning,
 the BSDS matcher) in worker processes; Δm is taken against the published single-task baselines or the
 user's. Results are written as JSON and as a Markdown table.
+
+Launched under torchrun, every process scores its own part of the split and the counts are summed (pixel
+meters, on the device) or gathered (per-image boundary counts), so the scores are those of one process;
+only rank 0 writes the results (each process writes its own images' edge maps).
 """
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, cast
@@ -15,17 +20,23 @@ from typing import Any, cast
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from prism_vfm.data.dense_transforms import DenseTestTransform
 from prism_vfm.data.nyud import NYUDv2
 from prism_vfm.data.pascal_context import PascalContext
 from prism_vfm.data.registry import HEADLINE_METRICS, backbone_name, get_dataset
-from prism_vfm.metrics.boundary import BoundaryMeter, edge_logits_to_uint8
+from prism_vfm.metrics.boundary import BoundaryMeter, boundary_scores, edge_logits_to_uint8
 from prism_vfm.metrics.multitask import MultiTaskMeter, delta_m
 from prism_vfm.models.load import load
 from prism_vfm.models.multitask import PrismMultiTask
+from prism_vfm.train.distributed import (
+    all_gather_objects,
+    all_reduce_sums,
+    is_main_process,
+    shard_indices,
+)
 
 
 @torch.no_grad()
@@ -62,12 +73,16 @@ def evaluate(
     tasks = model.task_names
     reader = info.reader_class()(data, split, tasks, DenseTestTransform(size))
     meter = MultiTaskMeter(dataset, [t for t in tasks if t != "edge"])
+    if workers is None and "LOCAL_WORLD_SIZE" in os.environ:  # torchrun: the node's CPUs shared by its ranks
+        workers = max(1, (os.cpu_count() or 1) // int(os.environ["LOCAL_WORLD_SIZE"]))
     boundaries = BoundaryMeter(dataset, workers=workers) if "edge" in tasks else None
     out_dir = Path(out) if out is not None else None
     if save_edges and out_dir is not None:
         (out_dir / "edge").mkdir(parents=True, exist_ok=True)
-    loader = DataLoader(reader, batch_size=batch_size, num_workers=0, collate_fn=_collate)
-    for batch in tqdm(loader, desc=f"evaluate {split}", unit="batch"):
+    part = Subset(reader, shard_indices(len(reader)))
+    loader = DataLoader(part, batch_size=batch_size, num_workers=0, collate_fn=_collate)
+    main = is_main_process()
+    for batch in tqdm(loader, desc=f"evaluate {split}", unit="batch", disable=not main):
         outputs = model(batch["image"].to(device))
         meter.update(
             {t: o.float() for t, o in outputs.items() if t != "edge"},
@@ -86,9 +101,13 @@ def evaluate(
             if save_edges and out_dir is not None:
                 for i, edge in zip(ids, edge_logits_to_uint8(outputs["edge"].float(), sizes), strict=True):
                     Image.fromarray(edge).save(out_dir / "edge" / f"{i}.png")
+    meter.load_state(all_reduce_sums(meter.state()))
     scores: dict[str, Any] = {t: dict(s) for t, s in meter.compute().items()}
     if boundaries is not None:
-        b = boundaries.compute()
+        if boundaries.pending:
+            boundaries.compute()  # this process's images
+        # Per-image counts: the image-level best thresholds (oisF) need them, not just their sum.
+        b = boundary_scores(np.concatenate(all_gather_objects(boundaries.counts)))
         scores["edge"] = {k: float(v) for k, v in b.items() if np.ndim(v) == 0}
     base = dict(baselines)
     result = {
@@ -101,7 +120,7 @@ def evaluate(
         "delta_m": delta_m(scores, base) if base else None,
         "baselines": base,
     }
-    if out_dir is not None:
+    if out_dir is not None and main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "metrics.json").write_text(json.dumps(result, indent=2))
         (out_dir / "metrics.md").write_text(markdown_table(result))

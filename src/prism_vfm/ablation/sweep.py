@@ -7,6 +7,15 @@ written to ``OUT/<variant>/result.json`` when it is complete; a sweep started ag
 and resumes an interrupted run from its last checkpoint. After every variant ``OUT/comparison.json`` and
 ``OUT/comparison.md`` are rewritten with all rows so far: per-task headline metrics and Δm (with Stage 2),
 backbone parameters, active parameters and GFLOPs of the Stage-1 student at its input size.
+
+Each variant's own settings (its Stage-1 and Stage-2 configurations after the ablation, the evaluation
+split and baselines) are kept in ``OUT/<variant>/settings.json`` from its start. A sweep started again
+with other settings for a variant that has begun stops before any training and lists the differences:
+its results (or its half-trained run) belong to the old settings, and it is never retrained in place.
+Use another ``OUT``, or delete the variant's folder to rerun it. Settings that cannot change a result
+(``workers``, ``log_every``) are not compared.
+
+Under torchrun every process trains and evaluates each variant; only rank 0 writes the sweep's files.
 """
 
 from __future__ import annotations
@@ -19,11 +28,12 @@ from pathlib import Path
 from typing import Any, cast
 
 from prism_vfm.ablation.variants import apply_ablation, describe
-from prism_vfm.config import to_dict
+from prism_vfm.config import ConfigError, to_dict
 from prism_vfm.data.registry import HEADLINE_METRICS
 from prism_vfm.distill.config import Stage1Config
 from prism_vfm.finetune.config import Stage2Config, resolved
 from prism_vfm.train.checkpoint import latest_checkpoint
+from prism_vfm.train.distributed import barrier, is_main_process
 
 logger = logging.getLogger(__name__)
 
@@ -48,19 +58,86 @@ def run_sweep(
     if len(set(variants)) != len(variants):
         raise ValueError(f"variants are listed twice: {list(variants)}")
     out = Path(out)
-    for name in variants:  # fail on a bad name or an impossible combination before hours of training
+    for name in variants:  # fail on a bad name, impossible combination or changed settings before training
         apply_ablation(stage1, name)
         if stage2 is not None:
             apply_ablation(stage2, name)
-    out.mkdir(parents=True, exist_ok=True)
+        current = variant_settings(name, stage1, out / name, stage2, split, baselines)
+        check_variant_settings(out / name, current)
+    if is_main_process():
+        out.mkdir(parents=True, exist_ok=True)
     settings = {"stage1": to_dict(stage1), "stage2": to_dict(stage2) if stage2 is not None else None}
     rows: list[dict[str, Any]] = []
     for name in variants:
         rows.append(
             _run_variant(name, stage1, out / name, stage2, split, baselines, eval_workers, device)
         )
-        write_comparison(out, rows, settings)
+        if is_main_process():
+            write_comparison(out, rows, settings)
+    barrier()  # the table is written before any process returns
     return rows
+
+
+UNCOMPARED_KEYS = frozenset({"workers", "log_every"})
+"""Configuration keys that cannot change a variant's result, left out of its settings."""
+
+
+def variant_settings(
+    name: str,
+    stage1: Stage1Config,
+    vdir: Path,
+    stage2: Stage2Config | None,
+    split: str | None,
+    baselines: Mapping[str, float] | None,
+) -> dict[str, Any]:
+    """What a variant's result depends on: both stages' configurations after its ablation (Stage 2's
+    ``init``, this variant's own Stage-1 checkpoint, left out), the evaluation split and baselines."""
+
+    def plain(cfg: Any) -> dict[str, Any]:
+        return {k: v for k, v in to_dict(cfg).items() if k not in UNCOMPARED_KEYS | {"init"}}
+
+    cfg1 = apply_ablation(dataclasses.replace(stage1, out=str(vdir / "stage1")), name)
+    cfg2 = None
+    if stage2 is not None:
+        cfg2 = plain(apply_ablation(dataclasses.replace(stage2, out=str(vdir / "stage2")), name))
+    evaluation = {"split": split, "baselines": dict(baselines) if baselines is not None else None}
+    return {"stage1": plain(cfg1), "stage2": cfg2, "evaluation": evaluation if stage2 is not None else None}
+
+
+def settings_differences(saved: Any, current: Any, prefix: str = "") -> list[str]:
+    """``key: saved → current`` for every nested key whose value differs (added or removed keys too)."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        out: list[str] = []
+        for key in sorted(saved.keys() | current.keys(), key=str):
+            where = f"{prefix}.{key}" if prefix else str(key)
+            if key not in saved:
+                out.append(f"{where}: (absent) → {current[key]!r}")
+            elif key not in current:
+                out.append(f"{where}: {saved[key]!r} → (absent)")
+            else:
+                out += settings_differences(saved[key], current[key], where)
+        return out
+    return [] if saved == current else [f"{prefix}: {saved!r} → {current!r}"]
+
+
+def check_variant_settings(vdir: Path, settings: Mapping[str, Any]) -> None:
+    """Raise a ``ConfigError`` listing the differences when ``vdir`` was started with other settings."""
+    path = vdir / "settings.json"
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        # JSON has lists where the configurations have tuples: compare both as JSON.
+        differences = settings_differences(saved, json.loads(json.dumps(settings)))
+        if differences:
+            raise ConfigError(
+                f"sweep variant {vdir.name} in {vdir} was run with other settings ("
+                + "; ".join(differences)
+                + "): use another sweep folder, or delete the variant's folder to rerun it"
+            )
+    elif vdir.exists() and any(vdir.iterdir()):
+        raise ConfigError(
+            f"sweep variant folder {vdir} holds files but no settings.json, so its settings are unknown: "
+            "use another sweep folder, or delete the variant's folder to rerun it"
+        )
 
 
 def _run_variant(
@@ -80,6 +157,11 @@ def _run_variant(
     if done.is_file():
         logger.info("%s: complete, not retrained", name)
         return json.loads(done.read_text())
+    if is_main_process():
+        vdir.mkdir(parents=True, exist_ok=True)
+        settings = variant_settings(name, stage1, vdir, stage2, split, baselines)
+        (vdir / "settings.json").write_text(json.dumps(settings, indent=2))
+    barrier()
     cfg1 = apply_ablation(dataclasses.replace(stage1, out=str(vdir / "stage1")), name)
     ckpt1 = _train(train_stage1, cfg1, vdir / "stage1")
     row: dict[str, Any] = {"variant": name, "description": describe(name), "stage1": str(ckpt1)}
@@ -105,7 +187,8 @@ def _run_variant(
             )
             row["scores"] = {t: s[HEADLINE_METRICS[t]] for t, s in result["scores"].items()}
             row["delta_m"] = result["delta_m"]
-    done.write_text(json.dumps(row, indent=2))
+    if is_main_process():
+        done.write_text(json.dumps(row, indent=2))
     return row
 
 
@@ -114,8 +197,10 @@ def _train(train: Callable[..., Path], cfg: Any, run: Path) -> Path:
     finished = run / "finished"
     if not finished.is_file():
         resume = latest_checkpoint(run) is not None
-        train(cfg, resume=resume, overwrite=not resume)  # a run killed before its first checkpoint restarts
-        finished.write_text("")
+        # A run killed before its first checkpoint restarts; the trainer ends with a barrier.
+        train(cfg, resume=resume, overwrite=not resume)
+        if is_main_process():
+            finished.write_text("")
     ckpt = latest_checkpoint(run)
     if ckpt is None:
         raise FileNotFoundError(f"{run} finished without a checkpoint")

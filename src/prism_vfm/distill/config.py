@@ -70,7 +70,7 @@ class Stage1Config:
     accum: int = 1
     workers: int = 8
     seed: int = 42
-    amp: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    amp: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: from the device (train/precision.py)
     ckpt_every: int = 1000  # steps (0: none); a checkpoint is also written at every epoch end and at the end
     keep_last: int = 3  # checkpoints kept, the newest (0: all)
     log_every: int = 20

@@ -31,6 +31,7 @@ from prism_vfm.teachers import build_teacher
 from prism_vfm.train.distributed import DistEnv, all_reduce_sum, init_distributed, wrap_model
 from prism_vfm.train.loop import Loop, fit
 from prism_vfm.train.optim import decay_split
+from prism_vfm.train.precision import choose_precision
 from prism_vfm.train.run import TrainingRun
 from prism_vfm.train.schedule import warmup_cosine
 
@@ -115,6 +116,8 @@ def train_stage1(
     """
     validate_stage1(cfg)
     env: DistEnv = init_distributed()
+    sharded = cfg.fsdp and env.world_size > 1
+    choose_precision(cfg.amp, env.device, sharded)  # a precision this device cannot run stops here
     run = TrainingRun(
         cfg.out,
         cfg,
@@ -190,6 +193,7 @@ def train_stage1(
         forward_step,
         accum=cfg.accum,
         amp=cfg.amp,
+        sharded=sharded,
         clip_grad=cfg.optim.clip_grad,
         log_every=cfg.log_every,
         ckpt_every=cfg.ckpt_every,

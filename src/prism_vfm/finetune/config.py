@@ -43,7 +43,7 @@ class Stage2Config:
     accum: int = 1
     workers: int = 4
     seed: int = 42
-    amp: Literal["auto", "bf16", "fp32"] = "auto"
+    amp: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: from the device (train/precision.py)
     lr: float = 2e-5
     weight_decay: float = 1e-6
     poly_power: float = 0.9

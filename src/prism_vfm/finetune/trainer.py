@@ -30,10 +30,16 @@ from prism_vfm.models.load import load_into, student_args
 from prism_vfm.models.multitask import PrismMultiTask
 from prism_vfm.models.prism_vit import ContextKind
 from prism_vfm.teachers import build_teacher
-from prism_vfm.train.distributed import average_floating_buffers, init_distributed, wrap_model
+from prism_vfm.train.distributed import (
+    all_reduce_sums,
+    average_floating_buffers,
+    init_distributed,
+    shard_indices,
+    wrap_model,
+)
 from prism_vfm.train.loop import Loop, fit
 from prism_vfm.train.optim import weight_decay_groups
-from prism_vfm.train.precision import autocast
+from prism_vfm.train.precision import autocast, choose_precision
 from prism_vfm.train.run import TrainingRun
 from prism_vfm.train.schedule import poly
 
@@ -116,6 +122,7 @@ def train_stage2(
     validate_stage2(cfg)
     cfg = resolved(cfg)
     env = init_distributed()
+    choose_precision(cfg.amp, env.device)  # a precision this device cannot run stops here
     run = TrainingRun(
         cfg.out,
         cfg,
@@ -233,14 +240,20 @@ def train_stage2(
 def validate(
     model: PrismMultiTask, dataset: Any, cfg: Stage2Config, device: torch.device
 ) -> dict[str, float]:
-    """Pixel metrics of every task on the held-out split (boundaries report the official edge loss here)."""
+    """Pixel metrics of every task on the held-out split (boundaries report the official edge loss here).
+
+    Under a process group every rank scores its own part of the split and the meters' counts are summed,
+    so the scores are those of one process scoring it all; every rank must call it.
+    """
     was_training = model.training
     model.eval()
     meter = MultiTaskMeter(cfg.dataset, cfg.tasks)
-    for batch in DataLoader(dataset, batch_size=cfg.batch_size, num_workers=0):
+    part = Subset(dataset, shard_indices(len(dataset)))
+    for batch in DataLoader(part, batch_size=cfg.batch_size, num_workers=0):
         with autocast(cfg.amp, device):
             outputs = model(batch["image"].to(device))
         meter.update({t: o.float() for t, o in outputs.items()}, {t: batch[t].to(device) for t in cfg.tasks})
+    meter.load_state(all_reduce_sums(meter.state()))
     model.train(was_training)
     flat: dict[str, float] = {}
     for task, scores in meter.compute().items():

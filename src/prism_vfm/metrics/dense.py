@@ -28,7 +28,24 @@ def _zeros(*shape: int, dtype: torch.dtype) -> Tensor:
     return torch.zeros(shape, dtype=dtype)
 
 
-class SegmentationMeter:
+class _Accumulators:
+    """The sum-reducible state of a meter: every tensor attribute ``reset`` creates."""
+
+    def state(self) -> dict[str, Tensor]:
+        """The accumulators by name; the state of several meters fed disjoint data adds up element-wise
+        to the state of one meter fed it all (what sharded evaluation all-reduces)."""
+        return {k: v for k, v in vars(self).items() if isinstance(v, Tensor) and k != "thresholds"}
+
+    def load_state(self, state: dict[str, Tensor]) -> None:
+        """Replace the accumulators by ``state`` (e.g. the sum of every process's :meth:`state`)."""
+        if state.keys() != self.state().keys():
+            expected = sorted(self.state())
+            raise ValueError(f"{type(self).__name__}: state keys {sorted(state)}, expected {expected}")
+        for key, value in state.items():
+            setattr(self, key, value)
+
+
+class SegmentationMeter(_Accumulators):
     """mIoU x 100 over **all** ``num_classes`` classes (a class never seen nor predicted scores 0).
 
     Accumulates a ``(num_classes, num_classes)`` confusion matrix (rows: label, columns: prediction) over
@@ -79,7 +96,7 @@ class SegmentationMeter:
         return {"mIoU": iou.mean().item() * 100.0}
 
 
-class SaliencyMeter:
+class SaliencyMeter(_Accumulators):
     """Saliency maxF (beta^2 = 0.3) and the best IoU, x 100, over 19 foreground thresholds.
 
     ``pred`` is the foreground probability x 255 ``(B, 1, H, W)``; a pixel is predicted positive at
@@ -132,7 +149,7 @@ class SaliencyMeter:
         return {"maxF": f.max().item() * 100.0, "mIoU": iou.max().item() * 100.0}
 
 
-class NormalsMeter:
+class NormalsMeter(_Accumulators):
     """Mean angular error (degrees) of surface normals over valid pixels.
 
     ``pred`` is the normalised prediction mapped to ``[0, 255]`` ``(B, 3, H, W)``; it is mapped back and
@@ -165,7 +182,7 @@ class NormalsMeter:
         return {"mErr": (self.sum_degrees / self.count.clamp_min(1)).item()}
 
 
-class DepthMeter:
+class DepthMeter(_Accumulators):
     """Depth RMSE in metres, pooled over the pixels with ``0 < label < 80`` of all updates.
 
     ``pred`` ``(B, 1, H, W)`` is the prediction clamped at 0; values that are still not positive become
@@ -197,7 +214,7 @@ class DepthMeter:
         return {"RMSE": math.sqrt((self.sum_squared_error / self.count.clamp_min(1)).item())}
 
 
-class EdgeLossMeter:
+class EdgeLossMeter(_Accumulators):
     """The official edge "loss meter", kept for compatibility: not a boundary metric.
 
     The official evaluation reports, for the edge task, the balanced BCE (positive weight 0.95 on PASCAL,

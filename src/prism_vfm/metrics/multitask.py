@@ -88,6 +88,15 @@ class MultiTaskMeter:
                 raise ValueError(f"{t}: missing from the {'outputs' if t not in outputs else 'labels'}")
             meter.update(prediction_for_metric(t, outputs[t]), labels[t])
 
+    def state(self) -> dict[str, Tensor]:
+        """Every meter's accumulators as ``{"task/name": tensor}``; they add up over disjoint data."""
+        return {f"{t}/{k}": v for t, meter in self.meters.items() for k, v in meter.state().items()}
+
+    def load_state(self, state: Mapping[str, Tensor]) -> None:
+        """Replace the accumulators by ``state`` (e.g. :meth:`state` summed over processes)."""
+        for t, meter in self.meters.items():
+            meter.load_state({k.split("/", 1)[1]: v for k, v in state.items() if k.split("/", 1)[0] == t})
+
     def compute(self) -> dict[str, dict[str, float]]:
         """``{task: {score name: value}}``, e.g. ``{"semseg": {"mIoU": 62.1}, "sal": {"maxF": ..., ...}}``."""
         return {t: meter.compute() for t, meter in self.meters.items()}

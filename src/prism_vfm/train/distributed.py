@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -32,7 +32,17 @@ class DistEnv:
 
 
 def init_distributed() -> DistEnv:
-    """Join the torchrun process group when launched by torchrun (NCCL on GPUs, gloo on CPUs)."""
+    """Join the torchrun process group when launched by torchrun (NCCL on GPUs, gloo on CPUs).
+
+    The group is made for a single torchrun process too, so that a one-GPU run goes through the same
+    collectives as a run on many.
+
+    The group has one backend, and every collective goes through the helpers below, which hand it tensors
+    on :func:`collective_device`. A mixed ``cpu:gloo,cuda:nccl`` group would also accept CPU tensors, but it
+    needs gloo's TCP transport to work on every GPU cluster's network as well (GLOO_SOCKET_IFNAME and
+    friends) and would hide the host copies it makes; the states reduced here (loss terms, metric meters,
+    BatchNorm buffers) already live on the device, so reducing them there costs nothing.
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -41,17 +51,91 @@ def init_distributed() -> DistEnv:
         device = torch.device("cuda", local)
     else:
         device = torch.device("cpu")
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    launched = world > 1 or "TORCHELASTIC_RUN_ID" in os.environ  # torchrun sets it
+    if launched and not dist.is_initialized():
+        if device.type == "cuda":
+            dist.init_process_group("nccl", device_id=device)
+        else:
+            dist.init_process_group("gloo")
     return DistEnv(rank=rank, world_size=world, local_rank=local, device=device)
 
 
-def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
-    """Sum over processes (identity without a process group)."""
+def process_rank() -> tuple[int, int]:
+    """(rank, world size) of this process: (0, 1) without a process group."""
     if dist.is_initialized():
-        value = value.clone()
-        dist.all_reduce(value)
-    return value
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def is_main_process() -> bool:
+    """Whether this process writes the files of a command (rank 0, or the only process)."""
+    return process_rank()[0] == 0
+
+
+def collective_device() -> torch.device:
+    """The device whose tensors the process group reduces: this process's GPU under NCCL, else the CPU."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def check_collective_tensor(value: torch.Tensor, what: str) -> None:
+    """Raise, naming ``what``, unless ``value`` lies on :func:`collective_device`.
+
+    NCCL reduces CUDA tensors only; without this check a CPU tensor handed to it fails deep inside the
+    collective, on every rank at once, possibly hours into a run.
+    """
+    expected = collective_device()
+    if value.device.type != expected.type:
+        backend = dist.get_backend() if dist.is_initialized() else "none"
+        raise RuntimeError(
+            f"{what}: a tensor on {value.device} handed to a collective of the {backend} process group, "
+            f"which reduces tensors on {expected.type} only"
+        )
+
+
+def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
+    """Sum over processes of a copy of ``value`` on :func:`collective_device` (``value`` itself without a
+    process group). Any tensor may be given (e.g. a CPU count); convert the result with ``float()``."""
+    if not dist.is_initialized():
+        return value
+    total = value.detach().to(collective_device(), copy=True)
+    check_collective_tensor(total, "all_reduce_sum")
+    dist.all_reduce(total)
+    return total
+
+
+def all_reduce_sums(values: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """:func:`all_reduce_sum` of every entry (e.g. a metric meter's counts), in one collective per dtype."""
+    if not dist.is_initialized():
+        return dict(values)
+    device = collective_device()
+    out: dict[str, torch.Tensor] = {}
+    for dtype in dict.fromkeys(v.dtype for v in values.values()):
+        keys = [k for k, v in values.items() if v.dtype == dtype]
+        flat = torch.cat([values[k].detach().reshape(-1).to(device) for k in keys])
+        check_collective_tensor(flat, "all_reduce_sums")
+        dist.all_reduce(flat)
+        for key, part in zip(keys, flat.split([values[k].numel() for k in keys]), strict=True):
+            out[key] = part.view(values[key].shape)
+    return {k: out[k] for k in values}
+
+
+def all_gather_objects(value: Any) -> list[Any]:
+    """Every process's ``value`` (picklable), in rank order; ``[value]`` without a process group."""
+    if not dist.is_initialized():
+        return [value]
+    # all_gather_object moves its byte tensors to the current CUDA device under NCCL itself.
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def shard_indices(n: int) -> list[int]:
+    """This process's part of ``range(n)`` (every world-size-th index from its rank), for sharded evaluation;
+    the parts of all processes are disjoint and cover ``range(n)``."""
+    rank, world = process_rank()
+    return list(range(rank, n, world))
 
 
 def barrier() -> None:
@@ -73,8 +157,9 @@ def average_floating_buffers(module: torch.nn.Module) -> None:
     if not dist.is_initialized():
         return
     world = dist.get_world_size()
-    for buffer in module.buffers():
+    for name, buffer in module.named_buffers():
         if buffer.is_floating_point():
+            check_collective_tensor(buffer, f"buffer {name}")
             dist.all_reduce(buffer)
             buffer.div_(world)
 

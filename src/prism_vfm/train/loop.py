@@ -10,9 +10,9 @@ and hands :func:`fit` a :class:`Loop`: the step function and how often to log, e
 
 The step function gets one micro-batch, the step and the micro-step index, and returns the loss and its
 terms (detached scalars, logged as ``loss/<name>``). The loop runs it under autocast and the gradient-sync
-context, backpropagates ``loss / accum``, clips, steps the optimiser and the per-iteration schedule. It sets
-no random seed: a stage that wants the same weights whatever its number of processes seeds its own draws
-from (seed, step, shard) inside the step function.
+context, backpropagates ``loss / accum`` (scaled in fp16), unscales and clips the gradients, steps the
+optimiser and the per-iteration schedule. It sets no random seed: a stage that wants the same weights
+whatever its number of processes seeds its own draws from (seed, step, shard) inside the step function.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from prism_vfm.train.distributed import (
     to_local_scalar,
 )
 from prism_vfm.train.logging import RunLogger
-from prism_vfm.train.precision import autocast
+from prism_vfm.train.precision import MixedPrecision
 from prism_vfm.train.run import TrainingRun
 
 StepFn = Callable[[Any, int, int], tuple[Tensor, dict[str, Tensor]]]
@@ -53,7 +53,8 @@ class Loop:
         end_step: the step after the last one run (a run may stop before its schedule ends).
         step: the step function (see :data:`StepFn`).
         accum: micro-batches per optimiser step.
-        amp: ``"auto"``, ``"bf16"`` or ``"fp32"`` (:func:`~prism_vfm.train.precision.autocast`).
+        amp: ``"auto"``, ``"bf16"``, ``"fp16"`` or ``"fp32"`` (see :mod:`prism_vfm.train.precision`).
+        sharded: the parameters are sharded (FSDP), for which fp16 loss scaling is not offered.
         clip_grad: global gradient-norm clip (``None``: not clipped, the norm is still logged).
         log_every: steps between log records (and the last step).
         ckpt_every: steps between checkpoints; 0: none but the last (and ``checkpoint_at``'s).
@@ -73,6 +74,7 @@ class Loop:
     step: StepFn
     accum: int = 1
     amp: str = "fp32"
+    sharded: bool = False
     clip_grad: float | None = None
     log_every: int = 20
     ckpt_every: int = 0
@@ -136,8 +138,10 @@ def fit(
     Every process must call it; only the main one writes. It returns after every process has reached the
     end, so the last checkpoint is on disk when any of them goes on.
     """
+    precision = MixedPrecision(loop.amp, env.device, sharded=loop.sharded)
     if run.resume_state is not None:
         _restore(model, optimizer, scheduler, run.resume_state)
+        precision.load_state_dict(run.resume_state.get("scaler", {}))
         if loop.restore_state is not None:
             loop.restore_state(run.resume_state)
     log = RunLogger(run.path, enabled=env.is_main)
@@ -155,14 +159,13 @@ def fit(
         for micro in range(loop.accum):
             batch = next(batches)
             with gradient_sync(net, micro == loop.accum - 1):
-                with autocast(loop.amp, env.device):
+                with precision.autocast():
                     loss, terms = loop.step(batch, step, micro)
-                (loss / loop.accum).backward()
+                precision.backward(loss / loop.accum)
             for k, v in terms.items():
                 sums[k] = sums[k] + v.detach() / loop.accum if k in sums else v.detach() / loop.accum
         max_norm = loop.clip_grad if loop.clip_grad is not None else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-        optimizer.step()
+        grad_norm = precision.step(optimizer, model.parameters(), max_norm)
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         seen += loop.samples_per_step
@@ -193,7 +196,12 @@ def fit(
                 loop.before_save()
             weights, optim_state = full_state(model, optimizer)  # collective under FSDP
             if env.is_main:
-                state = {"optimizer": optim_state, "scheduler": scheduler.state_dict(), "step": done}
+                state = {
+                    "optimizer": optim_state,
+                    "scheduler": scheduler.state_dict(),
+                    "step": done,
+                    "scaler": precision.state_dict(),  # the fp16 loss scale (empty otherwise)
+                }
                 if loop.extra_state is not None:
                     state.update(loop.extra_state(done))
                 save_checkpoint(run.path, done, weights, state, loop.keep_last, loop.model_config)
