@@ -300,7 +300,7 @@ def test_sweep_writes_one_table_and_never_retrains_a_finished_variant(images, tm
     again = run_sweep(["dense", "vanilla_moe"], stage1, out, stage2, eval_workers=1, baselines=BASELINES)
     assert again == rows
     with pytest.raises(ConfigError, match="unknown ablation 'nope'"):  # checked before anything trains
-        run_sweep(["dense", "nope"], stage1, out, stage2)
+        run_sweep(["dense", "nope"], stage1, out, stage2, baselines=BASELINES)
     main(["sweep", "--list"])
     listed = capsys.readouterr().out
     assert "wo_film" in listed and "vanilla_moe" in listed and "teachers<positions>" in listed
