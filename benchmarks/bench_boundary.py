@@ -1,12 +1,15 @@
-"""Cost of the boundary evaluation (odsF / oisF / AP, SPEC §9) per image, in one process and with workers.
+"""Cost of the boundary evaluation (odsF / oisF / AP, SPEC §9) per image: the fast matcher against the
+BSDS matcher, side by side in one run, one process each.
 
-Both cases score the same synthetic images with ``count_boundaries``: in this process (``workers=0``) and
-in a pool of ``--workers`` processes. Each image is a Voronoi label map; its prediction is the thinned
-ground-truth boundary moved by one pixel, blurred, plus smooth noise, so that NMS leaves weak spurious
-edges at low thresholds as a network's output does. Matching dominates the cost and grows with the number
-of edge pixels, so real predictions can cost more or less than these. Prints seconds per image (median of
-the single-process case over the image count, wall and CPU time) and the speed-up (ratio of the wall-time
-medians, which needs as many idle CPUs as workers to mean anything). Run
+Both cases score the same synthetic images with ``count_boundaries(..., workers=0)`` — the whole
+protocol: NMS, 99 thresholds, thinning, matching — once with ``matcher="fast"`` (maximum matching, the
+default) and once with ``matcher="bsds"`` (SEISM's CSA matcher, the reference). Each image is a Voronoi
+label map; its prediction is the thinned ground-truth boundary moved by one pixel, blurred, plus smooth
+noise, so that NMS leaves weak spurious edges at low thresholds as a network's output does. Matching
+dominates the reference's cost and grows with the number of edge pixels, so real predictions can cost more
+or less than these. Prints seconds per image (median wall time of a call over the image count, and CPU
+time), the speed-up (ratio of the wall-time medians; target >= 20), and the projected time of
+PASCAL-Context's test split (5,105 images) on 16 cores from the CPU seconds per image. Run
 ``python benchmarks/bench_boundary.py --help`` for the options.
 """
 
@@ -21,7 +24,12 @@ import torch
 from scipy import ndimage
 
 import harness
-from prism_vfm.metrics.boundary import boundary_ground_truth, count_boundaries, dataset_max_dist_ratio
+from prism_vfm.metrics.boundary import (
+    MATCHERS,
+    boundary_ground_truth,
+    count_boundaries,
+    dataset_max_dist_ratio,
+)
 
 
 def synthetic_image(size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -38,11 +46,14 @@ def synthetic_image(size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return (np.clip(soft, 0, 1) * 255).astype(np.uint8), labels
 
 
+PASCAL_CONTEXT_TEST_IMAGES = 5105
+PROJECTION_CORES = 16
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=512, help="image side in pixels (default 512)")
-    parser.add_argument("--images", type=int, default=2, help="images per timed call (default 2)")
-    parser.add_argument("--workers", type=int, default=2, help="processes of the pool case (default 2)")
+    parser.add_argument("--images", type=int, default=1, help="images per timed call (default 1)")
     parser.add_argument("--dataset", default="pascal", choices=["pascal", "nyud"], help="matching tolerance")
     parser.add_argument("--repeats", type=int, default=2, help="timed rounds over both cases (default 2)")
     parser.add_argument("--warmup", type=int, default=0, help="untimed calls per case first (default 0)")
@@ -55,34 +66,35 @@ def main(argv: list[str] | None = None) -> None:
     images = [synthetic_image(args.size, seed) for seed in range(args.images)]
     edges, labels = [e for e, _ in images], [g for _, g in images]
     ratio = dataset_max_dist_ratio(args.dataset)
+    cpu_seconds: dict[str, list[float]] = {matcher: [] for matcher in MATCHERS}
 
-    def evaluate(workers: int) -> np.ndarray:
-        return count_boundaries(edges, labels, ratio, workers=workers, progress=False)
-
-    cpu_seconds: list[float] = []
-
-    def evaluate_alone() -> None:
+    def evaluate(matcher: str) -> None:
         start = time.process_time()
-        evaluate(0)
-        cpu_seconds.append(time.process_time() - start)
+        count_boundaries(edges, labels, ratio, workers=0, progress=False, matcher=matcher)
+        cpu_seconds[matcher].append(time.process_time() - start)
 
     cpu = torch.device("cpu")
     harness.describe(args, cpu)
     print(
         f"workload: {args.images} synthetic {args.size}x{args.size} images per call, {args.dataset} "
-        f"tolerance {ratio} x diagonal, 99 thresholds; NMS, thinning and CSA matching per image"
+        f"tolerance {ratio} x diagonal, 99 thresholds; NMS, thinning and matching per image, one process"
     )
-    single = "1 process (workers=0)"
-    pooled = f"{args.workers} worker processes"
-    cases = [harness.Case(single, evaluate_alone), harness.Case(pooled, lambda: evaluate(args.workers))]
+    names = {"fast": "fast matcher (maximum matching)", "bsds": "BSDS matcher (reference)"}
+    cases = [harness.Case(names[m], lambda m=m: evaluate(m)) for m in MATCHERS]
     results = harness.run_interleaved(cases, args.repeats, args.warmup, cpu)
-    harness.report("count_boundaries, whole call", results)
-    per_image = results[single].median / args.images
-    print(f"seconds per {args.size}x{args.size} image, single process: {per_image:.2f} wall")
-    # CPU time is what a full split costs in total, and other load on the machine barely changes it.
-    per_image_cpu = statistics.median(cpu_seconds) / args.images
-    print(f"CPU seconds per {args.size}x{args.size} image, single process: {per_image_cpu:.2f}")
-    harness.ratio(f"speed-up with {args.workers} workers", results[single], results[pooled])
+    harness.report("count_boundaries, whole call, workers=0", results)
+    for matcher in MATCHERS:
+        wall = results[names[matcher]].median / args.images
+        cpu_time = statistics.median(cpu_seconds[matcher]) / args.images
+        # CPU time is what a full split costs in total, and other load on the machine barely changes it.
+        hours = cpu_time * PASCAL_CONTEXT_TEST_IMAGES / PROJECTION_CORES / 3600
+        print(
+            f"{names[matcher]}: {wall:.2f} s wall, {cpu_time:.2f} CPU s per {args.size}x{args.size} image; "
+            f"PASCAL-Context test ({PASCAL_CONTEXT_TEST_IMAGES} images) on {PROJECTION_CORES} cores: "
+            f"{hours * 60:.1f} min"
+        )
+    fast, bsds = results[names["fast"]], results[names["bsds"]]
+    harness.ratio("speed-up of the fast matcher", bsds, fast, target=20, at_least=True)
     harness.finish()
 
 

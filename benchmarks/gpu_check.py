@@ -44,6 +44,7 @@ CUDA_TESTS = (
     "tests/test_teachers.py",
     "tests/test_metrics.py",
     "tests/test_precision.py",
+    "tests/test_video_head.py::test_head_on_cuda_agrees_with_the_cpu",
 )
 
 ENVIRONMENT = """

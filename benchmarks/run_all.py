@@ -27,16 +27,24 @@ def plan(device: str, quick: bool) -> list[tuple[str, list[str]]]:
     stage2 = ["--img-size", "512"] if full_gpu else []  # PASCAL-Context's size
     runs: list[tuple[str, list[str]]] = []
     if gpu:
-        cuda_tests = ["tests/test_moe_dispatch.py", "tests/test_teachers.py", "tests/test_metrics.py"]
+        cuda_tests = [
+            "tests/test_moe_dispatch.py",
+            "tests/test_teachers.py",
+            "tests/test_metrics.py",
+            "tests/test_video_head.py::test_head_on_cuda_agrees_with_the_cpu",
+        ]
         runs.append(("cuda_tests", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", *cuda_tests]))
     runs += [
         ("dual_stream", [py, str(HERE / "bench_dual_stream.py"), *common]),
         ("student", [py, str(HERE / "bench_student.py"), *common]),
         ("stage2", [py, str(HERE / "bench_stage2.py"), *common, *stage2]),
+        ("vidprism_head", [py, str(HERE / "bench_vidprism_head.py"), *common]),
     ]
     stage1 = ["--preset", "LB", "--img-size", "384", "--batch", "64"] if full_gpu else []
     runs.append(("stage1", [py, str(HERE / "bench_stage1.py"), *common, *stage1]))
-    if not gpu:
+    runs.append(("vidprism_model", [py, str(HERE / "bench_vidprism_model.py"), *common]))
+    if not gpu:  # CPU work (the video loader's is CPU work on any host): not worth a lent GPU's minutes
+        runs.append(("video_data", [py, str(HERE / "bench_video_data.py"), *(["--quick"] if quick else [])]))
         runs.append(("boundary", [py, str(HERE / "bench_boundary.py"), *(["--quick"] if quick else [])]))
     return runs
 

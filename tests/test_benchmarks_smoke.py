@@ -23,6 +23,10 @@ EXPECTED = {
         "ratio train (d)/(c) separate experts vs the floor:",
         "ratio eval (d)/(c) separate experts vs the floor:",
     ],
+    "bench_boundary.py": [
+        "ratio speed-up of the fast matcher:",
+        "PASCAL-Context test (5105 images) on 16 cores:",
+    ],
     "bench_stage1.py": [
         "throughput:",
         "teacher share of the step:",
@@ -33,10 +37,19 @@ EXPECTED = {
         "ratio eval batch 2 speed-up per task / shared:",
         "ratio train batch 2 speed-up per pass / shared:",
     ],
+    "bench_vidprism_model.py": [
+        "ratio head share of the training step (head / step):",
+        "eval throughput:",
+    ],
     "bench_student.py": [
         "ratio train student / dense:",
         "ratio train student + projectors / dense:",
         "ratio eval student / dense:",
+    ],
+    "bench_vidprism_head.py": [
+        "agreement: max |logits(head) - logits(reference)|",
+        "ratio train released loops / head (speed-up):",
+        "ratio eval released loops / head (speed-up):",
     ],
 }
 
@@ -156,4 +169,6 @@ def test_run_all_plans_the_gpu_settings_of_the_readme():
     stage1 = ["--device", "cuda", "--dtype", "bf16", "--preset", "LB", "--img-size", "384", "--batch", "64"]
     assert runs["stage1"][2:] == stage1
     assert runs["stage2"][2:] == ["--device", "cuda", "--dtype", "bf16", "--img-size", "512"]
+    assert runs["vidprism_head"][2:] == ["--device", "cuda", "--dtype", "bf16"]
+    assert runs["vidprism_model"][2:] == ["--device", "cuda", "--dtype", "bf16"]
     assert "boundary" not in runs

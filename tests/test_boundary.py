@@ -1,4 +1,6 @@
-"""Boundary odsF / oisF / AP (SPEC §9): ground-truth boundaries, NMS, matching, pooling and the meter."""
+"""Boundary odsF / oisF / AP (SPEC §9): ground-truth boundaries, NMS, matching, pooling and the meter.
+
+The protocol's tests run with both matchers (``MATCHERS``); the fast matcher's own tests are at the end."""
 
 from __future__ import annotations
 
@@ -10,7 +12,9 @@ from scipy import ndimage
 
 pytest.importorskip("pyEdgeEval", reason="boundary evaluation needs the eval extra (pyEdgeEval)")
 
+from prism_vfm.metrics import boundary  # noqa: E402
 from prism_vfm.metrics.boundary import (  # noqa: E402
+    MATCHERS,
     THRESHOLDS,
     BoundaryMeter,
     boundary_ground_truth,
@@ -22,6 +26,11 @@ from prism_vfm.metrics.boundary import (  # noqa: E402
     evaluate_edge_folder,
     image_counts,
     seg2bmap,
+)
+from prism_vfm.metrics.boundary_matching import (  # noqa: E402
+    maximum_matching_counts,
+    thin_stack,
+    tolerance_offsets,
 )
 
 PASCAL, NYUD = 0.0075, 0.011  # on 64 x 80 images: 0.77 px (exact position only) and 1.13 px
@@ -135,48 +144,55 @@ def test_nms_keeps_the_ridge_of_a_thick_edge_and_fades_the_image_border():
     assert 0 < suppressed[2, 40] < suppressed[SIZE[0] // 2, 40]
 
 
-def test_a_perfect_prediction_scores_100():
+@pytest.mark.parametrize("matcher", MATCHERS)
+def test_a_perfect_prediction_scores_100(matcher):
     labels = rectangles()
     boundaries = boundary_ground_truth(labels)
-    scores = evaluate_boundaries([as_edge(boundaries)], [labels], PASCAL, workers=0)
+    scores = evaluate_boundaries([as_edge(boundaries)], [labels], PASCAL, workers=0, matcher=matcher)
     assert scores["odsF"] == pytest.approx(100.0, abs=MATCHER_SLACK)
     assert scores["oisF"] == pytest.approx(100.0, abs=MATCHER_SLACK)
     best = int(np.flatnonzero(THRESHOLDS == scores["odsThreshold"])[0])
     assert scores["total_pred"][best] == scores["total_gt"][best] == boundaries.sum()
 
 
-def test_a_one_pixel_shift_within_the_tolerance_still_scores_about_100():
+@pytest.mark.parametrize("matcher", MATCHERS)
+def test_a_one_pixel_shift_within_the_tolerance_still_scores_about_100(matcher):
     labels = rectangles()
     shifted = as_edge(np.roll(boundary_ground_truth(labels), 1, axis=1))
-    assert evaluate_boundaries([shifted], [labels], NYUD, workers=0)["odsF"] > 100.0 - 2 * MATCHER_SLACK
+    nyud = evaluate_boundaries([shifted], [labels], NYUD, workers=0, matcher=matcher)
+    assert nyud["odsF"] > 100.0 - 2 * MATCHER_SLACK
     # At PASCAL's tolerance (under a pixel here) the shifted vertical sides no longer match.
-    assert evaluate_boundaries([shifted], [labels], PASCAL, workers=0)["odsF"] < 75.0
+    assert evaluate_boundaries([shifted], [labels], PASCAL, workers=0, matcher=matcher)["odsF"] < 75.0
 
 
-def test_a_shift_far_beyond_the_tolerance_scores_0():
+@pytest.mark.parametrize("matcher", MATCHERS)
+def test_a_shift_far_beyond_the_tolerance_scores_0(matcher):
     ground_truth = np.zeros(SIZE, dtype=bool)
     ground_truth[10:54, 30] = True
     prediction = np.zeros(SIZE, dtype=np.uint8)
     prediction[10:54, 40] = 255
-    scores = evaluate_boundaries([prediction], [ground_truth], NYUD, workers=0)
+    scores = evaluate_boundaries([prediction], [ground_truth], NYUD, workers=0, matcher=matcher)
     assert scalars(scores) == pytest.approx({"odsF": 0.0, "oisF": 0.0, "AP": 0.0, "odsThreshold": 0.01})
 
 
-def test_an_empty_prediction_scores_0_without_nan():
+@pytest.mark.parametrize("matcher", MATCHERS)
+def test_an_empty_prediction_scores_0_without_nan(matcher):
     labels = rectangles()
-    scores = evaluate_boundaries([np.zeros(SIZE, dtype=np.uint8)], [labels], PASCAL, workers=0)
+    blank = np.zeros(SIZE, dtype=np.uint8)
+    scores = evaluate_boundaries([blank], [labels], PASCAL, workers=0, matcher=matcher)
     assert scalars(scores) == pytest.approx({"odsF": 0.0, "oisF": 0.0, "AP": 0.0, "odsThreshold": 0.01})
     assert scores["matched_pred"].sum() == 0 and scores["total_pred"].sum() == 0
     assert (scores["total_gt"] == boundary_ground_truth(labels).sum()).all()
 
 
-def test_half_the_prediction_on_half_the_ground_truth_gives_precision_recall_and_f_of_one_half():
+@pytest.mark.parametrize("matcher", MATCHERS)
+def test_half_the_prediction_on_half_the_ground_truth_gives_precision_recall_and_f_of_one_half(matcher):
     # Two 44-pixel ground-truth segments; one predicted exactly, the other predicted 20 px away.
     ground_truth = np.zeros(SIZE, dtype=bool)
     ground_truth[10:54, 20] = ground_truth[10:54, 40] = True
     prediction = np.zeros(SIZE, dtype=np.uint8)
     prediction[10:54, 20] = prediction[10:54, 60] = 255
-    counts = image_counts(prediction, ground_truth, PASCAL)
+    counts = image_counts(prediction, ground_truth, PASCAL, matcher)
     at = int(np.flatnonzero(THRESHOLDS == 0.2)[0])
     matched_gt, total_gt, matched_pred, total_pred = counts[:, at]
     assert (total_gt, total_pred) == (88, 88) and matched_gt == matched_pred and 43 <= matched_gt <= 44
@@ -237,10 +253,11 @@ def noisy_images(count: int, seed: int) -> tuple[list[np.ndarray], list[np.ndarr
     return edges, labels
 
 
-def test_parallel_and_single_process_counts_are_identical():
+@pytest.mark.parametrize("matcher", MATCHERS)
+def test_parallel_and_single_process_counts_are_identical(matcher):
     edges, labels = noisy_images(4, seed=1)
-    single = count_boundaries(edges, labels, NYUD, workers=0, progress=False)
-    parallel = count_boundaries(edges, labels, NYUD, workers=2, progress=False)
+    single = count_boundaries(edges, labels, NYUD, workers=0, progress=False, matcher=matcher)
+    parallel = count_boundaries(edges, labels, NYUD, workers=2, progress=False, matcher=matcher)
     np.testing.assert_array_equal(single, parallel)
     assert single[:, 3].sum() > 0 and (single[:, 0] <= single[:, 1]).all()
 
@@ -291,3 +308,148 @@ def test_a_folder_of_edge_pngs_scores_like_the_arrays(tmp_path):
     for key in ("matched_gt", "total_gt", "matched_pred", "total_pred"):
         np.testing.assert_array_equal(from_folder[key], from_arrays[key])
     assert from_folder["odsF"] == from_arrays["odsF"]
+
+
+# The fast matcher (maximum bipartite matching, boundary_matching.py).
+
+
+def test_thinning_a_stack_equals_scikit_image_thin_map_by_map():
+    rng = np.random.default_rng(0)
+    for trial in range(60):
+        shape = (5, *rng.integers(3, 24, size=2))
+        maps = rng.random(shape) < rng.uniform(0.1, 0.9)
+        if trial % 2:  # thick blobs take several iterations to thin
+            maps = ndimage.binary_dilation(maps, iterations=2) & (rng.random(shape) < 0.95)
+        thinned = thin_stack(maps)
+        for k in range(shape[0]):
+            np.testing.assert_array_equal(thinned[k], boundary.thin(maps[k]))
+
+
+def test_tolerance_offsets_include_pixels_exactly_at_the_tolerance():
+    # 300 x 400: diagonal 500, so 0.01 of it is exactly 5 pixels.
+    offsets = {tuple(o) for o in tolerance_offsets((300, 400), 0.01).tolist()}
+    assert {(0, 5), (5, 0), (3, 4), (-4, -3), (0, 0)} <= offsets
+    assert (4, 4) not in offsets and (1, 5) not in offsets  # 32 and 26 > 25
+    assert len(offsets) == 81  # the lattice points of a disc of radius 5
+
+
+def points(shape: tuple[int, int], *coordinates: tuple[int, int]) -> np.ndarray:
+    image = np.zeros(shape, dtype=bool)
+    for y, x in coordinates:
+        image[y, x] = True
+    return image
+
+
+def bsds_matched(prediction: np.ndarray, ground_truth: np.ndarray, ratio: float) -> int:
+    boundary._reseed_matcher()
+    _, matched_gt, _, _ = boundary.correspond_pixels(prediction, ground_truth, max_dist=ratio)
+    return int((matched_gt > 0).sum())
+
+
+HAND_MADE = {
+    # name: (shape, ratio, predicted pixels, ground-truth pixels, size of a maximum matching)
+    "empty prediction": (SIZE, NYUD, [], [(10, 10), (20, 20)], 0),
+    "empty ground truth": (SIZE, NYUD, [(10, 10)], [], 0),
+    "both empty": (SIZE, NYUD, [], [], 0),
+    "two predictions tie for one pixel": (SIZE, NYUD, [(10, 9), (10, 11)], [(10, 10)], 1),
+    "one prediction between two pixels": (SIZE, NYUD, [(10, 11)], [(10, 10), (10, 12)], 1),
+    # The nearest choice for (10, 11) is either neighbour; only (10, 10) leaves (10, 12) to (10, 13).
+    "an augmenting path": (SIZE, NYUD, [(10, 11), (10, 13)], [(10, 10), (10, 12)], 2),
+    "three predictions, two pixels": (SIZE, NYUD, [(9, 10), (10, 10), (11, 10)], [(10, 10), (10, 11)], 2),
+    "exactly at the tolerance": ((300, 400), 0.01, [(100, 100), (200, 205)], [(103, 104), (200, 200)], 2),
+    "just beyond the tolerance": ((300, 400), 0.01, [(100, 100), (200, 206)], [(101, 105), (200, 200)], 0),
+}
+
+
+@pytest.mark.parametrize("case", list(HAND_MADE))
+def test_fast_matcher_finds_the_maximum_matching_of_hand_made_cases_as_the_bsds_matcher(case):
+    shape, ratio, predicted, truth, expected = HAND_MADE[case]
+    prediction, ground_truth = points(shape, *predicted), points(shape, *truth)
+    assert maximum_matching_counts(prediction[None], ground_truth, ratio).tolist() == [expected]
+    assert bsds_matched(prediction, ground_truth, ratio) == expected
+
+
+def kuhn_matching(prediction: np.ndarray, ground_truth: np.ndarray, ratio: float) -> int:
+    """A maximum matching by plain augmenting paths over explicit distances: the test's own oracle."""
+    h, w = prediction.shape
+    limit = (ratio * np.sqrt(h * h + w * w)) ** 2
+    gt = np.argwhere(ground_truth)
+    pred = np.argwhere(prediction)
+    near = [np.flatnonzero(((pred - g) ** 2).sum(axis=1) <= limit) for g in gt]
+    owner = {}
+
+    def augment(i: int, seen: set) -> bool:
+        for j in near[i]:
+            if j not in seen:
+                seen.add(j)
+                if j not in owner or augment(owner[j], seen):
+                    owner[j] = i
+                    return True
+        return False
+
+    return sum(augment(i, set()) for i in range(len(gt)))
+
+
+def test_fast_matcher_equals_a_plain_augmenting_path_matching_on_random_pixels():
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        shape = (24, 30)
+        predictions = rng.random((3, *shape)) < rng.uniform(0.02, 0.3)
+        ground_truth = rng.random(shape) < rng.uniform(0.02, 0.3)
+        ratio = rng.choice([PASCAL, NYUD, 0.05])
+        counts = maximum_matching_counts(predictions, ground_truth, ratio)
+        assert counts.tolist() == [kuhn_matching(p, ground_truth, ratio) for p in predictions]
+
+
+def test_fast_counts_are_each_thresholds_thinned_map_matched_on_its_own():
+    edges, labels = noisy_images(2, seed=4)
+    for edge, label in zip(edges, labels, strict=True):
+        counts = image_counts(edge, label, NYUD, "fast")
+        gt = boundary_ground_truth(label)
+        levels = edge_nms(edge).astype(np.float64) / 255
+        for k in range(0, len(THRESHOLDS), 7):
+            pred = boundary.thin(levels >= THRESHOLDS[k])
+            matched = maximum_matching_counts(pred[None], gt, NYUD)[0]
+            assert counts[:, k].tolist() == [matched, gt.sum(), matched, pred.sum()]
+
+
+@pytest.mark.parametrize("ratio", [PASCAL, NYUD])
+def test_fast_counts_agree_with_the_bsds_matcher_on_generated_maps(ratio):
+    edges, labels = noisy_images(4, seed=5)
+    fast = count_boundaries(edges, labels, ratio, workers=0, progress=False, matcher="fast")
+    bsds = count_boundaries(edges, labels, ratio, workers=0, progress=False, matcher="bsds")
+    # Same maps, same totals; a maximum matching is never smaller than the BSDS matcher's assignment, and
+    # the BSDS matcher's random outlier graph leaves at most a pixel or two more unmatched (here, with a
+    # few hundred pixels per map, on about a third of the thresholds).
+    np.testing.assert_array_equal(fast[:, [1, 3]], bsds[:, [1, 3]])
+    np.testing.assert_array_equal(fast[:, 0], fast[:, 2])
+    gap = fast[:, [0, 2]] - bsds[:, [0, 2]]
+    assert gap.min() >= 0 and gap.max() <= 2
+    for key in ("odsF", "oisF"):
+        assert boundary_scores(fast)[key] == pytest.approx(boundary_scores(bsds)[key], abs=0.5)
+
+
+def test_fast_counts_are_deterministic():
+    edges, labels = noisy_images(2, seed=6)
+    first = count_boundaries(edges, labels, PASCAL, workers=0, progress=False)
+    again = count_boundaries(edges[::-1], labels[::-1], PASCAL, workers=0, progress=False)[::-1]
+    np.testing.assert_array_equal(first, again)
+
+
+def test_an_unknown_matcher_is_an_error_naming_it():
+    edges, labels = noisy_images(1, seed=7)
+    with pytest.raises(ValueError, match="'hungarian'"):
+        image_counts(edges[0], labels[0], PASCAL, matcher="hungarian")
+    with pytest.raises(ValueError, match="'csa'"):
+        BoundaryMeter("pascal", matcher="csa")
+
+
+def test_scores_of_a_coarser_threshold_grid():
+    edges, labels = noisy_images(2, seed=8)
+    counts = count_boundaries(edges, labels, NYUD, workers=0, progress=False)
+    every_tenth = np.arange(9, 99, 10)
+    coarse = boundary_scores(counts[:, :, every_tenth], THRESHOLDS[every_tenth])
+    assert coarse["odsThreshold"] in THRESHOLDS[every_tenth]
+    assert coarse["odsF"] <= boundary_scores(counts)["odsF"]
+    with pytest.raises(ValueError, match="counts must be"):
+        boundary_scores(counts[:, :, every_tenth])

@@ -54,3 +54,27 @@ def test_balanced_split_gives_remainder_to_first_teachers():
     assert torch.equal(ids, again)
     one = single_teacher(5, 3, torch.Generator().manual_seed(1))
     assert len(set(one.tolist())) == 1
+
+
+def test_evaluate_command_passes_the_boundary_matcher_down(monkeypatch, capsys):
+    import prism_vfm.evaluate
+
+    seen = []
+
+    def fake_evaluate(*args, **kwargs):
+        seen.append(kwargs["matcher"])
+        return {"scores": {}, "delta_m": 0.0, "loaded": "nothing"}
+
+    monkeypatch.setattr(prism_vfm.evaluate, "evaluate", fake_evaluate)
+    common = ["evaluate", "--checkpoint", "ckpt", "--dataset", "pascal", "--data", "data"]
+    main(common)
+    main([*common, "--matcher", "bsds"])
+    main([*common, "--matcher", "fast"])
+    assert seen == ["bsds", "bsds", "fast"]  # the reference is the default
+    try:
+        main([*common, "--matcher", "hungarian"])
+    except SystemExit as exit_:
+        assert exit_.code == 2
+    else:
+        raise AssertionError("an unknown matcher was accepted")
+    assert "invalid choice: 'hungarian'" in capsys.readouterr().err

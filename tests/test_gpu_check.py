@@ -49,7 +49,14 @@ def test_the_smoke_steps_are_valid_prism_commands_with_nccl_grouped_dispatch_and
     assert args.device == "cuda" and args.img_size == [48, 64] and args.save_edges
     assert "tests/test_cuda_paths.py" in steps["cuda_tests"].command
     benches = [s for s in steps.values() if s.name.startswith("bench_")]
-    assert [s.name for s in benches] == ["bench_dual_stream", "bench_student", "bench_stage2", "bench_stage1"]
+    assert [s.name for s in benches] == [
+        "bench_dual_stream",
+        "bench_student",
+        "bench_stage2",
+        "bench_vidprism_head",
+        "bench_stage1",
+        "bench_vidprism_model",
+    ]
     assert all("--device" in s.command and "bf16" in s.command and s.cap is None for s in benches)
 
 

@@ -16,9 +16,10 @@ PACKAGE = REPO_ROOT / "src" / "prism_vfm"
 TIERS: list[set[str]] = [
     {"errors"},
     {"utils", "config", "data.registry", "data.labels"},
-    {"data"},
+    {"data", "video.data"},
     {"layers"},
     {"models", "teachers"},
+    {"video"},
     {"compat"},
     {"train.checkpoint"},
     {"models.load"},

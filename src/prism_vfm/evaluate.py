@@ -27,7 +27,7 @@ from prism_vfm.data.dense_transforms import DenseTestTransform
 from prism_vfm.data.nyud import NYUDv2
 from prism_vfm.data.pascal_context import PascalContext
 from prism_vfm.data.registry import HEADLINE_METRICS, backbone_name, get_dataset
-from prism_vfm.metrics.boundary import BoundaryMeter, boundary_scores, edge_logits_to_uint8
+from prism_vfm.metrics.boundary import DEFAULT_MATCHER, BoundaryMeter, boundary_scores, edge_logits_to_uint8
 from prism_vfm.metrics.multitask import MultiTaskMeter, delta_m
 from prism_vfm.models.load import load
 from prism_vfm.models.multitask import PrismMultiTask
@@ -52,8 +52,13 @@ def evaluate(
     save_edges: bool = False,
     device: str = "cpu",
     img_size: tuple[int, int] | None = None,
+    matcher: str = DEFAULT_MATCHER,
 ) -> dict[str, Any]:
     """Scores of every task (edge: odsF, oisF, AP), Δm, written to ``out`` as JSON and Markdown.
+
+    ``matcher`` matches the boundaries (``prism_vfm.metrics.boundary.MATCHERS``): ``"bsds"`` (the BSDS
+    matcher of SEISM, the reference; the default) or ``"fast"`` (maximum matching, about 50× faster and
+    about 0.1 point higher).
 
     Images are padded (never resized) to ``img_size`` (default: the data set's evaluation size) and the
     metrics are taken on the padded prediction with the padding ignored, as in the paper.
@@ -75,7 +80,7 @@ def evaluate(
     meter = MultiTaskMeter(dataset, [t for t in tasks if t != "edge"])
     if workers is None and "LOCAL_WORLD_SIZE" in os.environ:  # torchrun: the node's CPUs shared by its ranks
         workers = max(1, (os.cpu_count() or 1) // int(os.environ["LOCAL_WORLD_SIZE"]))
-    boundaries = BoundaryMeter(dataset, workers=workers) if "edge" in tasks else None
+    boundaries = BoundaryMeter(dataset, workers=workers, matcher=matcher) if "edge" in tasks else None
     out_dir = Path(out) if out is not None else None
     if save_edges and out_dir is not None:
         (out_dir / "edge").mkdir(parents=True, exist_ok=True)

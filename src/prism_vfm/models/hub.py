@@ -74,9 +74,11 @@ def _resample_saved_grid(model: nn.Module, state: dict[str, Tensor], saved: dict
     student = cast(Any, getattr(model, "student", model))  # a PrismViT (timm VisionTransformer)
     key = "student.pos_embed" if student is not model else "pos_embed"
     pos, own = state.get(key), getattr(student, "pos_embed", None)
+    if pos is None or own is None:  # no position embedding to resample (e.g. a VidPrism model)
+        return
     grid = saved_grid(saved)
     # Compare grids, not shapes: 4x6 and 6x4 hold as many positions.
-    if pos is None or own is None or grid == tuple(student.patch_embed.grid_size):
+    if grid == tuple(student.patch_embed.grid_size):
         return
     state[key] = resample_abs_pos_embed(
         pos,

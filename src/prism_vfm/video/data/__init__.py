@@ -1,0 +1,1 @@
+"""Video data for VidPrism: list files and splits, decoding, frame sampling, augmentation, the dataset."""
