@@ -273,4 +273,4 @@ def test_a_bad_list_line_stops_the_command_with_its_file_and_line(data, tmp_path
     )
     assert result.returncode == 2
     message = result.stderr.strip().splitlines()[-1]
-    assert message.startswith("prism video train:") and f"{bad}, line 2" in message and "'seven'" in message
+    assert message.startswith("prism: error:") and f"{bad}, line 2" in message and "'seven'" in message

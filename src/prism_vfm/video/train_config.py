@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import Literal
 
 from prism_vfm.config import require
+from prism_vfm.data.registry import get_video_dataset
 from prism_vfm.train.precision import AMP_CHOICES
 from prism_vfm.video.backbone import CLIP_TOWERS, TowerConfig
-from prism_vfm.video.data.datasets import get_video_dataset
 from prism_vfm.video.text import CLIP_TEXT_TOWERS, TextTowerConfig
 
 TINY_TOWER = TowerConfig(patch_size=8, width=32, depth=2, heads=2, output_dim=16, img_size=32)
@@ -41,7 +41,7 @@ TOWERS: dict[str, tuple[TowerConfig, TextTowerConfig]] = {
 
 @dataclass
 class VideoDataConfig:
-    dataset: str = "k400"  # a video data set of the registry (prism_vfm.video.data.datasets)
+    dataset: str = "k400"  # a video data set of the registry (prism_vfm.data.registry)
     # A folder in the README's layout: videos/, train.txt, val.txt, labels.csv. Each path below left empty
     # is taken from it.
     root: str = ""
