@@ -25,12 +25,13 @@ TIERS: list[set[str]] = [
     {"models.load"},
     {"models.registry"},
     {"losses"},
-    {"metrics"},
+    {"metrics", "video.metrics"},
     {"train"},
-    {"distill"},
-    {"finetune", "smoke"},
+    {"distill", "video.train_config"},
+    {"finetune", "smoke", "video.train"},
     {"evaluate", "analysis"},
-    {"ablation", "demo"},
+    {"video.evaluate"},
+    {"ablation", "demo", "video.zeroshot"},
     {"cli", "__init__"},
 ]
 

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from prism_vfm.train.checkpoint import checkpoint_dir, latest_checkpoint
-from prism_vfm.train.distributed import all_reduce_sum, is_main_process, shard_indices
+from prism_vfm.train.distributed import all_reduce_sum, all_reduce_sums, is_main_process, shard_indices
 from prism_vfm.video.backbone import FrameEncoder
 from prism_vfm.video.data.dataset import DataIssues, VideoDataset
 from prism_vfm.video.data.lists import read_label_csv, read_video_list
@@ -117,7 +117,7 @@ def evaluate_video(
         logits = model(clips.flatten(0, 1)).logits.view(b, v, -1)
         meter.update(average_views(logits, average), batch["label"])
         issues.update(batch)
-    meter.reduce()
+    meter.load_state(all_reduce_sums(meter.state()))
     counts = all_reduce_sum(torch.tensor([issues.bad_videos, issues.bad_frames])).cpu().tolist()
     per_class = meter.per_class()
     result: dict[str, Any] = {

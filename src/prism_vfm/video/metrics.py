@@ -1,4 +1,4 @@
-"""Closed-set video classification scores: views averaged, top-k counted, summed over processes.
+"""Closed-set video classification scores: views averaged, top-k counted, summable over processes.
 
 One meter serves training-time validation and ``prism video evaluate``. As released (VIDPRISM_SPEC §3.5),
 the logits of a video's views (clips × crops) are averaged, then softmaxed; ``average="softmax"``
@@ -13,8 +13,6 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from prism_vfm.train.distributed import all_reduce_sums
-
 Average = Literal["logits", "softmax"]
 
 
@@ -28,7 +26,8 @@ def average_views(logits: Tensor, average: Average = "logits") -> Tensor:
 
 
 class ClassificationMeter:
-    """Top-1 / top-5 counts and a confusion matrix, summable over processes (:meth:`reduce`)."""
+    """Top-1 / top-5 counts and a confusion matrix; ``load_state(all_reduce_sums(state()))`` sums them
+    over processes."""
 
     def __init__(self, num_classes: int) -> None:
         self.num_classes = num_classes
@@ -45,10 +44,13 @@ class ClassificationMeter:
             labels * self.num_classes + pred, minlength=self.num_classes**2
         ).view(self.num_classes, self.num_classes)
 
-    def reduce(self) -> None:
-        """Sum the counts of every process (every process must call it; a no-op in one process)."""
-        sums = all_reduce_sums({"confusion": self.confusion, "top5": self.top5})
-        self.confusion, self.top5 = sums["confusion"].long().cpu(), sums["top5"].long().cpu()
+    def state(self) -> dict[str, Tensor]:
+        """The counts, to be summed over processes."""
+        return {"confusion": self.confusion, "top5": self.top5}
+
+    def load_state(self, state: dict[str, Tensor]) -> None:
+        """Take counts from :meth:`state` (e.g. summed over processes)."""
+        self.confusion, self.top5 = state["confusion"].long().cpu(), state["top5"].long().cpu()
 
     @property
     def count(self) -> int:

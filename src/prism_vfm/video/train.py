@@ -30,6 +30,7 @@ from prism_vfm.train.checkpoint import checkpoint_dir, latest_checkpoint
 from prism_vfm.train.distributed import (
     all_gather_objects,
     all_reduce_sum,
+    all_reduce_sums,
     init_distributed,
     shard_indices,
     wrap_model,
@@ -355,7 +356,7 @@ def validate(
         with autocast(cfg.amp, device):
             logits = model(batch["video"].to(device)).logits
         meter.update(average_views(logits[:, None]), batch["label"])
-    meter.reduce()
+    meter.load_state(all_reduce_sums(meter.state()))
     model.train(was_training)
     scores = meter.scores()
     return {"top1": scores["top1"], "top5": scores["top5"]}

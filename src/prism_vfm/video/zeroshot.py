@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from prism_vfm.config import ConfigError, from_dict
-from prism_vfm.train.distributed import all_reduce_sum, is_main_process, shard_indices
+from prism_vfm.train.distributed import all_reduce_sum, all_reduce_sums, is_main_process, shard_indices
 from prism_vfm.video.backbone import CLIP_TOWERS
 from prism_vfm.video.data.dataset import DataIssues, VideoDataset
 from prism_vfm.video.data.lists import read_label_csv, read_video_list
@@ -189,7 +189,7 @@ def zero_shot(
                 )
             meter.update(average_views(scores.view(b, v, -1), protocol.average), batch["label"])
             issues.update(batch)
-        meter.reduce()
+        meter.load_state(all_reduce_sums(meter.state()))
         counts = all_reduce_sum(torch.tensor([issues.bad_videos, issues.bad_frames])).cpu().tolist()
         result = {
             "checkpoint": str(checkpoint),
