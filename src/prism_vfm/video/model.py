@@ -21,12 +21,12 @@ from torch import Tensor, nn
 from prism_vfm.models.hub import HubMixin
 from prism_vfm.models.prism_vit import resample_pos_embed
 from prism_vfm.utils.io import atomic_torch_save
+from prism_vfm.utils.state_dict import check_keys
 from prism_vfm.video.backbone import (
     CLIP_TOWERS,
     FrameEncoder,
     FrameFeatureCache,
     TowerConfig,
-    check_keys,
     load_tower_weights,
     read_clip_state_dict,
     released_tower_state_dict,
