@@ -10,6 +10,7 @@ import timm
 import torch
 from timm.layers import resample_abs_pos_embed
 
+import prism_vfm
 from prism_vfm import PrismMultiTask, PrismViT, export_official, load_official
 from prism_vfm.cli import main
 from prism_vfm.compat.official import official_to_ours, ours_to_official, read_official
@@ -19,6 +20,9 @@ from prism_vfm.losses.tasks import TASK_OUTPUT_CHANNELS
 from prism_vfm.models.load import DENSE_VIT_FRESH, LoadError, load, load_into
 from prism_vfm.train.checkpoint import save_checkpoint
 from prism_vfm.utils.io import CheckpointReadError, UnsafePickleError
+from prism_vfm.video import HeadConfig, VidPrism
+from prism_vfm.video.backbone import TowerConfig
+from prism_vfm.video.text import TextTowerConfig
 from tests.official_helpers import official_state_dict
 from tests.tiny import TINY, tiny_student
 
@@ -311,3 +315,74 @@ def test_released_weights_are_pretrained_tags_of_the_registered_models(released_
     assert asked == {"repo_id": "robotyingtang/PRISM-VFM", "filename": "checkpoints/prism_stage1_vit_b.pth"}
     assert report.kind == "official Stage-1 .pth" and "task_composer_weights" in report.ignored
     assert torch.equal(loaded.state_dict()["blocks.2.moe.experts.w1"], expected["blocks.2.moe.experts.w1"])
+
+
+# ------------------------------------------------------------------------------------------ VidPrism
+def _tiny_vidprism(**kwargs) -> VidPrism:
+    torch.manual_seed(0)
+    # 64 wide, one head: a released checkpoint records no head count, read back as width / 64.
+    tower = TowerConfig(patch_size=8, width=64, depth=2, heads=1, output_dim=16, img_size=32)
+    return VidPrism(tower, HeadConfig(dim=16, num_classes=5), **kwargs).eval()
+
+
+def test_a_vidprism_folder_and_run_load_through_the_one_loader(tmp_path):
+    saved = _tiny_vidprism()
+    saved.save_pretrained(tmp_path / "folder")
+    config = dict(saved._hub_mixin_config)
+    save_checkpoint(tmp_path / "run", 3, saved.state_dict(), {"step": 3}, keep_last=5, config=config)
+    for source in (tmp_path / "folder", tmp_path / "run"):
+        model, report = prism_vfm.load(source)
+        assert isinstance(model, VidPrism) and not model.training
+        _same(model, saved)
+        assert "VidPrism" in report.kind
+        assert sorted(report.loaded) == sorted(saved.state_dict())
+        assert not report.fresh and not report.ignored
+        clips = torch.randn(1, 8, 3, 32, 32)
+        torch.testing.assert_close(model(clips).logits, saved(clips).logits, rtol=0, atol=0)
+
+
+def test_a_vidprism_folder_at_another_frame_size_resamples_the_positional_table(tmp_path):
+    _tiny_vidprism().save_pretrained(tmp_path)
+    model, report = load(tmp_path, img_size=48)
+    assert report.resampled == ["backbone.tower.pos_embed"]
+    assert model.backbone.tower.pos_embed.shape[1] == 1 + 6 * 6
+    with pytest.raises(ValueError, match="square"):
+        load(tmp_path, img_size=(48, 64))
+
+
+def test_a_vidprism_folder_missing_an_entry_is_an_error_unless_allowed(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _tiny_vidprism().save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    del state["head.classifier.weight"]
+    save_file(state, tmp_path / "model.safetensors")
+    with pytest.raises(LoadError, match=r"head\.classifier\.weight") as info:
+        load(tmp_path)
+    assert info.value.report.missing == ["head.classifier.weight"]
+    _, report = load(tmp_path, allow_fresh=["head.classifier.*"])
+    assert report.fresh == ["head.classifier.weight"]
+    with pytest.raises(ValueError, match="no PRISM decoder heads"):
+        load(tmp_path, multitask=True)
+
+
+def test_a_released_vidprism_checkpoint_loads_as_from_released_checkpoint_builds_it(tmp_path):
+    ckpt = _tiny_vidprism().released_checkpoint()
+    ckpt["model_state_dict"]["logit_scale"] = torch.tensor(2.5)
+    ckpt["model_state_dict"]["token_embedding.weight"] = torch.zeros(3, 16)  # CLIP's text tower
+    ckpt["epoch"] = 7
+    torch.save(ckpt, tmp_path / "best.pt")
+    model, report = load(tmp_path / "best.pt")
+    expected = VidPrism.from_released_checkpoint(tmp_path / "best.pt")
+    assert isinstance(model, VidPrism)
+    _same(model, expected)
+    assert model.released_logit_scale == expected.released_logit_scale == 2.5
+    assert report.kind == "released VidPrism checkpoint"
+    assert sorted(report.loaded) == sorted(expected.state_dict())
+    assert report.ignored == ["token_embedding.weight"]
+    # A text tower the checkpoint does not hold would start at its random initialisation.
+    text = TextTowerConfig(width=32, heads=2, layers=1, output_dim=16)
+    with pytest.raises(LoadError, match=r"text\."):
+        load(tmp_path / "best.pt", text_tower=text)
+    _, report = load(tmp_path / "best.pt", text_tower=text, allow_fresh=["text.*"])
+    assert report.fresh and all(k.startswith("text.") for k in report.fresh)

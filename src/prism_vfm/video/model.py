@@ -303,11 +303,18 @@ class VidPrism(
     ) -> Any:
         """``load_state_dict`` that resamples the tower's positional table to this model's frame size."""
         state_dict = dict(state_dict)
+        self.resample_state_dict(state_dict)
+        return self.load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def resample_state_dict(self, state_dict: dict[str, Tensor]) -> list[str]:
+        """Resample, in place, a saved positional table of another frame size to this model's; the keys
+        resampled."""
         key = "backbone.tower.pos_embed"
         own = cast(Tensor, self.backbone.tower.pos_embed)
-        if key in state_dict and state_dict[key].shape != own.shape:
-            state_dict[key] = resample_pos_embed(state_dict[key], self.backbone.tower.patch_embed.grid_size)
-        return self.load_state_dict(state_dict, strict=strict, assign=assign)
+        if key not in state_dict or state_dict[key].shape == own.shape:
+            return []
+        state_dict[key] = resample_pos_embed(state_dict[key], self.backbone.tower.patch_embed.grid_size)
+        return [key]
 
 
 def read_released_checkpoint(
