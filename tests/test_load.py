@@ -24,7 +24,7 @@ from prism_vfm.video import HeadConfig, VidPrism
 from prism_vfm.video.backbone import TowerConfig
 from prism_vfm.video.text import TextTowerConfig
 from tests.official_helpers import official_state_dict
-from tests.tiny import TINY, tiny_student
+from tests.tiny import TINY, tiny_dense_vit, tiny_student
 
 # Official files record neither the head count nor top-k: a standard width (192: 3 heads) and top-3.
 OFFICIAL_TINY = dict(TINY, embed_dim=192, num_heads=3, top_k=3)
@@ -134,15 +134,7 @@ def test_init_from_a_checkpoint_of_another_shape_is_an_error_unless_allowed(tmp_
 
 
 def test_a_plain_vit_starts_the_dual_stream_modules_fresh_by_design(tmp_path):
-    dense = timm.create_model(
-        "vit_tiny_patch16_224",
-        pretrained=False,
-        img_size=32,
-        patch_size=8,
-        embed_dim=32,
-        depth=4,
-        num_heads=2,
-    )
+    dense = tiny_dense_vit()
     torch.save(dense.state_dict(), tmp_path / "vit.pth")
     model = tiny_student()
     report = load_into(model, tmp_path / "vit.pth")
@@ -154,15 +146,7 @@ def test_a_plain_vit_starts_the_dual_stream_modules_fresh_by_design(tmp_path):
 def test_timm_pretrained_weights_may_leave_only_the_dual_stream_modules_fresh():
     from prism_vfm.models.registry import checkpoint_filter_fn
 
-    dense = timm.create_model(
-        "vit_tiny_patch16_224",
-        pretrained=False,
-        img_size=32,
-        patch_size=8,
-        embed_dim=32,
-        depth=4,
-        num_heads=2,
-    ).state_dict()
+    dense = tiny_dense_vit().state_dict()
     model = tiny_student()
     assert checkpoint_filter_fn(dense, model).keys() == model.state_dict().keys()
     del dense["blocks.2.attn.qkv.weight"]

@@ -517,8 +517,9 @@ def _fill(
 ) -> LoadReport:
     entries, report = _match(model, state, where, kind, grid, exclude)
     if not report.loaded:
+        what = "ViT / PRISM" if isinstance(model, (PrismViT, PrismMultiTask)) else type(model).__name__
         raise LoadError(
-            f"{where} is not a state dict for this model ({type(model).__name__}): none of its entries fits "
+            f"{where} is not a {what} state dict for this model: none of its entries fits "
             f"(its first keys: {_short(sorted(state), 5)})",
             report,
         )
