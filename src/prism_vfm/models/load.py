@@ -207,7 +207,8 @@ def load(
             :class:`PrismViT`); ``False`` the student alone (decoder heads reported as not used);
             ``True`` requires decoder heads.
         allow_fresh: patterns of model entries that may keep their initialisation.
-        overrides: further :class:`PrismViT` arguments (e.g. ``top_k``, ``dispatch``).
+        overrides: further :class:`PrismViT` arguments (e.g. ``top_k``, ``dispatch``); for a VidPrism
+            source, further ``VidPrism`` arguments (e.g. ``text_tower``, ``frozen_backbone``).
 
     Returned in eval mode, on the CPU (a bare architecture name: on the meta device).
     """
