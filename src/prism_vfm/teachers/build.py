@@ -6,13 +6,12 @@ import os
 from collections.abc import Collection
 from pathlib import Path
 
-import torch
-from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from prism_vfm.teachers.frozen import FrozenTeacher
 from prism_vfm.teachers.registry import get_teacher_spec
 from prism_vfm.teachers.spec import ImgSize, TeacherSpec
+from prism_vfm.utils.io import CheckpointReadError, read_safetensors_file, read_torch_file
 from prism_vfm.utils.state_dict import check_keys
 
 
@@ -88,8 +87,10 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, Tensor]:
     """
     path = Path(path)
     if path.suffix == ".safetensors":
-        return load_file(path)
-    state = torch.load(path, map_location="cpu", weights_only=True)
+        return read_safetensors_file(path)
+    state = read_torch_file(path)
+    if not isinstance(state, dict):
+        raise CheckpointReadError(f"{path} holds a {type(state).__name__}, not a state dict")
     for wrapper in ("model", "state_dict"):
         if isinstance(state.get(wrapper), dict):
             state = state[wrapper]

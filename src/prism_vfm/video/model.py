@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from prism_vfm.models.hub import HubMixin
 from prism_vfm.models.prism_vit import resample_pos_embed
-from prism_vfm.utils.io import atomic_torch_save
+from prism_vfm.utils.io import atomic_torch_save, read_torch_file
 from prism_vfm.utils.state_dict import check_keys
 from prism_vfm.video.backbone import (
     CLIP_TOWERS,
@@ -329,13 +329,7 @@ def read_released_checkpoint(
         where = str(path)
         if not path.is_file():
             raise FileNotFoundError(f"VidPrism checkpoint {path.name!r} not found in {path.parent.resolve()}")
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # torch raises several types for truncated or foreign files
-            raise ValueError(
-                f"could not read {path} with torch.load(weights_only=True) ({exc}); expected a released "
-                "VidPrism training checkpoint"
-            ) from exc
+        ckpt = read_torch_file(path)
     if not isinstance(ckpt, Mapping) or not {"model_state_dict", "fusion_model_state_dict"} <= ckpt.keys():
         found = sorted(ckpt.keys()) if isinstance(ckpt, Mapping) else type(ckpt).__name__
         raise ValueError(
