@@ -204,7 +204,9 @@ def read_clip_state_dict(path: str | os.PathLike, *, allow_torchscript: bool = F
     return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
 
 
-def tower_state_dict(state: Mapping[str, Tensor], encoder: FrameEncoder) -> dict[str, Tensor]:
+def tower_state_dict(
+    state: Mapping[str, Tensor], encoder: FrameEncoder, where: str = "the given state dict"
+) -> dict[str, Tensor]:
     """``state`` in the encoder's own keys (``tower.*``).
 
     Accepts an OpenAI/open_clip CLIP state dict or a released ``model_state_dict`` (``visual.*`` or
@@ -217,7 +219,9 @@ def tower_state_dict(state: Mapping[str, Tensor], encoder: FrameEncoder) -> dict
     converted = checkpoint_filter_fn(state, encoder.tower)
     bias = converted.pop("head.bias", None)
     if bias is not None and bool(bias.any()):
-        raise ValueError("the file's projection has a non-zero bias; the CLIP tower's projection has none")
+        raise ValueError(
+            f"{where}: the projection has a non-zero bias (head.bias); the CLIP tower's projection has none"
+        )
     return {f"tower.{k}": v for k, v in converted.items()}
 
 
@@ -233,8 +237,8 @@ def load_tower_weights(
         if isinstance(source, (str, os.PathLike))
         else dict(source)
     )
-    converted = tower_state_dict(state, encoder)
     where = str(source) if isinstance(source, (str, os.PathLike)) else "the given state dict"
+    converted = tower_state_dict(state, encoder, where)
     check_keys(encoder.state_dict(), converted, f"CLIP vision weights from {where}")
     encoder.load_state_dict(converted)
     return encoder
