@@ -370,3 +370,20 @@ def test_a_released_vidprism_checkpoint_loads_as_from_released_checkpoint_builds
         load(tmp_path / "best.pt", text_tower=text)
     _, report = load(tmp_path / "best.pt", text_tower=text, allow_fresh=["text.*"])
     assert report.fresh and all(k.startswith("text.") for k in report.fresh)
+
+
+def test_info_and_convert_on_vidprism_sources(tmp_path, capsys):
+    model = _tiny_vidprism()
+    model.save_pretrained(tmp_path / "folder")
+    main(["info", str(tmp_path / "folder")])
+    out = capsys.readouterr()
+    info = json.loads(out.out)
+    assert info["model"] == "VidPrism" and info["head"]["num_classes"] == 5
+    assert info["tower_parameters"] == sum(p.numel() for p in model.backbone.parameters())
+    assert "VidPrism folder" in out.err
+    # A released checkpoint converts to our folder; our folder has no official PRISM layout.
+    model.save_released_checkpoint(tmp_path / "best.pt")
+    main(["convert", str(tmp_path / "best.pt"), str(tmp_path / "converted")])
+    _same(load(tmp_path / "converted")[0], model)
+    with pytest.raises(ValueError, match="holds a VidPrism"):
+        main(["convert", str(tmp_path / "folder"), str(tmp_path / "official.pth")])

@@ -15,6 +15,7 @@ import torch
 
 if TYPE_CHECKING:
     from prism_vfm import PrismViT
+    from prism_vfm.video import VidPrism
 
 
 def _load_any(source: str, img_size: Sequence[int] | None, step: int | None = None) -> torch.nn.Module:
@@ -28,8 +29,12 @@ def _load_any(source: str, img_size: Sequence[int] | None, step: int | None = No
 
 def cmd_info(args: argparse.Namespace) -> None:
     from prism_vfm import PrismMultiTask
+    from prism_vfm.video import VidPrism
 
     loaded = _load_any(args.model, args.img_size, args.step)
+    if isinstance(loaded, VidPrism):
+        print(json.dumps(_vidprism_info(loaded), indent=2))
+        return
     model = cast("PrismViT", getattr(loaded, "student", loaded))
     info = {
         "image_size": list(model.patch_embed.img_size),
@@ -50,16 +55,33 @@ def cmd_info(args: argparse.Namespace) -> None:
     print(json.dumps(info, indent=2))
 
 
+def _vidprism_info(model: VidPrism) -> dict[str, object]:
+    """What ``prism info`` shows of a VidPrism model."""
+    from dataclasses import asdict
+
+    def count(module: torch.nn.Module | None) -> int:
+        return 0 if module is None else sum(p.numel() for p in module.parameters())
+
+    return {
+        "model": "VidPrism",
+        "tower": asdict(model.backbone.config),
+        "head": asdict(model.head.cfg),
+        "text_tower": model.text is not None,
+        "tower_parameters": count(model.backbone),
+        "head_parameters": count(model.head),
+        "text_tower_parameters": count(model.text),
+    }
+
+
 def cmd_convert(args: argparse.Namespace) -> None:
-    from prism_vfm import PrismViT, export_official
+    from prism_vfm import PrismMultiTask, PrismViT, export_official
 
     src, out = Path(args.source), Path(args.output)
     model = _load_any(args.source, args.img_size, args.step)
     if src.is_dir():
         if not isinstance(model, PrismViT):
-            raise ValueError(
-                f"{src} holds a multi-task model: the official layout written here is the Stage-1 student's"
-            )
+            what = "a multi-task model" if isinstance(model, PrismMultiTask) else f"a {type(model).__name__}"
+            raise ValueError(f"{src} holds {what}: the official layout written here is the Stage-1 student's")
         export_official(model, out)
         print(f"wrote official-layout checkpoint {out}")
     else:
@@ -349,9 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stage2-data", help="the PASCALContext/ or NYUDv2/ folder (runs Stage 2)")
     p.add_argument("--stage2-preset", help="Stage-2 preset: pascal, nyud or tiny")
     p.add_argument("--stage2-config", help="Stage-2 YAML file of configuration keys")
-    p.add_argument(
-        "--stage2-set", action="append", default=[], metavar="KEY=VALUE", help="Stage-2 override"
-    )
+    p.add_argument("--stage2-set", action="append", default=[], metavar="KEY=VALUE", help="Stage-2 override")
     p.add_argument("--split", default="val", help="evaluation split after Stage 2")
     p.add_argument("--no-eval", action="store_true", help="skip the evaluation after Stage 2")
     p.add_argument("--baselines", help="JSON file {task: single-task score} for Δm")
