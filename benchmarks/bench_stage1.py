@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def forward_backward() -> None:
         with amp:
-            loss, _ = distill_loss(model, model, teachers, criterion, x, ctx, cfg.loss.lb_weight)
+            loss, _, _ = distill_loss(model, model, teachers, criterion, x, ctx, cfg.loss.lb_weight)
         loss.backward()
 
     def run_step() -> None:

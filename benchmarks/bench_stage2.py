@@ -75,9 +75,8 @@ def main(argv: list[str] | None = None) -> None:
 def per_task(model: PrismMultiTask, x: Tensor) -> dict[str, Tensor]:
     """Every task's output from its own full pass, as the authors' code computes them."""
     size = (x.shape[-2], x.shape[-1])
-    return {
-        t: model.decode(t, model.student(x, model.task_id(t), kind="task"), size) for t in model.task_names
-    }
+    taps = {t: model.student(x, model.task_id(t), kind="task").taps for t in model.task_names}
+    return {t: model.decode(t, taps[t], size) for t in model.task_names}
 
 
 def bench_inference(
@@ -87,7 +86,7 @@ def bench_inference(
     tasks = model.task_names
     x = torch.randn(b, 3, args.img_size, args.img_size, device=device)
     with torch.no_grad(), amp:
-        shared, separate = model(x), per_task(model, x)
+        shared, separate = model(x).predictions, per_task(model, x)
     worst = max(float((shared[t].float() - separate[t].float()).abs().max()) for t in tasks)
     runs = {"per task": lambda: per_task(model, x), "shared": lambda: model(x)}
     flops = {name: harness.count_flops(run) for name, run in runs.items()}
@@ -117,11 +116,11 @@ def bench_training(model: PrismMultiTask, args: argparse.Namespace, device: torc
     def separate() -> Tensor:
         total = torch.zeros((), device=device)
         for t in tasks:
-            taps, aux = student(x, model.task_id(t), kind="task", return_aux=True)
-            total = total + model.decode(t, taps, size).float().mean() + aux / len(tasks)
-        taps, aux = student(x, ids.to(device), kind="teacher", return_aux=True)
-        maps = student.project_by_teacher(taps, ids, grid)
-        return total + aux + sum(m.float().mean() for per_tap in maps.values() for m in per_tap)
+            out = student(x, model.task_id(t), kind="task")
+            total = total + model.decode(t, out.taps, size).float().mean() + out.aux_loss / len(tasks)
+        out = student(x, ids, kind="teacher")
+        maps = student.project_by_teacher(out.taps, ids, grid)
+        return total + out.aux_loss + sum(m.float().mean() for per_tap in maps.values() for m in per_tap)
 
     def batched() -> Tensor:
         outputs, maps, aux_tasks, aux_teacher = step(x, ids)

@@ -1,11 +1,13 @@
 """Whole-model cost of the PRISM student against the dense ViT it grows from.
 
-Times one training step — forward and backward of ``model(x, teacher_ids, return_aux=True)`` with
+Times one training step — forward and backward of ``model(x, teacher_ids)`` with
 loss = Σ tap means + aux — of the Stage-1 student (ViT-B/16 at 224, dual-stream blocks 2/5/8/11,
 three ViT-L-sized teachers, teachers mixed within the batch), once without and once with the
 projector heads applied to every sample for its own teacher (``project_by_teacher``, as Stage 1
-does), against ``forward_features`` + backward of a dense timm ``vit_base_patch16_224``; and the
-eval-mode forward of both. Run ``python benchmarks/bench_student.py --help`` for the options.
+does), against ``forward_features`` + backward of a dense timm ``vit_base_patch16_224``; the Stage-1
+step once more with activation checkpointing (``set_grad_checkpointing``: its time and peak memory
+against the plain step); and the eval-mode forward of both. Run ``python benchmarks/bench_student.py
+--help`` for the options.
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ import harness
 from prism_vfm.models.prism_vit import PrismViT
 
 TARGET_TRAIN = 1.8
+
+# The Stage-1 step (projectors on) with activation checkpointing of every block.
+CHECKPOINTED = "student + projectors, checkpointed"
 
 QUICK = dict(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2)
 
@@ -69,7 +74,8 @@ def main(argv: list[str] | None = None) -> None:
 
     def student_loss(project: bool) -> Callable[[], Tensor]:
         def loss() -> Tensor:
-            taps, aux = student(x, teachers, return_aux=True)
+            out = student(x, teachers)
+            taps, aux = out.taps, out.aux_loss
             total = sum(t.float().mean() for t in taps) + aux
             if project:
                 maps = student.project_by_teacher(taps, teachers, grid)
@@ -77,6 +83,17 @@ def main(argv: list[str] | None = None) -> None:
             return total
 
         return loss
+
+    def checkpointed(loss: Callable[[], Tensor]) -> Callable[[], Tensor]:
+        # The recomputation in the backward pass is recorded in the graph: the switch can go off again.
+        def run() -> Tensor:
+            student.set_grad_checkpointing(True)
+            try:
+                return loss()
+            finally:
+                student.set_grad_checkpointing(False)
+
+        return run
 
     def dense_loss() -> Tensor:
         return dense.forward_features(x).float().mean()
@@ -88,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
         f"{list(student.teacher_dims)} (ids cycled over the batch); dispatch {args.dispatch!r}"
     )
     print(
-        "student step: forward + backward of model(x, teacher_ids, return_aux=True), "
+        "student step: forward + backward of model(x, teacher_ids), "
         "loss = Σ tap means + aux; "
         "'+ projectors' adds every sample's own teacher's projector heads on all taps (Stage 1's "
         "project_by_teacher); dense: timm forward_features + backward of the mean"
@@ -101,6 +118,7 @@ def main(argv: list[str] | None = None) -> None:
                 "dense timm ViT-B": harness.train_call(dense_loss, amp),
                 "student": harness.train_call(student_loss(project=False), amp),
                 "student + projectors": harness.train_call(student_loss(project=True), amp),
+                CHECKPOINTED: harness.train_call(checkpointed(student_loss(project=True)), amp),
             }
         else:
             runs = {
@@ -115,8 +133,16 @@ def main(argv: list[str] | None = None) -> None:
         what = "forward + backward, train mode" if mode == "train" else "forward only, eval mode, no_grad"
         harness.report(f"{mode}: {what}", results)
         base = "dense timm ViT-B"
+        if CHECKPOINTED in results:
+            harness.ratio(
+                "train checkpointed / student + projectors",
+                results[CHECKPOINTED],
+                results["student + projectors"],
+                None,
+                flops[CHECKPOINTED] / flops["student + projectors"],
+            )
         for name in runs:
-            if name != base:
+            if name not in (base, CHECKPOINTED):
                 target = TARGET_TRAIN if mode == "train" and name == "student" and not args.quick else None
                 harness.ratio(
                     f"{mode} {name} / dense", results[name], results[base], target, flops[name] / flops[base]

@@ -44,6 +44,7 @@ EXPECTED = {
     "bench_student.py": [
         "ratio train student / dense:",
         "ratio train student + projectors / dense:",
+        "ratio train checkpointed / student + projectors:",
         "ratio eval student / dense:",
     ],
     "bench_vidprism_head.py": [

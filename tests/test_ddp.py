@@ -24,9 +24,9 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         x = torch.randn(3, 3, 32, 32, generator=g)
         # Step 1 lacks teachers 1 and 2: their heads join through the zero-weight term.
         ctx = torch.tensor([0, 0, 0]) if step == 1 else torch.tensor([0, 1, 2])
-        taps, aux = model(x, ctx, return_aux=True)
-        proj = model.module.project_by_teacher(taps, ctx, model.module.grid_size(x))
-        loss = aux + sum(m.square().mean() for maps in proj.values() for m in maps)
+        student = model(x, ctx, return_routing=True)  # a pytree: DDP finds the tensors inside
+        proj = model.module.project_by_teacher(student.taps, ctx, model.module.grid_size(x))
+        loss = student.aux_loss + sum(m.square().mean() for maps in proj.values() for m in maps)
         loss = loss + model.module.absent_heads_term(proj)
         opt.zero_grad()
         loss.backward()

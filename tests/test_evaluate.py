@@ -52,8 +52,8 @@ def test_evaluate_accepts_an_official_stage2_file(tmp_path):
     loaded, report = load(path, img_size=(48, 64), multitask=True)
     assert report.kind == "official Stage-2 .pth" and "task_composer_weights" in report.ignored
     x = torch.randn(1, 3, 48, 64)
-    for task, out in model(x).items():
-        torch.testing.assert_close(loaded(x)[task], out, rtol=1e-5, atol=1e-5)
+    for task, out in model(x).predictions.items():
+        torch.testing.assert_close(loaded(x).predictions[task], out, rtol=1e-5, atol=1e-5)
     official = evaluate(path, "pascalcontext", root, workers=1, img_size=(48, 64))
     assert set(official["scores"]) == set(TASK_OUTPUT_CHANNELS["pascalcontext"])
 

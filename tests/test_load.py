@@ -63,7 +63,7 @@ def test_a_non_square_model_the_library_saved_reloads_at_another_size(tmp_path):
     model.save_pretrained(tmp_path / "ns")
     x = torch.randn(1, 3, 32, 48)
     again, report = load(tmp_path / "ns")
-    torch.testing.assert_close(again(x, 0), model(x, 0), rtol=0, atol=0)
+    torch.testing.assert_close(again(x, 0).taps, model(x, 0).taps, rtol=0, atol=0)
     # 6x4 holds as many positions as the saved 4x6 grid: still resampled, not reused as it is.
     transposed = resample_abs_pos_embed(model.pos_embed, new_size=[6, 4], old_size=[4, 6])
     taller = resample_abs_pos_embed(model.pos_embed, new_size=[8, 6], old_size=[4, 6])
@@ -73,7 +73,7 @@ def test_a_non_square_model_the_library_saved_reloads_at_another_size(tmp_path):
             load(tmp_path / "ns", img_size=size)[0],
         ):
             torch.testing.assert_close(reloaded.pos_embed, expected)
-            assert reloaded(torch.randn(1, 3, *size), 0)[0].shape == expected.shape
+            assert reloaded(torch.randn(1, 3, *size), 0).taps[0].shape == expected.shape
     back = PrismViT(**{**TINY, "img_size": (32, 48)})
     load_into(back, tmp_path / "ns")
     torch.testing.assert_close(back.pos_embed, model.pos_embed)
@@ -299,6 +299,21 @@ def test_released_weights_are_pretrained_tags_of_the_registered_models(released_
     assert asked == {"repo_id": "robotyingtang/PRISM-VFM", "filename": "checkpoints/prism_stage1_vit_b.pth"}
     assert report.kind == "official Stage-1 .pth" and "task_composer_weights" in report.ignored
     assert torch.equal(loaded.state_dict()["blocks.2.moe.experts.w1"], expected["blocks.2.moe.experts.w1"])
+
+
+def test_a_released_tag_builds_a_features_only_backbone(released_stand_in):
+    path, state = released_stand_in
+    kwargs = dict(pretrained=True, img_size=224, pretrained_cfg_overlay=dict(file=str(path)))
+    backbone = timm.create_model("prism_vit_base_patch16_384.prism_stage1", features_only=True, **kwargs)
+    assert backbone.feature_info.module_name() == [f"blocks.{i}" for i in (2, 5, 8, 11)]
+    expected = official_to_ours(read_official(state).student)
+    own = backbone.model.state_dict()
+    for key in ("blocks.2.moe.experts.w1", "teacher_embed.weight", "pos_embed"):
+        assert torch.equal(own[key], expected[key]), key
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        maps = backbone.eval()(x, 1)
+    assert [m.shape for m in maps] == [(1, 768, 14, 14)] * 4
 
 
 # ------------------------------------------------------------------------------------------ VidPrism

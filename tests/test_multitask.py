@@ -25,7 +25,7 @@ def tiny_multitask(**over) -> PrismMultiTask:
 def test_batched_task_passes_equal_separate_passes():
     model = tiny_multitask()
     x = torch.randn(2, 3, 32, 32)
-    out = model(x)
+    out = model(x).predictions
     assert {t: o.shape for t, o in out.items()} == {
         "semseg": (2, 21, 32, 32),
         "human_parts": (2, 7, 32, 32),
@@ -34,7 +34,7 @@ def test_batched_task_passes_equal_separate_passes():
         "sal": (2, 2, 32, 32),
     }
     for i, task in enumerate(model.task_names):
-        taps = model.student(x, i, kind="task")
+        taps = model.student(x, i, kind="task").taps
         torch.testing.assert_close(out[task], model.decode(task, taps, (32, 32)), rtol=1e-5, atol=1e-5)
     assert not torch.allclose(model.trace(x)["taps"]["semseg"][-1], model.trace(x)["taps"]["sal"][-1])
 
@@ -42,9 +42,10 @@ def test_batched_task_passes_equal_separate_passes():
 def test_taps_before_the_first_dual_stream_block_are_shared():
     model = tiny_multitask(tap_layers=(0, 1, 3))
     x = torch.randn(2, 3, 32, 32)
-    per_task, _ = model.forward_task_taps(x)
+    per_task = model(x, return_taps=True).taps
     torch.testing.assert_close(per_task["semseg"][0], per_task["edge"][0])
-    torch.testing.assert_close(per_task["edge"][2], model.student(x, 3, kind="task")[2], rtol=1e-5, atol=1e-5)
+    separate = model.student(x, 3, kind="task").taps[2]
+    torch.testing.assert_close(per_task["edge"][2], separate, rtol=1e-5, atol=1e-5)
 
 
 def test_grouped_load_balancing_is_the_mean_of_per_pass_losses():
@@ -64,15 +65,16 @@ def test_save_and_load_pretrained(tmp_path):
     model.save_pretrained(tmp_path / "mt")
     again = PrismMultiTask.from_pretrained(tmp_path / "mt")
     x = torch.randn(1, 3, 32, 32)
-    torch.testing.assert_close(again(x)["normals"], model(x)["normals"], rtol=0, atol=0)
+    normals = again(x).predictions["normals"]
+    torch.testing.assert_close(normals, model(x).predictions["normals"], rtol=0, atol=0)
 
 
 def test_batched_load_balancing_is_the_mean_over_task_passes():
     # Without expert dropout and router noise, training-mode routing is deterministic and comparable.
     model = tiny_multitask(expert_dropout=0.0, noisy_gating=False).train()
     x = torch.randn(2, 3, 32, 32)
-    _, aux = model.forward_task_taps(x)
-    separate = torch.stack([model.student(x, i, kind="task", return_aux=True)[1] for i in range(5)]).mean()
+    aux = model(x).aux_loss
+    separate = torch.stack([model.student(x, i, kind="task").aux_loss for i in range(5)]).mean()
     torch.testing.assert_close(aux, separate, rtol=1e-5, atol=1e-7)
     assert aux > 0
 
@@ -87,13 +89,19 @@ def test_task_and_teacher_passes_share_work_and_equal_separate_passes():
     x = torch.randn(3, 3, 32, 32)
     teacher_ids = torch.tensor([2, 0, 1])
     passes = [("task", 0), ("task", 4), ("teacher", teacher_ids)]
-    taps, aux = student.forward_passes(x, passes)
-    assert aux.shape == (3,)
+    out = student.forward_passes(x, passes, return_routing=True)
+    taps, aux = out.taps, out.aux_loss
+    assert aux.shape == (3,) and out.kind is None
+    assert out.context.tolist() == [0, 0, 0, 4, 4, 4, 2, 0, 1]
     # routing statistics need one kind of context; a mixed pass says so instead of mixing tables
-    with pytest.raises(RuntimeError, match="mixed teacher and task"):
-        student.routing_stats()
+    with pytest.raises(ValueError, match="mixed teacher and task"):
+        student.routing_stats(out)
     for i, (kind, ctx) in enumerate(passes):
-        ref_taps, ref_aux = student(x, ctx, kind=kind, return_aux=True)
+        ref = student(x, ctx, kind=kind, return_routing=True)
+        ref_taps, ref_aux = ref.taps, ref.aux_loss
+        for layer, routing in ref.routing.items():
+            assert torch.equal(out.routing[layer].indices[3 * i : 3 * i + 3], routing.indices)
+            torch.testing.assert_close(out.routing[layer].lam[3 * i : 3 * i + 3], routing.lam)
         for tap, ref in zip(taps, ref_taps, strict=True):
             torch.testing.assert_close(tap[3 * i : 3 * i + 3], ref, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(aux[i], ref_aux, rtol=1e-5, atol=1e-7)
@@ -113,16 +121,17 @@ def test_training_step_shares_the_teacher_pass_with_the_task_passes():
     outputs, projections, aux_tasks, aux_teacher = MultiTaskStep(model)(x, ids)
     hook.remove()
     assert embedded == [3]
-    taps, ref_aux_teacher = student(x, ids, kind="teacher", return_aux=True)
+    ref = student(x, ids, kind="teacher")
+    taps, ref_aux_teacher = ref.taps, ref.aux_loss
     ref_proj = student.project_by_teacher(taps, ids, student.grid_size(x))
     assert projections.keys() == ref_proj.keys() == {0, 1}
     for t in ref_proj:
         for a, b in zip(projections[t], ref_proj[t], strict=True):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(aux_teacher, ref_aux_teacher, rtol=1e-5, atol=1e-7)
-    ref_tasks = torch.stack([student(x, i, kind="task", return_aux=True)[1] for i in range(5)]).mean()
+    ref_tasks = torch.stack([student(x, i, kind="task").aux_loss for i in range(5)]).mean()
     torch.testing.assert_close(aux_tasks, ref_tasks, rtol=1e-5, atol=1e-7)
-    ref_edge = model.decode("edge", student(x, model.task_id("edge"), kind="task"), (32, 32))
+    ref_edge = model.decode("edge", student(x, model.task_id("edge"), kind="task").taps, (32, 32))
     torch.testing.assert_close(outputs["edge"], ref_edge, rtol=1e-5, atol=1e-5)
 
 
@@ -135,6 +144,8 @@ def test_save_pretrained_keeps_the_task_order(tmp_path):
     assert again.task_names == ["semseg", "normals", "edge"]
     x = torch.randn(1, 3, 32, 32)
     for task in tasks:
-        torch.testing.assert_close(again.eval()(x)[task], model.eval()(x)[task], rtol=0, atol=0)
+        torch.testing.assert_close(
+            again.eval()(x).predictions[task], model.eval()(x).predictions[task], rtol=0, atol=0
+        )
     with pytest.raises(ValueError, match="unique"):
         PrismMultiTask(dict(ARGS), [("edge", 1), ("edge", 1)])

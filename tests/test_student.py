@@ -9,7 +9,7 @@ import pytest
 import timm
 import torch
 
-from prism_vfm import STUDENT_PRESETS, PrismViT, create_student, export_official, load_official
+from prism_vfm import STUDENT_PRESETS, PrismOutput, PrismViT, create_student, export_official, load_official
 from prism_vfm.compat.official import OfficialCheckpointError, ours_to_official
 from prism_vfm.utils.io import CheckpointReadError
 from tests.tiny import tiny_dense_vit, tiny_student
@@ -50,7 +50,9 @@ def test_presets_follow_spec_table(preset):
 def test_forward_returns_normed_taps_and_aux_in_training():
     model = tiny_student().train()
     x = torch.randn(3, 3, 32, 32)
-    taps, aux = model(x, _ids(0, 1, 2), return_aux=True)
+    out = model(x, _ids(0, 1, 2))
+    assert isinstance(out, PrismOutput) and out.routing is None  # routing only when asked
+    taps, aux = out.taps, out.aux_loss
     assert len(taps) == 2 and all(t.shape == (3, 17, 32) for t in taps)
     # Every tap has passed through the final LayerNorm (unit weight at init): zero mean per token.
     assert taps[0].mean(-1).abs().max() < 1e-5
@@ -59,10 +61,10 @@ def test_forward_returns_normed_taps_and_aux_in_training():
 
 def test_non_square_inputs_and_dynamic_size():
     model = tiny_student(img_size=(32, 48)).eval()
-    taps = model(torch.randn(2, 3, 32, 48), 0)
+    taps = model(torch.randn(2, 3, 32, 48), 0).taps
     assert taps[0].shape == (2, 1 + 4 * 6, 32)
     dyn = tiny_student(dynamic_img_size=True).eval()
-    assert dyn(torch.randn(1, 3, 48, 64), 1)[0].shape == (1, 1 + 6 * 8, 32)
+    assert dyn(torch.randn(1, 3, 48, 64), 1).taps[0].shape == (1, 1 + 6 * 8, 32)
 
 
 def test_context_changes_routing_only_through_the_router():
@@ -88,17 +90,16 @@ def test_eval_is_deterministic_and_training_adds_dropout_and_noise():
     model.train()
     torch.manual_seed(0)
     with torch.no_grad():
-        model(x, _ids(0, 1))
-    logits = model.dual_stream_blocks[0].last_routing.logits
+        logits = model(x, _ids(0, 1), return_routing=True).routing[1].logits
     dropped = torch.isneginf(logits).float().mean()
     assert 0.03 < dropped < 0.2  # p = 0.1 expert dropout
 
 
 def test_all_experts_dropped_falls_back_to_anchor_and_shared():
     model = tiny_student(expert_dropout=1.0).train()
-    taps, aux = model(torch.randn(2, 3, 32, 32), _ids(0, 1), return_aux=True)
-    assert torch.isfinite(taps[-1]).all() and torch.isfinite(aux)
-    assert (model.dual_stream_blocks[0].last_routing.weights == 0).all()
+    out = model(torch.randn(2, 3, 32, 32), _ids(0, 1), return_routing=True)
+    assert torch.isfinite(out.taps[-1]).all() and torch.isfinite(out.aux_loss)
+    assert (out.routing[1].weights == 0).all()
 
 
 def test_official_aux_loss(fixture_dir):
@@ -129,8 +130,8 @@ def test_official_aux_loss(fixture_dir):
 def test_routing_stats_count_every_assignment_per_context():
     model = tiny_student().eval()
     with torch.no_grad():
-        model(torch.randn(4, 3, 32, 32), _ids(0, 2, 2, 1))
-    stats = model.routing_stats()
+        out = model(torch.randn(4, 3, 32, 32), _ids(0, 2, 2, 1), return_routing=True)
+    stats = model.routing_stats(out)
     counts = stats["expert_counts"][0]
     assert counts.shape == (3, 5)
     assert counts.sum(1).tolist() == [17 * 2, 17 * 2, 2 * 17 * 2]
@@ -163,11 +164,11 @@ def test_save_and_load_pretrained_round_trip(tmp_path):
     assert (tmp_path / "ckpt" / "model.safetensors").is_file()
     loaded = PrismViT.from_pretrained(tmp_path / "ckpt")
     x = torch.randn(2, 3, 32, 32)
-    torch.testing.assert_close(loaded(x, _ids(0, 1)), model(x, _ids(0, 1)), rtol=0, atol=0)
+    torch.testing.assert_close(loaded(x, _ids(0, 1)).taps, model(x, _ids(0, 1)).taps, rtol=0, atol=0)
     # A different input size resamples the position embedding on load.
     bigger = PrismViT.from_pretrained(tmp_path / "ckpt", img_size=(48, 32))
     assert bigger.pos_embed.shape == (1, 1 + 6 * 4, 32)
-    assert bigger(torch.randn(1, 3, 48, 32), 0)[0].shape == (1, 25, 32)
+    assert bigger(torch.randn(1, 3, 48, 32), 0).taps[0].shape == (1, 25, 32)
 
 
 def test_from_pretrained_missing_file_is_clear(tmp_path):
@@ -200,7 +201,7 @@ def test_official_export_round_trip(tmp_path, caplog):
         again = load_official(path, top_k=2, num_heads=2)
     assert "task_free_condition_embeddings.weight" in caplog.text and "ortho_loss_weight" in caplog.text
     x = torch.randn(2, 3, 32, 32)
-    torch.testing.assert_close(again(x, _ids(2, 0)), model(x, _ids(2, 0)), rtol=0, atol=0)
+    torch.testing.assert_close(again(x, _ids(2, 0)).taps, model(x, _ids(2, 0)).taps, rtol=0, atol=0)
     keys = set(ours_to_official(model))
     assert "backbone.blocks.1.moe_ffn_layer.experts.4.fc2.weight" in keys
     assert "backbone.blocks.3.standard_ffn.fc1.bias" in keys and "vfm_projection_heads.2_1.net.2.bias" in keys
@@ -213,7 +214,7 @@ def test_official_stage2_layout_is_accepted():
     loaded = load_official({"model": state}, top_k=2, num_heads=2)
     assert loaded.num_tasks == 5
     x = torch.randn(1, 3, 32, 32)
-    torch.testing.assert_close(loaded(x, 3, kind="task"), model(x, 3, kind="task"), rtol=0, atol=0)
+    torch.testing.assert_close(loaded(x, 3, kind="task").taps, model(x, 3, kind="task").taps, rtol=0, atol=0)
 
 
 def test_load_official_resamples_to_a_new_image_size():
@@ -293,7 +294,7 @@ def test_from_pretrained_fetches_from_the_hub_when_not_a_folder(tmp_path, monkey
     loaded = PrismViT.from_pretrained("someone/prism-tiny")
     assert asked == {"repo_id": "someone/prism-tiny", "filename": "model.safetensors"}
     x = torch.randn(1, 3, 32, 32)
-    torch.testing.assert_close(loaded(x, 0), model(x, 0), rtol=0, atol=0)
+    torch.testing.assert_close(loaded(x, 0).taps, model(x, 0).taps, rtol=0, atol=0)
 
 
 def test_statistics_and_trace_cover_only_the_dual_stream_blocks_the_forward_runs():
@@ -302,14 +303,14 @@ def test_statistics_and_trace_cover_only_the_dual_stream_blocks_the_forward_runs
     assert model.routed_layers == (1,)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        model(x, _ids(0, 1))
-    stats = model.routing_stats()
+        out = model(x, _ids(0, 1), return_routing=True)
+    assert list(out.routing) == [1]
+    stats = model.routing_stats(out)
     assert stats["layers"] == [1] and len(stats["expert_counts"]) == len(stats["lambda_mean"]) == 1
     assert stats["expert_counts"][0].sum().item() == 2 * 17 * 2
     trace = model.trace(x, _ids(0, 1))
     assert trace["layers"] == [1]
     assert all(len(trace[key]) == 1 for key in ("router_logits", "topk", "topk_weights", "lambda"))
-    assert model.blocks[3].last_routing is None
 
 
 def test_absent_heads_term_is_zero_and_reaches_exactly_the_absent_heads():

@@ -3,6 +3,7 @@
 from prism_vfm.compat.official import export_official, load_official, load_official_multitask, read_official
 from prism_vfm.models.load import LoadError, LoadReport, load, load_into
 from prism_vfm.models.multitask import PrismMultiTask
+from prism_vfm.models.outputs import MultiTaskOutput, PrismOutput
 from prism_vfm.models.prism_vit import PrismViT
 from prism_vfm.models.registry import STUDENT_PRESETS, create_student
 
@@ -15,7 +16,9 @@ __all__ = [
     "STUDENT_PRESETS",
     "LoadError",
     "LoadReport",
+    "MultiTaskOutput",
     "PrismMultiTask",
+    "PrismOutput",
     "PrismViT",
     "create_student",
     "export_official",

@@ -84,7 +84,7 @@ def evaluate(
     loader = DataLoader(part, batch_size=batch_size, num_workers=0, collate_fn=_collate)
     main = is_main_process()
     for batch in tqdm(loader, desc=f"evaluate {split}", unit="batch", disable=not main):
-        outputs = model(batch["image"].to(device))
+        outputs = model(batch["image"].to(device)).predictions
         meter.update(
             {t: o.float() for t, o in outputs.items() if t != "edge"},
             {t: batch[t].to(device) for t in tasks if t != "edge"},

@@ -73,7 +73,7 @@ def run_smoke(
 
     def forward_step(x: Tensor, step: int, micro: int) -> tuple[Tensor, dict[str, Tensor]]:
         ctx = balanced_teacher_split(x.shape[0], len(teachers))
-        loss, terms = distill_loss(model, model, teachers, criterion, x, ctx, cfg.lb_weight)
+        loss, terms, _ = distill_loss(model, model, teachers, criterion, x, ctx, cfg.lb_weight)
         return loss, {**terms, "total": loss.detach()}
 
     config = cast("dict[str, Any]", model._hub_mixin_config)  # init kwargs: a dict
@@ -82,8 +82,8 @@ def run_smoke(
     losses = [r["loss/total"] for r in read_scalars(run.path)]
     model.eval()
     with torch.no_grad():
-        model(images[:batch], balanced_teacher_split(batch, len(teachers)))
-    stats = model.routing_stats()
+        out = model(images[:batch], balanced_teacher_split(batch, len(teachers)), return_routing=True)
+    stats = model.routing_stats(out)
     return {
         "steps": steps,
         "first_loss": losses[0],

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from prism_vfm.models.multitask import PrismMultiTask
+from prism_vfm.models.outputs import PrismOutput
 from prism_vfm.models.prism_vit import ContextKind, PrismViT
 
 # Teacher ids of the released checkpoints (SPEC §4).
@@ -87,15 +88,14 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
 
 def context_passes(
     student: PrismViT, batches: Iterable[Tensor], contexts: Sequence[int], kind: ContextKind, device: str
-) -> Iterator[tuple[int, list[int]]]:
+) -> Iterator[tuple[int, PrismOutput]]:
     """Run every batch once under every context (one batched pass) in eval mode, without gradients.
 
-    Yields ``(batch size, MoE block indices reached)`` after each pass; the routing and λ of the pass are
-    then in each reached block's ``last_routing`` / ``last_lambda`` (and in ``student.routing_stats()``),
-    batched context-major (C·B, N, ·). Blocks after the last feature tap are not run by the model's
-    forward and are not reported.
+    Yields ``(batch size, output)`` after each pass; the output's ``routing`` holds the routing and λ of
+    every dual-stream block the forward ran (see :attr:`PrismViT.routed_layers`), batched context-major
+    (C·B, N, ·). Blocks after the last feature tap are not run by the model's forward and are not reported.
     """
-    layers = moe_block_indices(student)
+    moe_block_indices(student)  # an error when nothing is routed
     with eval_mode(student), torch.no_grad():
         for x in batches:
             if not isinstance(x, Tensor) or x.ndim != 4:
@@ -103,5 +103,4 @@ def context_passes(
                     "batches must yield image tensors of shape (B, 3, H, W), got "
                     f"{type(x).__name__} {tuple(x.shape) if isinstance(x, Tensor) else ''}"
                 )
-            student.forward_contexts(x.to(device), contexts, kind)
-            yield x.shape[0], layers
+            yield x.shape[0], student.forward_contexts(x.to(device), contexts, kind, return_routing=True)

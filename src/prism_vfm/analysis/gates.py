@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from prism_vfm.analysis.common import check_contexts, context_passes, resolve_names, student_of
 from prism_vfm.analysis.plotting import checkpoint_curves, new_figure, save
-from prism_vfm.layers.dual_stream import DualStreamBlock
+from prism_vfm.layers.dual_stream import BlockRouting, DualStreamBlock
 from prism_vfm.models.prism_vit import ContextKind
 
 
@@ -86,9 +86,9 @@ def gate_statistics(
     # A uniform sample of bounded size: every value draws a random key and the smallest keys are kept.
     kept: dict[int, tuple[Tensor, Tensor]] = {}
     gen = torch.Generator().manual_seed(seed)
-    for _, layers in context_passes(student, batches, ids, kind, device):
-        for i in layers:
-            lam = cast(Tensor, student.blocks[i].last_lambda).reshape(len(ids), -1).to(torch.float64).cpu()
+    for _, out in context_passes(student, batches, ids, kind, device):
+        for i, routing in cast("dict[int, BlockRouting]", out.routing).items():
+            lam = routing.lam.reshape(len(ids), -1).to(torch.float64).cpu()
             total[i] = total.get(i, 0) + lam.sum(1)
             total_sq[i] = total_sq.get(i, 0) + (lam * lam).sum(1)
             count[i] = count.get(i, 0) + lam.shape[1]

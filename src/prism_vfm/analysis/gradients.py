@@ -200,7 +200,7 @@ def gradient_conflict(
                 for t, teacher in zip(ids, teachers, strict=True):
                     with torch.no_grad():
                         target = [f.float() for f in teacher(x)]
-                    proj = student.project(student(x, t, "teacher"), t, grid)
+                    proj = student.project(student(x, t, "teacher").taps, t, grid)
                     loss = criterion({t: proj}, {t: target})["total"]
                     grads = torch.autograd.grad(loss, params, allow_unused=True)
                     per_teacher.append(

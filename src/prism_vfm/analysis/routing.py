@@ -6,13 +6,14 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from prism_vfm.analysis.common import check_contexts, context_passes, resolve_names, student_of
+from prism_vfm.layers.dual_stream import BlockRouting
 from prism_vfm.models.prism_vit import ContextKind
 
 
@@ -131,11 +132,12 @@ def routing_affinity(
     rows = torch.tensor(ids)
     counts: dict[int, Tensor] = {}
     tokens: dict[int, int] = {}
-    for b, _ in context_passes(student, batches, ids, kind, device):
-        stats = student.routing_stats()
+    for b, out in context_passes(student, batches, ids, kind, device):
+        stats = student.routing_stats(out)
+        routing = cast("dict[int, BlockRouting]", out.routing)
         for i, hist in zip(stats["layers"], stats["expert_counts"], strict=True):
             counts[i] = counts.get(i, 0) + hist.cpu().double()[rows]
-            tokens[i] = tokens.get(i, 0) + b * student.blocks[i].last_routing.indices.shape[1]
+            tokens[i] = tokens.get(i, 0) + b * routing[i].indices.shape[1]
     if not counts:
         raise ValueError("no batches: routing affinity needs at least one batch of images")
     probs = {i: (c / tokens[i]).numpy() for i, c in counts.items()}

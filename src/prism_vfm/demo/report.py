@@ -128,7 +128,7 @@ def _plot_predictions(model: Any, reader: PascalContext, path: Path, n: int = 4)
 
     tasks = model.task_names
     samples = [reader[i] for i in range(min(n, len(reader)))]
-    outputs = model(torch.stack([s["image"] for s in samples]))
+    outputs = model(torch.stack([s["image"] for s in samples])).predictions
     fig, axes = _new_axes(len(samples), 1 + 2 * len(tasks), (1.3, 1.4))
     mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
     for r, sample in enumerate(samples):

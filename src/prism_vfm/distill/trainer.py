@@ -85,14 +85,17 @@ def distill_loss(
     x: Tensor,
     ctx: Tensor,
     lb_weight: float,
-) -> tuple[Tensor, dict[str, Tensor]]:
+) -> tuple[Tensor, dict[str, Tensor], dict[str, Any]]:
     """One Stage-1 forward: the student (``net``, ``model`` or its DDP/FSDP wrapper) on teacher contexts
-    ``ctx``, its projections, the frozen teachers on their own samples, and the loss.
+    ``ctx`` (on the host, where they are checked), its projections, the frozen teachers on their own
+    samples, and the loss.
 
-    Returns the loss and its terms (detached, ``"aux"`` included).
+    Returns the loss, its terms (detached, ``"aux"`` included) and the student's routing statistics
+    (:meth:`PrismViT.routing_stats`, on the device).
     """
-    taps, aux = net(x, ctx.to(x.device), return_aux=True)
-    student = model.project_by_teacher(taps, ctx, model.grid_size(x))
+    out = net(x, ctx, return_routing=True)
+    aux = out.aux_loss
+    student = model.project_by_teacher(out.taps, ctx, model.grid_size(x))
     with torch.no_grad():
         targets = {
             t: teachers[t](x.index_select(0, (ctx == t).nonzero().squeeze(1).to(x.device))) for t in student
@@ -103,7 +106,8 @@ def distill_loss(
     # DDP needs no find_unused_parameters (FSDP2 needs no such help).
     if isinstance(net, DDP):
         loss = loss + model.absent_heads_term(student)
-    return loss, {**{k: v.detach() for k, v in terms.items()}, "aux": aux.detach()}
+    routing = model.routing_stats(out)
+    return loss, {**{k: v.detach() for k, v in terms.items()}, "aux": aux.detach()}, routing
 
 
 def train_stage1(
@@ -176,17 +180,22 @@ def train_stage1(
     )
     criterion = build_criterion(cfg)
 
+    routing: dict[str, Any] = {}  # the routing statistics of the last micro-batch, for the log
+
     def forward_step(batch: Tensor, step: int, micro: int) -> tuple[Tensor, dict[str, Tensor]]:
         x = batch.to(env.device, non_blocking=True)
         shard = sampler.shard(micro)
         ctx = _assign(cfg, x.shape[0], len(teachers), step, shard)
         # The student's own randomness (expert dropout, router noise) is tied to (step, shard) too.
         torch.manual_seed(mix_seed(cfg.seed, step, shard, 1))
-        return distill_loss(net, model, teachers, criterion, x, ctx, cfg.loss.lb_weight)
+        loss, terms, stats = distill_loss(net, model, teachers, criterion, x, ctx, cfg.loss.lb_weight)
+        routing.update(stats)
+        return loss, terms
 
     def scalars(done: int) -> dict[str, float]:
         skipped = {"data/skipped_images": float(all_reduce_sum(torch.tensor(images.skipped)))}
-        return {**skipped, **_routing_scalars(model, list(cfg.teachers.names))}
+        experts = model.moe_config.num_experts
+        return {**skipped, **_routing_scalars(routing, experts, list(cfg.teachers.names))}
 
     loop = Loop(
         end_step,
@@ -211,11 +220,10 @@ def train_stage1(
     return run.path
 
 
-def _routing_scalars(model: PrismViT, names: list[str]) -> dict[str, float]:
-    """Per MoE layer: each context's expert-load imbalance (max share × E) and mean λ."""
-    stats = model.routing_stats()
+def _routing_scalars(stats: dict[str, Any], e: int, names: list[str]) -> dict[str, float]:
+    """Per MoE layer of ``stats`` (:meth:`PrismViT.routing_stats` of the last micro-batch): each
+    context's expert-load imbalance (max share × ``e``, the number of experts) and mean λ."""
     out: dict[str, float] = {}
-    e = model.moe_config.num_experts
     for layer, (counts, lam) in enumerate(zip(stats["expert_counts"], stats["lambda_mean"], strict=True)):
         share = counts / counts.sum(1, keepdim=True).clamp_min(1)
         for c, name in enumerate(names):

@@ -10,6 +10,7 @@ Stage 1, so ``--resume`` continues exactly.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -29,7 +30,7 @@ from prism_vfm.losses.tasks import MultiTaskLoss, dataset_tasks
 from prism_vfm.metrics.multitask import MultiTaskMeter
 from prism_vfm.models.load import load_into, student_args
 from prism_vfm.models.multitask import PrismMultiTask
-from prism_vfm.models.prism_vit import ContextKind
+from prism_vfm.models.prism_vit import Context, ContextKind
 from prism_vfm.teachers import build_teacher
 from prism_vfm.train.distributed import (
     all_reduce_sums,
@@ -61,14 +62,18 @@ class MultiTaskStep(nn.Module):
         self.model = model
 
     def forward(
-        self, x: Tensor, teacher_ids: Tensor | None
+        self, x: Tensor, teacher_ids: Tensor | Sequence[int] | None
     ) -> tuple[dict[str, Tensor], dict[int, list[Tensor]] | None, Tensor, Tensor]:
+        """``teacher_ids`` best on the host (a list stays there under DDP): they are checked there, and
+        grouping the projections by teacher then reads nothing back from the device."""
         model, student = self.model, self.model.student
         tasks = model.task_names
-        passes: list[tuple[ContextKind, Tensor | int]] = [("task", model.task_id(t)) for t in tasks]
+        passes: list[tuple[ContextKind, Context]] = [("task", model.task_id(t)) for t in tasks]
         if teacher_ids is not None:
-            passes.append(("teacher", teacher_ids.to(x.device)))
-        taps, aux = student.forward_passes(x, passes)
+            teacher_ids = torch.as_tensor(teacher_ids)
+            passes.append(("teacher", teacher_ids))
+        out = student.forward_passes(x, passes)
+        taps, aux = out.taps, out.aux_loss
         b, size = x.shape[0], (x.shape[-2], x.shape[-1])
         outputs = {
             t: model.decode(t, [tap[i * b : (i + 1) * b] for tap in taps], size) for i, t in enumerate(tasks)
@@ -200,7 +205,7 @@ def train_stage2(
             g = torch.Generator().manual_seed(mix_seed(cfg.seed, step, shard, 0))
             ids = balanced_teacher_split(x.shape[0], len(teachers), g)
         torch.manual_seed(mix_seed(cfg.seed, step, shard, 1))
-        outputs, projections, aux_tasks, aux_teacher = net(x, ids)
+        outputs, projections, aux_tasks, aux_teacher = net(x, None if ids is None else ids.tolist())
         tasks = task_loss({t: o.float() for t, o in outputs.items()}, labels)
         terms = {f"task/{t}": v for t, v in tasks.weighted.items()}
         loss = tasks.total
@@ -256,7 +261,7 @@ def validate(
     part = Subset(dataset, shard_indices(len(dataset)))
     for batch in DataLoader(part, batch_size=cfg.batch_size, num_workers=0):
         with autocast(cfg.amp, device):
-            outputs = model(batch["image"].to(device))
+            outputs = model(batch["image"].to(device)).predictions
         meter.update({t: o.float() for t, o in outputs.items()}, {t: batch[t].to(device) for t in cfg.tasks})
     meter.load_state(all_reduce_sums(meter.state()))
     model.train(was_training)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import cast
 
 import torch
@@ -11,6 +12,24 @@ from torch import Tensor, nn
 
 from prism_vfm.layers.moe import ConditionedMoE, MoEConfig
 from prism_vfm.layers.router import Routing
+
+
+@dataclass
+class BlockRouting(Routing):
+    """A dual-stream block's routing decisions and its per-token λ (B, N, 1) (zero without an anchor).
+
+    Part of the autograd graph like the rest of the forward's outputs: detach what is kept past the step.
+    """
+
+    lam: Tensor
+
+    def rows(self, index: slice) -> BlockRouting:
+        """The routing of some of the rows (samples) of the batch."""
+        return BlockRouting(self.logits[index], self.indices[index], self.weights[index], self.lam[index])
+
+
+# A pytree node, so that DDP, FSDP and torch.compile see the tensors inside the outputs that carry it.
+torch.export.register_dataclass(BlockRouting)
 
 
 class DualStreamBlock(nn.Module):
@@ -46,8 +65,6 @@ class DualStreamBlock(nn.Module):
         if self.lambda_gate is not None:
             nn.init.constant_(self.lambda_gate.bias, lambda_bias_init)
         self.lambda_range = tuple(lambda_range)
-        self.last_routing: Routing | None = None
-        self.last_lambda: Tensor | None = None
 
     def mixing_weight(self, u: Tensor) -> Tensor:
         """Per-token λ (B, N, 1) in [lo, hi] (zero without an anchor)."""
@@ -58,26 +75,24 @@ class DualStreamBlock(nn.Module):
 
     def forward(
         self, x: Tensor, cond: Tensor, lb_groups: int = 1, per_group: bool = False
-    ) -> tuple[Tensor, Tensor]:
-        """Returns the block output and this layer's load-balancing loss (per group if ``per_group``)."""
+    ) -> tuple[Tensor, Tensor, BlockRouting]:
+        """Returns the block output, this layer's load-balancing loss (per group if ``per_group``) and its
+        routing with λ."""
         x = x + self.attn(self.norm1(x))
         u = self.norm2(x)
         lam = self.mixing_weight(u)
         moe_out, routing, aux = self.moe(u, cond, lb_groups, per_group)
-        # Kept (detached) for tracing and routing statistics without a second forward.
-        self.last_routing = Routing(routing.logits.detach(), routing.indices, routing.weights.detach())
-        self.last_lambda = lam.detach()
-        return x + self._mix(moe_out, u, lam), aux
+        return x + self._mix(moe_out, u, lam), aux, BlockRouting(*_fields(routing), lam)
 
     def _mix(self, moe_out: Tensor, u: Tensor, lam: Tensor) -> Tensor:
         return moe_out if self.anchor is None else torch.lerp(moe_out, self.anchor(u), lam)
 
     def forward_contexts(
         self, x: Tensor, cond: Tensor, passes: int, per_group: bool = False
-    ) -> tuple[Tensor, Tensor]:
+    ) -> tuple[Tensor, Tensor, BlockRouting]:
         """``passes`` context passes over the same tokens ``x`` (B, N, D); ``cond`` is (passes·B, D),
-        context-major. Returns (passes·B, N, D) and the load-balancing loss averaged over the passes
-        (or one per pass, (passes,), with ``per_group``).
+        context-major. Returns (passes·B, N, D), the load-balancing loss averaged over the passes (or one
+        per pass, (passes,), with ``per_group``) and the routing with λ of all passes, context-major.
 
         Everything that does not depend on the context — attention, λ, the anchor, the shared expert and
         the router's input gate — is computed once; only the routing and the routed experts run per pass.
@@ -97,8 +112,11 @@ class DualStreamBlock(nn.Module):
         routing = moe.router(u_all, cond, gate=None if gate is None else rep(gate))
         moe_out = moe.routed(u_all, routing.indices, routing.weights, None if shared is None else rep(shared))
         aux = moe.balance_loss(routing, passes, per_group)
-        self.last_routing = Routing(routing.logits.detach(), routing.indices, routing.weights.detach())
-        self.last_lambda = rep(lam).detach()
+        lam_all = rep(lam)
         if anchor is not None:
-            moe_out = torch.lerp(moe_out, rep(anchor), rep(lam))
-        return rep(x) + moe_out, aux
+            moe_out = torch.lerp(moe_out, rep(anchor), lam_all)
+        return rep(x) + moe_out, aux, BlockRouting(*_fields(routing), lam_all)
+
+
+def _fields(routing: Routing) -> tuple[Tensor, Tensor, Tensor]:
+    return routing.logits, routing.indices, routing.weights

@@ -23,6 +23,9 @@ class Routing:
     weights: Tensor  # (B, N, k)
 
 
+torch.export.register_dataclass(Routing)
+
+
 CONDITIONING = ("film", "concat", "none")
 
 

@@ -11,9 +11,9 @@ pre-processing is not used: its package imports OpenCV, which nothing else here 
 Two matchers (``MATCHERS``) give the counts. ``"bsds"``, the default, runs pyEdgeEval's
 ``correspondPixels`` at every threshold, as SEISM does: the reference, for numbers to compare with published
 ones. ``"fast"`` thins the maps of all thresholds together and counts a maximum bipartite matching per
-threshold (``boundary_matching``), in about 2 % of the BSDS matcher's time. Its counts are never lower
-than the BSDS matcher's and, on more than half of the (image, threshold) pairs of realistic maps, higher by
-one to a few pixels, which raises odsF / OIS / AP by about 0.1 point (benchmarks/README.md), so it is an
+threshold (``boundary_matching``), in about 2 % of the BSDS matcher's time. Its counts are never lower than
+the BSDS matcher's and, on more than half of the (image, threshold) pairs of realistic maps, higher by one
+to a few pixels, which raises odsF / OIS / AP by about 0.1 point (benchmarks/README.md), so it is an
 option, not the default.
 
 Counts, per image and threshold (``COUNT_FIELDS``): ground-truth boundary pixels matched and in total,

@@ -8,9 +8,10 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
-from prism_vfm.layers.router import Routing
+from prism_vfm.layers.dual_stream import BlockRouting
 from prism_vfm.models.dense_head import DenseHead
 from prism_vfm.models.hub import HubMixin
+from prism_vfm.models.outputs import MultiTaskOutput
 from prism_vfm.models.prism_vit import PrismViT, resample_pos_embed
 
 
@@ -21,7 +22,8 @@ class PrismMultiTask(
     tags=["prism", "dense-prediction"],
     license="mit",
 ):
-    """``model(x)`` → {task: (B, C_task, H, W)}: one backbone pass per task (task context), then its head.
+    """``model(x)`` → :class:`MultiTaskOutput`: one backbone pass per task (task context), then its head,
+    giving ``predictions`` {task: (B, C_task, H, W)}.
 
     ``student`` holds the backbone, the context tables and (optionally, for the distillation regulariser)
     the projector heads; ``tasks`` maps task names, in task-id order, to their output channels (a dict or
@@ -72,39 +74,46 @@ class PrismMultiTask(
         grid = self.student.grid_size(out_size)
         return self.heads[task]([self.student.to_maps(t, grid) for t in taps], out_size)
 
-    def forward_task_taps(
-        self, x: Tensor, tasks: Sequence[str] | None = None
-    ) -> tuple[dict[str, list[Tensor]], Tensor]:
-        """Taps of every task pass and the mean load-balancing loss over the passes."""
-        tasks = self.task_names if tasks is None else list(tasks)
-        taps, aux = self.student.forward_contexts(x, [self.task_id(t) for t in tasks], kind="task")
-        b = x.shape[0]
-        return {t: [tap[i * b : (i + 1) * b] for tap in taps] for i, t in enumerate(tasks)}, aux
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Activation checkpointing of the student's blocks (timm's switch)."""
+        self.student.set_grad_checkpointing(enable)
 
-    def forward(self, x: Tensor, tasks: Sequence[str] | None = None) -> dict[str, Tensor]:
-        """Raw head outputs {task: (B, C, H, W)} for every task (or the given ones)."""
-        per_task, _ = self.forward_task_taps(x, tasks)
-        size = cast("tuple[int, int]", tuple(x.shape[-2:]))
-        return {t: self.decode(t, taps, size) for t, taps in per_task.items()}
+    def forward(
+        self,
+        x: Tensor,
+        tasks: Sequence[str] | None = None,
+        *,
+        return_taps: bool = False,
+        return_routing: bool = False,
+    ) -> MultiTaskOutput:
+        """Every task's (or the given ones') pass and head; the passes run batched
+        (:meth:`PrismViT.forward_contexts`). ``return_taps`` / ``return_routing`` add each pass's taps /
+        routing and λ."""
+        tasks = self.task_names if tasks is None else list(tasks)
+        out = self.student.forward_contexts(
+            x, [self.task_id(t) for t in tasks], kind="task", return_routing=return_routing
+        )
+        b, size = x.shape[0], cast("tuple[int, int]", tuple(x.shape[-2:]))
+        rows = {t: slice(i * b, (i + 1) * b) for i, t in enumerate(tasks)}
+        taps = {t: [tap[r] for tap in out.taps] for t, r in rows.items()}
+        routing = None
+        if out.routing is not None:
+            routing = {t: {i: br.rows(r) for i, br in out.routing.items()} for t, r in rows.items()}
+        return MultiTaskOutput(
+            predictions={t: self.decode(t, taps[t], size) for t in tasks},
+            aux_loss=out.aux_loss,
+            taps=taps if return_taps else None,
+            routing=routing,
+        )
 
     @torch.no_grad()
     def trace(self, x: Tensor) -> dict[str, Any]:
         """Task outputs under ``"tasks"`` plus, per task, the taps, selected experts and λ of its pass."""
-        tasks = self.task_names
-        per_task, _ = self.forward_task_taps(x, tasks)
-        size = cast("tuple[int, int]", tuple(x.shape[-2:]))
-        b = x.shape[0]
-        blocks = self.student.routed_blocks
-        # The task passes just ran every one of these blocks, so each has kept its routing and λ.
+        out = self(x, return_taps=True, return_routing=True)
+        routing = cast("dict[str, dict[int, BlockRouting]]", out.routing)
         return {
-            "tasks": {t: self.decode(t, per_task[t], size) for t in tasks},
-            "taps": per_task,
-            "topk": {
-                t: [cast(Routing, blk.last_routing).indices[i * b : (i + 1) * b] for blk in blocks]
-                for i, t in enumerate(tasks)
-            },
-            "lambda": {
-                t: [cast(Tensor, blk.last_lambda)[i * b : (i + 1) * b] for blk in blocks]
-                for i, t in enumerate(tasks)
-            },
+            "tasks": out.predictions,
+            "taps": out.taps,
+            "topk": {t: [r.indices for r in per_block.values()] for t, per_block in routing.items()},
+            "lambda": {t: [r.lam for r in per_block.values()] for t, per_block in routing.items()},
         }

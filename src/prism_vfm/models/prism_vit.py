@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from typing import Any, Literal, cast
+from collections.abc import Callable, Collection, Iterable, Sequence
+from dataclasses import replace
+from typing import Any, cast
 
 import torch
 from timm.layers import Mlp, resample_abs_pos_embed, trunc_normal_
+from timm.models._features import feature_take_indices
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
-from prism_vfm.layers.dual_stream import DualStreamBlock
+from prism_vfm.layers.dual_stream import BlockRouting, DualStreamBlock
 from prism_vfm.layers.moe import MoEConfig
 from prism_vfm.layers.net2net import net2net_widen
-from prism_vfm.layers.router import Routing
 from prism_vfm.models.hub import HubMixin
+from prism_vfm.models.outputs import ContextKind, PrismOutput
 
-ContextKind = Literal["teacher", "task"]
+# Context ids: one per sample ((B,) integer tensor or sequence), one int for the whole batch, or None for a
+# model whose output does not depend on them.
+Context = Tensor | int | Sequence[int] | None
 
 
 class ProjectorHead(nn.Sequential):
@@ -38,11 +43,14 @@ class PrismViT(
 ):
     """ViT student with dual-stream blocks, context tables and per-(teacher, tap) projector heads.
 
-    ``model(x, context)`` returns the feature taps (each block output at ``tap_layers`` passed through
-    the final norm), with ``context`` a LongTensor (B,) indexing the teacher table (``kind="teacher"``,
-    Stage 1) or the task table (``kind="task"``, Stage 2). All constructor arguments are plain values so
-    the model round-trips through ``save_pretrained`` / ``from_pretrained`` (``config.json`` +
-    ``model.safetensors``).
+    ``model(x, context)`` returns a :class:`PrismOutput`: the feature taps (each block output at
+    ``tap_layers`` passed through the final norm), the load-balancing loss and, when asked
+    (``return_routing=True``), every dual-stream block's routing and λ. ``context`` holds one id per sample
+    (or one for the batch) into the teacher table (``kind="teacher"``, Stage 1) or the task table
+    (``kind="task"``, Stage 2). timm's interface takes the context the same way: ``forward_features``,
+    ``forward_intermediates``, ``features_only=True`` and ``set_grad_checkpointing``. All constructor
+    arguments are plain values so the model round-trips through ``save_pretrained`` / ``from_pretrained``
+    (``config.json`` + ``model.safetensors``).
 
     Ablation switches (defaults: PRISM as released; see :mod:`prism_vfm.ablation` for the named variants):
     ``anchor=False`` drops the anchor MLP and the λ gate (λ ≡ 0); ``conditioning`` is ``"film"``,
@@ -51,6 +59,10 @@ class PrismViT(
     gives a dense student (``tap_layers`` then required); ``wide_layers`` are dense blocks whose MLP has
     ``wide_hidden`` hidden units, Net2Net-tiled from the block's own (or a loaded pretrained) MLP.
     """
+
+    #: Range-check context ids that arrive already on an accelerator. Off by default: it reads them back,
+    #: which makes every forward wait for the device. Ids given on the host are always checked there.
+    check_device_ids: bool = False
 
     def __init__(
         self,
@@ -167,7 +179,6 @@ class PrismViT(
             if projectors
             else None
         )
-        self._last_context: tuple[Tensor, ContextKind] | None = None
 
     # ------------------------------------------------------------------ inputs
     def context_table(self, kind: ContextKind) -> nn.Embedding:
@@ -181,10 +192,6 @@ class PrismViT(
                 )
             return self.task_embed
         raise ValueError(f"context kind must be 'teacher' or 'task', got {kind!r}")
-
-    def _check_inputs(self, x: Tensor, context: Tensor | int, kind: ContextKind) -> Tensor:
-        self._check_images(x)
-        return self._check_context(context, x.shape[0], kind, x.device)
 
     def _check_images(self, x: Tensor) -> None:
         if x.ndim != 4:
@@ -200,110 +207,262 @@ class PrismViT(
                 "or with dynamic_img_size=True"
             )
 
-    def _check_context(
-        self, context: Tensor | int, b: int, kind: ContextKind, device: torch.device
-    ) -> Tensor:
-        table = self.context_table(kind)
+    def _context_ids(self, context: Context, b: int, kind: ContextKind, device: torch.device) -> Tensor:
+        """``context`` as (b,) int64 ids on ``device``, range-checked where that needs no device read.
+
+        Ids given on the host (an int, a sequence of ints, a CPU tensor) are checked there, before they
+        are moved. Ids already on an accelerator are checked only when :attr:`check_device_ids` is set:
+        reading them back would make every forward wait for the device. Under ``torch.compile`` tensor ids
+        are not checked (the check would break the graph).
+        """
+        n = self.context_table(kind).num_embeddings
+        if context is None:
+            if self.uses_context:
+                raise ValueError(
+                    f"this model routes by context: give {kind} ids (one per sample, or one for the batch)"
+                )
+            context = 0
         if isinstance(context, int):
-            context = torch.full((b,), context, dtype=torch.long, device=device)
+            if not 0 <= context < n:
+                raise ValueError(f"{kind} context ids must be in [0, {n}) for this model, got {context}")
+            return torch.full((b,), context, dtype=torch.long, device=device)
+        if not isinstance(context, Tensor):
+            try:
+                context = torch.as_tensor(context)
+            except (TypeError, ValueError, RuntimeError):
+                raise ValueError(
+                    f"context must be an int, a sequence of ints or an integer tensor of shape ({b},), got "
+                    f"{context!r}"
+                ) from None
         if context.dtype not in (torch.int64, torch.int32) or context.shape != (b,):
             raise ValueError(
                 f"context must be an integer tensor of shape ({b},) (one {kind} id per sample), "
                 f"got dtype {context.dtype} and shape {tuple(context.shape)}"
             )
-        n = table.num_embeddings
-        if not torch.compiler.is_compiling() and bool(((context < 0) | (context >= n)).any()):
+        checkable = context.device.type == "cpu" or self.check_device_ids
+        if checkable and not torch.compiler.is_compiling() and bool(((context < 0) | (context >= n)).any()):
             raise ValueError(f"{kind} context ids must be in [0, {n}) for this model, got {context.tolist()}")
-        return context.to(device=device, dtype=torch.long)
+        return context.to(device=device, dtype=torch.long, non_blocking=True)
 
     # ------------------------------------------------------------------ forward
-    def forward_taps(
-        self, x: Tensor, context: Tensor | int, kind: ContextKind = "teacher", lb_groups: int = 1
-    ) -> tuple[list[Tensor], Tensor]:
-        """Taps (list of (B, N, D), final norm applied) and the summed load-balancing loss of the MoE layers.
+    def forward(  # type: ignore[override]
+        self,
+        x: Tensor,
+        context: Context = None,
+        kind: ContextKind = "teacher",
+        *,
+        return_routing: bool = False,
+    ) -> PrismOutput:
+        """The feature taps of images ``x`` (B, C, H, W) under ``context`` ids, and the aux loss.
 
-        ``lb_groups`` balances equal consecutive parts of the batch separately, as if each were its own
-        forward pass (batched Stage-2 task passes).
+        ``context``: one ``kind`` id per sample ((B,) tensor or sequence) or one int for the whole batch;
+        ``None`` only for a model whose output does not depend on it (:attr:`uses_context` false).
+        ``return_routing``: also return each dual-stream block's routing and λ (``PrismOutput.routing``).
+        The blocks after the last feature tap are not run.
         """
-        context = self._check_inputs(x, context, kind)
-        self._last_context = (context.detach(), kind)
-        return self._run_blocks(self._embed(x), self.context_table(kind)(context), 0, lb_groups)
+        self._check_images(x)
+        ids = self._context_ids(context, x.shape[0], kind, x.device)
+        cond = self.context_table(kind)(ids)
+        last = self.tap_layers[-1]
+        _, outs, aux, routing = self._run_blocks(self._embed(x), cond, 0, last, self.tap_layers)
+        return PrismOutput([self.norm(t) for t in outs], aux, ids, kind, routing if return_routing else None)
 
     def forward_contexts(
-        self, x: Tensor, contexts: Sequence[int], kind: ContextKind = "task"
-    ) -> tuple[list[Tensor], Tensor]:
+        self, x: Tensor, contexts: Sequence[int], kind: ContextKind = "task", *, return_routing: bool = False
+    ) -> PrismOutput:
         """One pass per context id (for the whole batch), batched context-major as (T·B, N, D) taps.
 
         Nothing before the first dual-stream block's routing depends on the context: the blocks before it,
         and its attention, λ, anchor, shared expert and router input gate, run once for all passes. The
         load-balancing loss is balanced per pass and averaged.
         """
-        taps, aux = self.forward_passes(x, [(kind, int(c)) for c in contexts])
-        return taps, aux.mean()
+        out = self.forward_passes(x, [(kind, int(c)) for c in contexts], return_routing=return_routing)
+        return replace(out, aux_loss=out.aux_loss.mean())
 
     def forward_passes(
-        self, x: Tensor, passes: Sequence[tuple[ContextKind, Tensor | int]]
-    ) -> tuple[list[Tensor], Tensor]:
+        self, x: Tensor, passes: Sequence[tuple[ContextKind, Context]], *, return_routing: bool = False
+    ) -> PrismOutput:
         """Several passes over the same images, each with its own contexts, sharing the context-free work.
 
-        ``passes`` holds (kind, context) pairs, the context one id for the whole batch or a (B,) tensor of
-        per-sample ids — e.g. every task pass of Stage 2 plus its teacher pass. Returns the taps batched
-        pass-major, (P·B, N, D), and the load-balancing loss of each pass, (P,), each balanced on its own as
-        if it had been a separate forward. The results equal P separate ``forward_taps`` calls up to
-        floating-point reordering (and, in training, the random draws of expert dropout and noisy gating).
+        ``passes`` holds (kind, context) pairs, the context one id for the whole batch or one per sample —
+        e.g. every task pass of Stage 2 plus its teacher pass. Returns the taps batched pass-major,
+        (P·B, N, D), and the load-balancing loss of each pass, (P,), each balanced on its own as if it had
+        been a separate forward. The results equal P separate forward calls up to floating-point
+        reordering (and, in training, the random draws of expert dropout and noisy gating).
         """
         if not passes:
             raise ValueError("forward_passes needs at least one (kind, context) pass")
         p, b = len(passes), x.shape[0]
         self._check_images(x)
-        ids = [self._check_context(c, b, kind, x.device) for kind, c in passes]
+        ids = torch.cat([self._context_ids(c, b, kind, x.device) for kind, c in passes])
         kinds = {kind for kind, _ in passes}
         # Routing statistics group samples by context id, which is only meaningful within one kind.
-        self._last_context = (torch.cat(ids), passes[0][0]) if len(kinds) == 1 else None
-        cond = torch.cat([self.context_table(kind)(i) for (kind, _), i in zip(passes, ids, strict=True)])
-        if not self.moe_layers:  # a dense student: every pass computes the same taps
-            taps, _ = self._run_blocks(self._embed(x), cond[:b], 0, lb_groups=1)
-            return [t.repeat(p, 1, 1) for t in taps], x.new_zeros(p, dtype=torch.float32)
-        first = self.moe_layers[0]
+        kind = passes[0][0] if len(kinds) == 1 else None
+        cond = torch.cat([self.context_table(k)(ids[i * b : (i + 1) * b]) for i, (k, _) in enumerate(passes)])
+        last = self.tap_layers[-1]
+        if not self.routed_layers:  # no routing up to the last tap: every pass computes the same taps
+            _, outs, _, _ = self._run_blocks(self._embed(x), cond[:b], 0, last, self.tap_layers)
+            taps = [self.norm(t).repeat(p, 1, 1) for t in outs]
+            aux = x.new_zeros(p, dtype=torch.float32)
+            return PrismOutput(taps, aux, ids, kind, {} if return_routing else None)
+        first = self.routed_layers[0]
         h = self._embed(x)
-        taps = []
-        for i, block in enumerate(self.blocks[:first]):
-            h = block(h)
-            if i in self.tap_layers:
-                taps.append(self.norm(h).repeat(p, 1, 1))
-        h, aux = cast(DualStreamBlock, self.blocks[first]).forward_contexts(h, cond, p, per_group=True)
+        h, outs, _, _ = self._run_blocks(h, cond[:b], 0, first - 1, self.tap_layers)
+        taps = [self.norm(t).repeat(p, 1, 1) for t in outs]
+        block = cast(DualStreamBlock, self.blocks[first])
+        h, aux, first_routing = self._call(block.forward_contexts, h, cond, p, True)
         if first in self.tap_layers:
             taps.append(self.norm(h))
-        if first < self.tap_layers[-1]:
-            rest, rest_aux = self._run_blocks(h, cond, first + 1, lb_groups=p, per_group=True)
-            taps, aux = taps + rest, aux + rest_aux
-        return taps, aux
+        routing = {first: first_routing}
+        if first < last:
+            _, outs, rest_aux, rest = self._run_blocks(h, cond, first + 1, last, self.tap_layers, p, True)
+            taps, aux = taps + [self.norm(t) for t in outs], aux + rest_aux
+            routing.update(rest)
+        return PrismOutput(taps, aux, ids, kind, routing if return_routing else None)
+
+    def forward_features(  # type: ignore[override]
+        self, x: Tensor, context: Context = None, kind: ContextKind = "teacher"
+    ) -> Tensor:
+        """timm's ``forward_features``: every block, then the final norm, (B, N, D) — context as for
+        :meth:`forward`. ``forward_head`` then pools it (class token)."""
+        self._check_images(x)
+        cond = self.context_table(kind)(self._context_ids(context, x.shape[0], kind, x.device))
+        h, _, _, _ = self._run_blocks(self._embed(x), cond, 0, len(self.blocks) - 1, ())
+        return self.norm(h)
+
+    def forward_intermediates(  # type: ignore[override]
+        self,
+        x: Tensor,
+        indices: int | Sequence[int] | None = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+        output_dict: bool = False,
+        *,
+        context: Context = None,
+        kind: ContextKind = "teacher",
+    ) -> list[Tensor] | tuple[Tensor, list[Tensor]] | dict[str, Any]:
+        """timm's ``forward_intermediates``, with the ``context`` ids (and their ``kind``) as for
+        :meth:`forward`.
+
+        ``indices``: the last n blocks if an int, every block if ``None``, else those block indices;
+        ``norm`` applies the final norm to them (PRISM's taps are normed); ``output_fmt`` ``"NCHW"``
+        (patch tokens as maps) or ``"NLC"``. Returns the intermediates (``intermediates_only``), or the
+        final normed tokens and the intermediates, or timm's dictionary (``output_dict``).
+        """
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        self._check_images(x)
+        cond = self.context_table(kind)(self._context_ids(context, x.shape[0], kind, x.device))
+        take, max_index = feature_take_indices(len(self.blocks), _as_indices(indices))
+        stop = max_index if stop_early or intermediates_only else len(self.blocks) - 1
+        h, feats, _, _ = self._run_blocks(self._embed(x), cond, 0, stop, take)
+        if norm:
+            feats = [self.norm(f) for f in feats]
+        prefix = [f[:, : self.num_prefix_tokens] for f in feats] if self.num_prefix_tokens else None
+        feats = [f[:, self.num_prefix_tokens :] for f in feats]
+        if output_fmt == "NCHW":
+            gh, gw = self.patch_embed.dynamic_feat_size(x.shape[-2:])
+            feats = [f.reshape(x.shape[0], gh, gw, -1).permute(0, 3, 1, 2).contiguous() for f in feats]
+        if output_dict:
+            result: dict[str, Any] = {"image_intermediates": feats}
+            if prefix is not None and return_prefix_tokens:
+                result["image_intermediates_prefix"] = prefix
+            if not intermediates_only:
+                result["image_features"] = self.norm(h)
+            return result
+        out: list[Any] = list(zip(feats, prefix, strict=True)) if return_prefix_tokens and prefix else feats
+        return out if intermediates_only else (self.norm(h), out)
+
+    def get_intermediate_layers(  # type: ignore[override]
+        self,
+        x: Tensor,
+        n: int | Sequence[int] = 1,
+        reshape: bool = False,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        *,
+        context: Context = None,
+        kind: ContextKind = "teacher",
+    ) -> list[Tensor]:
+        """timm's (DINO's) ``get_intermediate_layers``, with the context as for :meth:`forward`."""
+        return cast(
+            "list[Tensor]",
+            self.forward_intermediates(
+                x,
+                n,
+                return_prefix_tokens=return_prefix_tokens,
+                norm=norm,
+                output_fmt="NCHW" if reshape else "NLC",
+                intermediates_only=True,
+                context=context,
+                kind=kind,
+            ),
+        )
+
+    def prune_intermediate_layers(
+        self, indices: int | Sequence[int] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        """Drop the blocks after the last of ``indices`` (timm's, for ``features_only``); they become the
+        feature taps. ``prune_head`` also drops the projector heads (and any classifier)."""
+        take, max_index = feature_take_indices(len(self.blocks), _as_indices(indices))
+        if not prune_head and self.projectors is not None and tuple(take) != self.tap_layers:
+            raise ValueError(
+                f"pruning to blocks {list(take)} moves the feature taps {list(self.tap_layers)} that the "
+                "projector heads follow: prune with prune_head=True"
+            )
+        self.blocks = self.blocks[: max_index + 1]
+        self.moe_layers = tuple(i for i in self.moe_layers if i <= max_index)
+        self.wide_layers = tuple(i for i in self.wide_layers if i <= max_index)
+        self.tap_layers = tuple(sorted(take))
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.projectors = None
+            self.fc_norm = nn.Identity()
+            self.reset_classifier(0, "")
+        return list(take)
 
     def _embed(self, x: Tensor) -> Tensor:
         return self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
 
     def _run_blocks(
-        self, x: Tensor, cond: Tensor, start: int, lb_groups: int, per_group: bool = False
-    ) -> tuple[list[Tensor], Tensor]:
-        taps: list[Tensor] = []
+        self,
+        x: Tensor,
+        cond: Tensor,
+        start: int,
+        stop: int,
+        take: Collection[int],
+        lb_groups: int = 1,
+        per_group: bool = False,
+    ) -> tuple[Tensor, list[Tensor], Tensor, dict[int, BlockRouting]]:
+        """Blocks ``start``..``stop`` (inclusive) on tokens ``x``: the last output, the outputs of the
+        blocks in ``take`` (no norm), the summed load-balancing loss and each dual-stream block's routing."""
+        outs: list[Tensor] = []
+        routing: dict[int, BlockRouting] = {}
         aux = x.new_zeros((lb_groups,) if per_group else (), dtype=torch.float32)
-        for i in range(start, self.tap_layers[-1] + 1):
+        for i in range(start, stop + 1):
             block = self.blocks[i]
             if isinstance(block, DualStreamBlock):
-                x, layer_aux = block(x, cond, lb_groups, per_group)
+                x, layer_aux, routing[i] = self._call(block, x, cond, lb_groups, per_group)
                 aux = aux + layer_aux
             else:
-                x = block(x)
-            if i in self.tap_layers:
-                taps.append(self.norm(x))
-        return taps, aux
+                x = self._call(block, x)
+            if i in take:
+                outs.append(x)
+        return x, outs, aux, routing
 
-    def forward(  # type: ignore[override]
-        self, x: Tensor, context: Tensor | int, kind: ContextKind = "teacher", return_aux: bool = False
-    ) -> list[Tensor] | tuple[list[Tensor], Tensor]:
-        """The feature taps for images ``x`` under per-sample ``context`` ids; with the aux loss if asked."""
-        taps, aux = self.forward_taps(x, context, kind)
-        return (taps, aux) if return_aux else taps
+    def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)``, under activation checkpointing when it is on and gradients are recorded.
+
+        The random draws of expert dropout and router noise are replayed in the recomputation, so the
+        gradients are those of the plain forward.
+        """
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
 
     # ------------------------------------------------------------------ projections
     def grid_size(self, x_or_hw: Tensor | tuple[int, int]) -> tuple[int, int]:
@@ -366,7 +525,7 @@ class PrismViT(
         return bool(self.moe_layers) and self.moe_config.conditioning != "none"
 
     @torch.no_grad()
-    def trace(self, x: Tensor, context: Tensor | int, kind: ContextKind = "teacher") -> dict[str, Any]:
+    def trace(self, x: Tensor, context: Context, kind: ContextKind = "teacher") -> dict[str, Any]:
         """One forward pass with everything the analysis tools and conformance tests read.
 
         Returns ``taps`` (list of (B, N, D)); per MoE layer the forward runs (block indices under
@@ -375,59 +534,53 @@ class PrismViT(
         ``aux_loss``; and, for teacher contexts on a model with projector heads, ``projections``
         {teacher id: per tap (B_t, C, h, w)} computed on each sample's own teacher.
         """
-        taps, aux = self.forward_taps(x, context, kind)
-        blocks = self.routed_blocks
-        # The forward just ran every one of these blocks, so each has kept its routing.
-        routings = [cast(Routing, b.last_routing) for b in blocks]
-        out: dict[str, Any] = {
-            "taps": taps,
-            "layers": list(self.routed_layers),
-            "router_logits": [r.logits for r in routings],
-            "topk": [r.indices for r in routings],
-            "topk_weights": [r.weights for r in routings],
-            "lambda": [b.last_lambda for b in blocks],
-            "aux_loss": aux,
+        out = self(x, context, kind, return_routing=True)
+        routing = list(cast("dict[int, BlockRouting]", out.routing).values())
+        traced: dict[str, Any] = {
+            "taps": out.taps,
+            "layers": list(cast("dict[int, BlockRouting]", out.routing)),
+            "router_logits": [r.logits for r in routing],
+            "topk": [r.indices for r in routing],
+            "topk_weights": [r.weights for r in routing],
+            "lambda": [r.lam for r in routing],
+            "aux_loss": out.aux_loss,
         }
         if kind == "teacher" and self.projectors is not None:
-            assert self._last_context is not None  # set by forward_taps
-            ids, _ = self._last_context
-            out["projections"] = self.project_by_teacher(taps, ids, self.grid_size(x))
-        return out
+            traced["projections"] = self.project_by_teacher(out.taps, out.context, self.grid_size(x))
+        return traced
 
     @torch.no_grad()
-    def routing_stats(self) -> dict[str, Any]:
-        """Statistics of the last forward pass, from what it kept (no recomputation, no host sync).
+    def routing_stats(self, out: PrismOutput) -> dict[str, Any]:
+        """Routing statistics of a forward's output (run with ``return_routing=True``), on its device.
 
         ``expert_counts``: per MoE layer the forward ran (block indices under ``layers``, see
         :attr:`routed_layers`) the (n_contexts, E) number of (token, expert) assignments with a positive
         weight per context id; ``lambda_mean``: per such layer (n_contexts,) mean λ over the tokens of each
-        context (NaN for contexts absent from the batch); ``kind``: the context kind.
+        context (NaN for contexts absent from the batch); ``kind``: the context kind. Computed on the
+        device without reading anything back.
         """
-        if self._last_context is None:
-            raise RuntimeError(
-                "routing_stats() needs a forward pass first, with contexts of one kind (the last pass was "
-                "missing or mixed teacher and task contexts)"
+        if out.routing is None:
+            raise ValueError("routing_stats needs the output of a forward run with return_routing=True")
+        if out.kind is None:
+            raise ValueError(
+                "routing_stats needs contexts of one kind; the passes of this output mixed teacher and "
+                "task contexts"
             )
-        ids, kind = self._last_context
+        ids, kind = out.context, out.kind
         n_ctx = self.context_table(kind).num_embeddings
+        e = self.moe_config.num_experts
         counts, lambdas = [], []
-        for block in self.routed_blocks:
-            # The last forward ran every routed layer, so each has kept its routing and λ.
-            r = cast(Routing, block.last_routing)
-            b, n, k = r.indices.shape
-            e = self.moe_config.num_experts
+        for r in out.routing.values():
+            b, n, _ = r.indices.shape
             bins = (ids.view(b, 1, 1) * e + r.indices).reshape(-1)
             used = (r.weights > 0).reshape(-1).to(torch.float32)
             counts.append(torch.zeros(n_ctx * e, device=ids.device).index_add_(0, bins, used).view(n_ctx, e))
-            lam_sum = torch.zeros(n_ctx, device=ids.device).index_add_(
-                0, ids, cast(Tensor, block.last_lambda).float().sum((1, 2))
-            )
+            lam_sum = torch.zeros(n_ctx, device=ids.device).index_add_(0, ids, r.lam.float().sum((1, 2)))
             tokens = torch.zeros(n_ctx, device=ids.device).index_add_(
                 0, ids, torch.full_like(ids, n, dtype=torch.float32)
             )
             lambdas.append(lam_sum / tokens)
-        layers = list(self.routed_layers)
-        return {"kind": kind, "layers": layers, "expert_counts": counts, "lambda_mean": lambdas}
+        return {"kind": kind, "layers": list(out.routing), "expert_counts": counts, "lambda_mean": lambdas}
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         """Parameters split by origin for the Stage-1 learning rates (SPEC §6).
@@ -476,6 +629,10 @@ class PrismViT(
                 pos, self.patch_embed.grid_size, self.num_prefix_tokens
             )
         return self.load_state_dict(state_dict, strict=strict, assign=assign)
+
+
+def _as_indices(indices: int | Sequence[int] | None) -> int | list[int] | None:
+    return indices if indices is None or isinstance(indices, int) else list(indices)
 
 
 def resample_pos_embed(pos_embed: Tensor, grid: Sequence[int], num_prefix_tokens: int = 1) -> Tensor:

@@ -4,6 +4,7 @@ Importing :mod:`prism_vfm` registers ``prism_vit_{tiny,small,base,large}_patch16
 
     import prism_vfm, timm
     model = timm.create_model("prism_vit_base_patch16_384", pretrained=False, img_size=224)
+    backbone = timm.create_model("prism_vit_base_patch16_384", features_only=True, feature_cfg={"context": 0})
 
 ``pretrained=True`` starts from the ImageNet-21k AugReg ViT weights the official runs start from: the
 pretrained MLP of every dual-stream block becomes its anchor, its shared expert and each routed expert.
@@ -24,6 +25,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 
 from prism_vfm.compat.official import infer_config, read_official
 from prism_vfm.data.image_folder import IMAGENET_MEAN, IMAGENET_STD
+from prism_vfm.models.features import PrismFeatures
 from prism_vfm.models.load import RELEASE_REPO, RELEASED, checkpoint_filter_fn, release_file
 from prism_vfm.models.prism_vit import PrismViT
 from prism_vfm.utils.io import read_torch_file
@@ -96,8 +98,20 @@ def _create(variant: str, pretrained: bool, **kwargs: Any) -> PrismViT:
         if cfg.tag in RELEASED.get(variant, {}):
             return _create_released(variant, cfg, args)
     return build_model_with_cfg(
-        PrismViT, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **args
+        PrismViT,
+        variant,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=_feature_cfg(args),
+        **args,
     )
+
+
+def _feature_cfg(args: dict[str, Any]) -> dict[str, Any]:
+    """What ``features_only=True`` builds (``args``' own ``feature_cfg`` taken out and merged in): the
+    feature taps by default, through ``forward_intermediates``, which takes the context."""
+    taps = args.get("tap_layers") or args["moe_layers"]
+    return {"feature_cls": PrismFeatures, "out_indices": tuple(taps), **(args.pop("feature_cfg", None) or {})}
 
 
 def _create_released(variant: str, cfg: Any, args: dict[str, Any]) -> PrismViT:
@@ -117,12 +131,17 @@ def _create_released(variant: str, cfg: Any, args: dict[str, Any]) -> PrismViT:
         # timm wraps the model after loading it: hand it the weights through the configuration.
         args["pretrained_cfg_overlay"] = dict(args.get("pretrained_cfg_overlay") or {}, state_dict=state)
         model = build_model_with_cfg(
-            PrismViT, variant, True, pretrained_filter_fn=checkpoint_filter_fn, **args
+            PrismViT,
+            variant,
+            True,
+            pretrained_filter_fn=checkpoint_filter_fn,
+            feature_cfg=_feature_cfg(args),
+            **args,
         )
         cast(dict, model.pretrained_cfg).pop("state_dict", None)  # keep no second copy of the weights
         return model
     with torch.device("meta"):  # every value comes from the file: no random initialisation to waste
-        model = build_model_with_cfg(PrismViT, variant, False, **args)
+        model = build_model_with_cfg(PrismViT, variant, False, feature_cfg=_feature_cfg(args), **args)
     model.load_state_dict(checkpoint_filter_fn(state, model), strict=True, assign=True)
     return model
 
