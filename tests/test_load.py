@@ -402,3 +402,9 @@ def test_info_and_convert_on_vidprism_sources(tmp_path, capsys):
     _same(load(tmp_path / "converted")[0], model)
     with pytest.raises(ValueError, match="holds a VidPrism"):
         main(["convert", str(tmp_path / "folder"), str(tmp_path / "official.pth")])
+
+
+def test_a_vidprism_folder_is_no_student_to_initialise_from(tmp_path):
+    _tiny_vidprism().save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="holds a VidPrism model, not a PRISM student"):
+        load_into(tiny_student(), tmp_path)

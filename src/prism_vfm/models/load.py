@@ -274,7 +274,7 @@ def load_into(
     grid = None
     if path.is_dir():
         folder, kind = _checkpoint_folder(path, step)
-        config = _read_config(folder)
+        config = _student_config(folder)
         grid = saved_grid(config.get("student_args", config))
         state = read_safetensors_file(folder / "model.safetensors")
         path = folder
@@ -293,7 +293,7 @@ def student_args(source: str | os.PathLike, step: int | None = None) -> dict[str
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist; expected {_KINDS}")
     if path.is_dir():
-        config = _read_config(_checkpoint_folder(path, step)[0])
+        config = _student_config(_checkpoint_folder(path, step)[0])
         if "student_args" in config:
             return {**config["student_args"], "num_tasks": len(config["tasks"])}
         return config
@@ -417,6 +417,15 @@ def _read_config(folder: Path) -> dict[str, Any]:
         return cast("dict[str, Any]", json.loads(file.read_text()))
     except json.JSONDecodeError as exc:
         raise ValueError(f"{file}: not valid JSON ({exc})") from None
+
+
+def _student_config(folder: Path) -> dict[str, Any]:
+    """The ``config.json`` of a folder that must hold a PRISM student (Stage 1 or 2)."""
+    config = _read_config(folder)
+    for other in SOURCE_KINDS.values():
+        if other.describes_folder(config):
+            raise ValueError(f"{folder} holds a {other.name} model, not a PRISM student")
+    return config
 
 
 def _no_decoder_heads(where: Path, family: str, multitask: bool | None) -> None:
