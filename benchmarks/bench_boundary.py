@@ -24,7 +24,12 @@ import torch
 from scipy import ndimage
 
 import harness
-from prism_vfm.metrics.boundary import MATCHERS, MAX_DIST_RATIO, boundary_ground_truth, count_boundaries
+from prism_vfm.metrics.boundary import (
+    MATCHERS,
+    boundary_ground_truth,
+    count_boundaries,
+    dataset_max_dist_ratio,
+)
 
 
 def synthetic_image(size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -60,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
 
     images = [synthetic_image(args.size, seed) for seed in range(args.images)]
     edges, labels = [e for e, _ in images], [g for _, g in images]
-    ratio = MAX_DIST_RATIO[args.dataset]
+    ratio = dataset_max_dist_ratio(args.dataset)
     cpu_seconds: dict[str, list[float]] = {matcher: [] for matcher in MATCHERS}
 
     def evaluate(matcher: str) -> None:

@@ -103,10 +103,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--backends", default="loop,padded,grouped", help="comma-separated dispatch backends")
     parser.add_argument("--modes", default="train,eval", help="comma-separated: train (fwd+bwd), eval (fwd)")
     parser.add_argument(
-        "--fresh-grad-memory",
+        "--kept-grad-memory",
         action="store_true",
-        help="also time the loop backend with keep_grad_memory=False (fresh weight-gradient memory each "
-        "backward, as before GradMemory)",
+        help="also time the loop backend with keep_grad_memory=True (the opt-in GradMemory: weight-gradient "
+        "memory kept between backward passes)",
     )
     args = parser.parse_args(argv)
     if harness.in_processes(args, argv):
@@ -127,10 +127,10 @@ def main(argv: list[str] | None = None) -> None:
     with amp:
         auto = default_backend(u, torch.empty(cfg.num_experts, dim, hidden, device=device))
     blocks = build_blocks(args.backends.split(","), auto, dim, cfg, u, amp, device)
-    if args.fresh_grad_memory:
-        fresh = build_blocks(["loop"], "loop", dim, cfg, u, amp, device)["loop"]
-        fresh.moe.experts.keep_grad_memory = False
-        blocks[FRESH] = fresh
+    if args.kept_grad_memory:
+        kept = build_blocks(["loop"], "loop", dim, cfg, u, amp, device)["loop"]
+        kept.moe.experts.keep_grad_memory = True
+        blocks[KEPT] = kept
     loop_block = blocks.get("loop", blocks[auto])
     with amp:
         counts = sort_by_expert(loop_block.moe.router(u, cond).indices, cfg.num_experts)[2]
@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> None:
     harness.finish()
 
 
-FRESH = "loop, fresh gradient memory"
+KEPT = "loop, kept gradient memory"
 
 
 def ffn_name(backend: str) -> str:

@@ -25,8 +25,8 @@ import torch
 from torch import Tensor
 
 import harness
+from prism_vfm.data.registry import DATASETS
 from prism_vfm.finetune.trainer import MultiTaskStep
-from prism_vfm.losses.tasks import TASK_OUTPUT_CHANNELS
 from prism_vfm.models.multitask import PrismMultiTask
 
 TARGET_INFERENCE = 1.12
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--batches", default="1,8", help="comma-separated inference batch sizes")
     parser.add_argument("--train-batch", type=int, default=4)
-    parser.add_argument("--dataset", default="pascalcontext", choices=sorted(TASK_OUTPUT_CHANNELS))
+    parser.add_argument("--dataset", default="pascalcontext", choices=sorted(DATASETS))
     parser.add_argument("--modes", default="eval,train", help="comma-separated: eval, train")
     args = parser.parse_args(argv)
     if harness.in_processes(args, argv):
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         student_args.update(QUICK)
     torch.manual_seed(0)
-    model = PrismMultiTask(student_args, TASK_OUTPUT_CHANNELS[args.dataset]).to(device)
+    model = PrismMultiTask(student_args, dict(DATASETS[args.dataset].tasks)).to(device)
     student, tasks = model.student, model.task_names
 
     harness.describe(args, device, memory=True)

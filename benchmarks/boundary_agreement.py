@@ -30,10 +30,10 @@ from scipy import ndimage
 from prism_vfm.data.scenes import render_scene
 from prism_vfm.metrics import boundary
 from prism_vfm.metrics.boundary import (
-    MAX_DIST_RATIO,
     THRESHOLDS,
     boundary_ground_truth,
     boundary_scores,
+    dataset_max_dist_ratio,
     edge_nms,
     image_counts,
     seg2bmap,
@@ -115,7 +115,7 @@ def bsds_counts(edge: np.ndarray, ground_truth: np.ndarray, ratio: float, ks: np
     for j, k in enumerate(ks):
         pred = boundary.thin(levels >= THRESHOLDS[k])
         boundary._reseed_matcher()
-        matched_pred, matched_gt, _, _ = boundary.correspond_pixels(pred, gt, max_dist=ratio)
+        matched_pred, matched_gt, _, _ = boundary.pyedgeeval().correspond_pixels(pred, gt, max_dist=ratio)
         counts[:, j] = (matched_gt > 0).sum(), gt.sum(), (matched_pred > 0).sum(), pred.sum()
     return counts
 
@@ -123,7 +123,7 @@ def bsds_counts(edge: np.ndarray, ground_truth: np.ndarray, ratio: float, ks: np
 def evaluate_scene(scene_index: int, seed: int, ks: np.ndarray) -> list[dict]:
     results = []
     for index, dataset, kind, edge, ground_truth in make_maps(scene_index, seed):
-        ratio = MAX_DIST_RATIO[dataset]
+        ratio = dataset_max_dist_ratio(dataset)
         start = time.process_time()
         fast = image_counts(edge, ground_truth, ratio, "fast")
         fast_seconds = time.process_time() - start

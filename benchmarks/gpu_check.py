@@ -69,6 +69,9 @@ from prism_vfm.data.tiny_dense import write_tiny_pascal
 root = Path(sys.argv[1])
 write_tiny_image_folder(root / "images", n_classes=3, per_class=8, size=(40, 48), seed=0)
 write_tiny_pascal(root / "PASCALContext", n_train=8, n_val=3, size=(40, 48), seed=0)
+# The tiny backbone has no published single-task scores: placeholders, so that Δm is computed.
+tasks = ("semseg", "human_parts", "normals", "edge", "sal")
+(root / "baselines.json").write_text("{" + ", ".join(f'"{t}": 50.0' for t in tasks) + "}")
 print("written", root)
 """
 
@@ -179,6 +182,8 @@ def plan(
         "--workers",
         "2",
         "--save-edges",
+        "--baselines",
+        str(data / "baselines.json"),
         "--img-size",
         "48",
         "64",  # the tiny preset's size

@@ -8,20 +8,46 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+SLIM_FIXTURES = REPO_ROOT / "tests" / "fixtures" / "prism_official"
 
 
 def fixtures_root() -> Path:
-    """The official fixtures: ``$PRISM_FIXTURES`` or ``../shared/fixtures/prism_official`` beside the repo."""
+    """The official fixtures: ``$PRISM_FIXTURES`` (e.g. the full set) or the slimmed copy in the repo."""
     env = os.environ.get("PRISM_FIXTURES")
-    root = Path(env) if env else REPO_ROOT.parent / "shared" / "fixtures" / "prism_official"
+    root = Path(env) if env else SLIM_FIXTURES
     if not root.is_dir():
         raise FileNotFoundError(
-            f"official fixtures not found at {root}; check out `shared/` beside the repository "
-            "or point PRISM_FIXTURES at the `prism_official` folder"
+            f"official fixtures not found at {root}; PRISM_FIXTURES must name a `prism_official` folder"
         )
     return root
+
+
+class OfficialReference:
+    """A fixture's ``reference.safetensors``, full or slimmed (``slim.json`` names the kept indices).
+
+    ``ref[name]`` is the stored official tensor; ``ref.pick(name, ours)`` selects from our full-size
+    result the same tokens / pixels the stored tensor keeps, so one comparison serves both sets.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.tensors = load_file(folder / "reference.safetensors")
+        slim = folder / "slim.json"
+        self.selections = load_json(slim)["selections"] if slim.exists() else {}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.tensors[name]
+
+    def pick(self, name: str, ours: torch.Tensor) -> torch.Tensor:
+        sel = self.selections.get(name)
+        if sel is None:
+            return ours
+        assert list(ours.shape) == sel["full_shape"], (name, list(ours.shape), sel["full_shape"])
+        for dim, index in sel["index"].items():
+            ours = ours.index_select(int(dim), torch.tensor(index, device=ours.device))
+        return ours
 
 
 @pytest.fixture(scope="session")

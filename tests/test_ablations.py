@@ -260,6 +260,9 @@ def main_exit_code(argv: list[str]) -> int:
     return exc.value.code
 
 
+BASELINES = {"semseg": 50.0, "human_parts": 50.0, "normals": 30.0, "edge": 50.0, "sal": 50.0}
+
+
 def test_stage2_variant_changes_only_its_loss_and_teachers():
     base = stage2_preset("tiny")
     cfg = apply_ablation(base, "wo_decorrelation+dinov2_sam")
@@ -275,7 +278,7 @@ def test_sweep_writes_one_table_and_never_retrains_a_finished_variant(images, tm
         stage2_preset("tiny"), [("data", str(tmp_path / "PASCALContext")), ("max_steps", 2), ("val_every", 2)]
     )
     out = tmp_path / "sweep"
-    rows = run_sweep(["dense", "vanilla_moe"], stage1, out, stage2, eval_workers=1)
+    rows = run_sweep(["dense", "vanilla_moe"], stage1, out, stage2, eval_workers=1, baselines=BASELINES)
     table = json.loads((out / "comparison.json").read_text())
     assert [r["variant"] for r in table["rows"]] == ["dense", "vanilla_moe"] and table["rows"] == rows
     assert table["settings"]["stage1"]["max_steps"] == 2
@@ -294,10 +297,10 @@ def test_sweep_writes_one_table_and_never_retrains_a_finished_variant(images, tm
         raise AssertionError("a finished variant was trained again")
 
     monkeypatch.setattr(sweep_module, "_train", no_training)
-    again = run_sweep(["dense", "vanilla_moe"], stage1, out, stage2, eval_workers=1)
+    again = run_sweep(["dense", "vanilla_moe"], stage1, out, stage2, eval_workers=1, baselines=BASELINES)
     assert again == rows
     with pytest.raises(ConfigError, match="unknown ablation 'nope'"):  # checked before anything trains
-        run_sweep(["dense", "nope"], stage1, out, stage2)
+        run_sweep(["dense", "nope"], stage1, out, stage2, baselines=BASELINES)
     main(["sweep", "--list"])
     listed = capsys.readouterr().out
     assert "wo_film" in listed and "vanilla_moe" in listed and "teachers<positions>" in listed

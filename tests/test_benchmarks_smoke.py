@@ -16,7 +16,7 @@ EXPECTED = {
         "ratio train [loop, auto] (b)/(a) FFN vs timm Mlp:",
         "ratio train [loop, auto] (b)/(c) dispatch overhead:",
         "ratio train [padded] (b)/(c) dispatch overhead:",
-        "ratio train [loop, fresh gradient memory] (b)/(c) dispatch overhead:",
+        "ratio train [loop, kept gradient memory] (b)/(c) dispatch overhead:",
         "ratio eval [loop, auto] (b)/(a) FFN vs timm Mlp:",
         "ratio train (c)/(a) floor vs timm Mlp:",
         "ratio train [loop, auto] (b)/(d) dispatch over the expert floor:",
@@ -58,7 +58,7 @@ EXPECTED = {
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("script", sorted(EXPECTED))
 def test_benchmark_quick_run_prints_its_ratios(script, tmp_path):
-    extra = ["--fresh-grad-memory"] if script == "bench_dual_stream.py" else []
+    extra = ["--kept-grad-memory"] if script == "bench_dual_stream.py" else []
     if script == "bench_stage1.py":  # the data-loader measurement too, on a generated image folder
         write_tiny_image_folder(tmp_path / "images")
         extra = ["--data", str(tmp_path / "images"), "--workers", "0", "--loader-batches", "2"]

@@ -342,7 +342,7 @@ def points(shape: tuple[int, int], *coordinates: tuple[int, int]) -> np.ndarray:
 
 def bsds_matched(prediction: np.ndarray, ground_truth: np.ndarray, ratio: float) -> int:
     boundary._reseed_matcher()
-    _, matched_gt, _, _ = boundary.correspond_pixels(prediction, ground_truth, max_dist=ratio)
+    _, matched_gt, _, _ = boundary.pyedgeeval().correspond_pixels(prediction, ground_truth, max_dist=ratio)
     return int((matched_gt > 0).sum())
 
 

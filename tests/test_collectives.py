@@ -25,11 +25,11 @@ from torch import nn
 from prism_vfm.config import apply_overrides
 from prism_vfm.data.dense_transforms import DenseTestTransform
 from prism_vfm.data.pascal_context import PascalContext
+from prism_vfm.data.registry import dataset_tasks
 from prism_vfm.data.tiny_dense import write_tiny_pascal
 from prism_vfm.evaluate import evaluate
 from prism_vfm.finetune.config import preset, resolved
 from prism_vfm.finetune.trainer import validate
-from prism_vfm.losses.tasks import TASK_OUTPUT_CHANNELS
 from prism_vfm.models.multitask import PrismMultiTask
 from prism_vfm.train import distributed
 from tests.tiny import TINY
@@ -129,7 +129,7 @@ def pascal(tmp_path_factory):
     root = tmp_path_factory.mktemp("collectives")
     write_tiny_pascal(root / "PASCALContext", n_train=2, n_val=3, size=(40, 48), seed=3)
     torch.manual_seed(0)
-    model = PrismMultiTask({**TINY, "img_size": (48, 64)}, TASK_OUTPUT_CHANNELS["pascalcontext"])
+    model = PrismMultiTask({**TINY, "img_size": (48, 64)}, dataset_tasks("pascalcontext"))
     model.save_pretrained(root / "model")
     return root
 
@@ -151,6 +151,7 @@ def _score(root: Path, out: Path, rank: int) -> None:
         workers=1,
         img_size=(48, 64),
         save_edges=True,
+        baselines=dict.fromkeys(cfg.tasks, 50.0),
     )
     (out / f"evaluate{rank}.json").write_text(json.dumps(result))
 

@@ -10,9 +10,9 @@ import torch
 from PIL import Image
 
 from prism_vfm.cli import main
+from prism_vfm.data.registry import dataset_tasks
 from prism_vfm.demo.pipeline import demo_config, run_demo
 from prism_vfm.demo.teachers import DEMO_TEACHERS, DemoTeacherConfig, prepare_teachers
-from prism_vfm.losses.tasks import dataset_tasks
 from prism_vfm.teachers import build_teacher
 
 FIGURES = (

@@ -13,8 +13,6 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from prism_vfm.data.dense_transforms import (
-    NYUD_INPUT_SIZE,
-    PASCAL_INPUT_SIZE,
     DenseTestTransform,
     DenseTrainTransform,
     build_dense_transform,
@@ -29,10 +27,11 @@ from prism_vfm.data.dense_transforms import (
     shift_hue,
 )
 from prism_vfm.data.image_folder import IMAGENET_MEAN, IMAGENET_STD
+from prism_vfm.data.labels import IGNORE_INDEX, check_label_values
 from prism_vfm.data.nyud import NYUDv2
 from prism_vfm.data.pascal_context import HUMAN_PART_CLASSES, PascalContext, edge_from_label_map
+from prism_vfm.data.registry import dataset_tasks, get_dataset
 from prism_vfm.data.tiny_dense import CONTEXT_CLASSES, write_tiny_nyud, write_tiny_pascal
-from prism_vfm.losses.tasks import IGNORE_INDEX, TASK_OUTPUT_CHANNELS, check_label_values
 
 SIZE = (48, 64)
 PERSON_ID, CAT_ID = "2008_000000", "2008_000002"  # image i shows a cat when i % 3 == 2
@@ -69,7 +68,7 @@ def _save_png(path, array) -> None:
 
 
 def _assert_label_ranges(dataset: str, sample: dict) -> None:
-    channels = TASK_OUTPUT_CHANNELS[dataset]
+    channels = dataset_tasks(dataset)
     for task in channels:
         label = sample[task]
         assert label.dtype == torch.float32 and label.ndim == 3, task
@@ -589,9 +588,9 @@ def test_train_transform_is_deterministic_under_a_fixed_generator():
 
 def test_default_input_sizes_and_a_batched_loader(pascal, nyud):
     sample = build_dense_transform("pascalcontext", train=False)(PascalContext(pascal.root, "val")[0])
-    assert sample["image"].shape == (3, *PASCAL_INPUT_SIZE)
+    assert sample["image"].shape == (3, *get_dataset("pascalcontext").input_size)
     sample = build_dense_transform("nyud", train=True)(NYUDv2(nyud.root, "val")[0])
-    assert sample["depth"].shape == (1, *NYUD_INPUT_SIZE)
+    assert sample["depth"].shape == (1, *get_dataset("nyud").input_size)
 
     dataset = PascalContext(pascal.root, "train", transform=DenseTrainTransform((32, 48)))
     batch = next(iter(DataLoader(dataset, batch_size=2)))

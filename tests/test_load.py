@@ -14,9 +14,9 @@ import prism_vfm
 from prism_vfm import PrismMultiTask, PrismViT, export_official, load_official
 from prism_vfm.cli import main
 from prism_vfm.compat.official import official_to_ours, ours_to_official, read_official
+from prism_vfm.data.registry import dataset_tasks
 from prism_vfm.distill.config import StudentConfig
 from prism_vfm.distill.student import build_student
-from prism_vfm.losses.tasks import TASK_OUTPUT_CHANNELS
 from prism_vfm.models.load import DENSE_VIT_FRESH, LoadError, load, load_into
 from prism_vfm.train.checkpoint import save_checkpoint
 from prism_vfm.utils.io import CheckpointReadError, UnsafePickleError
@@ -77,7 +77,7 @@ def test_a_non_square_model_the_library_saved_reloads_at_another_size(tmp_path):
     back = PrismViT(**{**TINY, "img_size": (32, 48)})
     load_into(back, tmp_path / "ns")
     torch.testing.assert_close(back.pos_embed, model.pos_embed)
-    multi = PrismMultiTask({**TINY, "img_size": (32, 48)}, TASK_OUTPUT_CHANNELS["nyud"]).eval()
+    multi = PrismMultiTask({**TINY, "img_size": (32, 48)}, dataset_tasks("nyud")).eval()
     multi.save_pretrained(tmp_path / "mt")
     bigger, report = load(tmp_path / "mt", img_size=(64, 48))
     assert isinstance(bigger, PrismMultiTask) and report.resampled == ["student.pos_embed"]
@@ -87,11 +87,11 @@ def test_a_non_square_model_the_library_saved_reloads_at_another_size(tmp_path):
 
 
 def test_info_works_on_a_stage2_folder_and_a_run(tmp_path, capsys):
-    PrismMultiTask(TINY, TASK_OUTPUT_CHANNELS["pascalcontext"]).save_pretrained(tmp_path / "stage2")
+    PrismMultiTask(TINY, dataset_tasks("pascalcontext")).save_pretrained(tmp_path / "stage2")
     main(["info", str(tmp_path / "stage2")])
     out = capsys.readouterr()
     info = json.loads(out.out)
-    assert info["tasks"] == list(TASK_OUTPUT_CHANNELS["pascalcontext"])
+    assert info["tasks"] == list(dataset_tasks("pascalcontext"))
     assert info["dual_stream_blocks"] == [1, 3] and info["decoder_head_parameters"] > 0
     assert "loaded" in out.err and "stage2 (folder)" in out.err
     alone, report = load(tmp_path / "stage2", multitask=False)
@@ -234,7 +234,7 @@ def test_a_bare_weight_file_needs_its_architecture(tmp_path):
 
 def test_official_files_load_as_what_they_hold(tmp_path):
     student = PrismViT(**{**OFFICIAL_TINY, "num_tasks": 5}).eval()
-    multi = PrismMultiTask(dict(OFFICIAL_TINY), TASK_OUTPUT_CHANNELS["pascalcontext"]).eval()
+    multi = PrismMultiTask(dict(OFFICIAL_TINY), dataset_tasks("pascalcontext")).eval()
     multi.student.load_state_dict(student.state_dict())
     state = {"backbone." + k: v for k, v in ours_to_official(student).items()}
     state.update({f"heads.{k}": v for k, v in multi.heads.state_dict().items()})

@@ -9,7 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from prism_vfm.losses.tasks import add_ignore_regions
+from prism_vfm.data.labels import add_ignore_regions
+from prism_vfm.data.registry import get_dataset
 from prism_vfm.metrics.dense import (
     DepthMeter,
     EdgeLossMeter,
@@ -18,7 +19,6 @@ from prism_vfm.metrics.dense import (
     SegmentationMeter,
 )
 from prism_vfm.metrics.multitask import (
-    SINGLE_TASK_BASELINES,
     MultiTaskMeter,
     delta_m,
     prediction_for_metric,
@@ -273,15 +273,15 @@ def test_reset_forgets_updates(official):
 
 
 def test_delta_m_of_published_prism_and_sak_rows():
-    pascal = SINGLE_TASK_BASELINES["pascalcontext"]["vit_b"]
+    pascal = get_dataset("pascalcontext").baselines_for("vit_b")
     prism = {"semseg": 82.20, "human_parts": 75.34, "sal": 84.81, "normals": 13.47, "edge": 75.92}
     sak = {"semseg": 81.88, "human_parts": 74.30, "sal": 84.79, "normals": 14.02, "edge": 74.09}
     assert delta_m(prism, pascal) == pytest.approx(2.52, abs=0.005)
     assert delta_m(sak, pascal) == pytest.approx(0.83, abs=0.005)
     nyud_prism = {"semseg": 60.22, "depth": 0.4883, "normals": 17.81, "edge": 76.59}
-    assert delta_m(nyud_prism, SINGLE_TASK_BASELINES["nyud"]["vit_b"]) == pytest.approx(10.59, abs=0.005)
+    assert delta_m(nyud_prism, get_dataset("nyud").baselines_for("vit_b")) == pytest.approx(10.59, abs=0.005)
     pascal_l = {"semseg": 84.34, "human_parts": 77.83, "sal": 84.67, "normals": 13.43, "edge": 76.23}
-    assert delta_m(pascal_l, SINGLE_TASK_BASELINES["pascalcontext"]["vit_l"]) == pytest.approx(
+    assert delta_m(pascal_l, get_dataset("pascalcontext").baselines_for("vit_l")) == pytest.approx(
         3.16, abs=0.005
     )
 

@@ -146,8 +146,31 @@ def _expert_step(moe: ConditionedMoE, seed: int) -> None:
     (moe.routed(u, indices, weights) * torch.randn(19, 32, generator=g)).sum().backward()
 
 
+def test_gradient_memory_is_off_by_default_and_keeps_nothing():
+    moe = make_moe("loop")
+    assert moe.experts.keep_grad_memory is False
+    _expert_step(moe, 1)
+    moe.zero_grad(set_to_none=True)
+    _expert_step(moe, 2)
+    assert moe.experts.grad_memory._storages == {}
+
+
+def test_keep_grad_memory_opts_every_expert_layer_in_and_out():
+    from prism_vfm.layers.experts import keep_grad_memory
+
+    model = torch.nn.ModuleList([make_moe("loop"), make_moe("loop")])
+    keep_grad_memory(model)
+    assert all(m.experts.keep_grad_memory for m in model)
+    _expert_step(model[0], 1)
+    assert set(model[0].experts.grad_memory._storages) == {"w1", "w2"}
+    keep_grad_memory(model, enabled=False)
+    assert not any(m.experts.keep_grad_memory for m in model)
+    assert model[0].experts.grad_memory._storages == {}
+
+
 def test_gradient_memory_is_reused_only_when_nobody_holds_it():
     moe = make_moe("loop")
+    moe.experts.keep_grad_memory = True  # opt-in
     experts = moe.experts
     _expert_step(moe, 1)
     first_ptr = experts.w1.grad.data_ptr()
@@ -156,8 +179,7 @@ def test_gradient_memory_is_reused_only_when_nobody_holds_it():
     # The previous gradient is still .grad: the next backward must accumulate into it from new memory.
     _expert_step(moe, 2)
     assert experts.w1.grad.data_ptr() == first_ptr
-    moe_ref = make_moe("loop")
-    moe_ref.experts.keep_grad_memory = False
+    moe_ref = make_moe("loop")  # fresh memory every backward (the default)
     _expert_step(moe_ref, 1)
     _expert_step(moe_ref, 2)
     torch.testing.assert_close(experts.w1.grad, moe_ref.experts.w1.grad)
@@ -186,6 +208,7 @@ def test_gradient_memory_is_not_shared_by_copies_and_autograd_grad_results_stay_
     import copy
 
     moe = make_moe("loop")
+    moe.experts.keep_grad_memory = True
     twin = copy.deepcopy(moe)
     _expert_step(moe, 1)
     _expert_step(twin, 1)

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from prism_vfm import PrismMultiTask
+from prism_vfm.data.registry import dataset_tasks
 from prism_vfm.layers.router import load_balancing_loss
-from prism_vfm.losses.tasks import TASK_OUTPUT_CHANNELS
 from tests.tiny import TINY
 
 ARGS = {k: v for k, v in TINY.items()}
@@ -15,7 +15,7 @@ ARGS = {k: v for k, v in TINY.items()}
 
 def tiny_multitask(**over) -> PrismMultiTask:
     torch.manual_seed(0)
-    model = PrismMultiTask({**ARGS, **over}, TASK_OUTPUT_CHANNELS["pascalcontext"])
+    model = PrismMultiTask({**ARGS, **over}, dataset_tasks("pascalcontext"))
     with torch.no_grad():  # task contexts must matter for the test to mean anything
         for block in model.student.dual_stream_blocks:
             block.moe.router.film.weight.normal_(0, 1.0)

@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from prism_vfm.data.labels import add_ignore_regions
+from prism_vfm.data.registry import get_dataset
 from prism_vfm.losses.tasks import (
-    TASK_LOSS_WEIGHTS,
     MultiTaskLoss,
-    add_ignore_regions,
     balanced_bce_loss,
     balanced_cross_entropy_loss,
     cross_entropy_loss,
@@ -98,7 +98,7 @@ def test_add_ignore_regions_rejects_a_label_without_channel_axis():
 def test_loss_weights_are_the_official_ones(official):
     _, reference = official
     for dataset in DATASETS:
-        assert TASK_LOSS_WEIGHTS[dataset] == reference[dataset]["losses"]["loss_weights"]
+        assert dict(get_dataset(dataset).loss_weights) == reference[dataset]["losses"]["loss_weights"]
 
 
 @pytest.mark.parametrize("dataset", DATASETS)
@@ -260,3 +260,31 @@ def test_multitask_loss_rejects_unknown_names_and_wrong_channel_counts():
         loss({"semseg": torch.randn(1, 40, 2, 2)}, {"semseg": torch.zeros(1, 1, 2, 2)})
     with pytest.raises(ValueError, match="semseg: missing"):
         loss({}, {"semseg": torch.zeros(1, 1, 2, 2)})
+
+
+def test_label_check_never_reads_a_device_label_back_unless_asked(monkeypatch):
+    """Labels in host memory are checked; on an accelerator the check (a host read that waits for the
+    device) runs only with ``check_labels=True``: the readers have checked every label on the host."""
+    import prism_vfm.data.labels as labels
+
+    pred, bad = torch.zeros(1, 21, 2, 2), torch.full((1, 1, 2, 2), 30.0)
+    with pytest.raises(ValueError, match="semseg: label value 30"):
+        MultiTaskLoss("pascalcontext", ["semseg"])({"semseg": pred}, {"semseg": bad})
+    MultiTaskLoss("pascalcontext", ["semseg"], check_labels=False)(
+        {"semseg": pred}, {"semseg": bad.clamp(0, 20)}
+    )
+
+    # A tensor that claims to live on an accelerator: the check must not look at its values.
+    class OnDevice(torch.Tensor):
+        @property
+        def device(self):
+            return torch.device("cuda", 0)
+
+    device_label = bad.as_subclass(OnDevice)
+    reads = []
+    monkeypatch.setattr(labels.torch, "isfinite", lambda t: reads.append(t) or torch.ones_like(t, dtype=bool))
+    labels.check_label_values("semseg", device_label, 21)  # default: skipped, nothing read
+    labels.check_label_values("depth", device_label)
+    assert reads == []
+    with pytest.raises(ValueError, match="semseg: label value 30"):
+        labels.check_label_values("semseg", device_label, 21, check=True)

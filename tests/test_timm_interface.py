@@ -9,7 +9,7 @@ import timm
 import torch
 
 from prism_vfm import MultiTaskOutput, PrismMultiTask, PrismOutput
-from prism_vfm.losses.tasks import TASK_OUTPUT_CHANNELS
+from prism_vfm.data.registry import dataset_tasks
 from tests.tiny import TINY, tiny_student
 
 
@@ -190,7 +190,7 @@ def test_activation_checkpointing_recomputes_the_blocks_and_gives_the_same_gradi
 
 def test_multitask_output_and_checkpointing():
     torch.manual_seed(0)
-    model = PrismMultiTask(dict(TINY), TASK_OUTPUT_CHANNELS["pascalcontext"])
+    model = PrismMultiTask(dict(TINY), dataset_tasks("pascalcontext"))
     _routed(model.student)
     x = torch.randn(2, 3, 32, 32)
     out = model.eval()(x, return_routing=True)

@@ -16,9 +16,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from prism_vfm.data.registry import get_video_dataset
 from prism_vfm.video.data import sampling
 from prism_vfm.video.data.dataset import DataIssues, VideoDataset
-from prism_vfm.video.data.datasets import get_video_dataset
 from prism_vfm.video.data.decode import PyAVVideo, VideoOpenError, open_video
 from prism_vfm.video.data.lists import (
     hmdb51_split,

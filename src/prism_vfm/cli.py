@@ -7,11 +7,14 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, NoReturn, cast
 
 import torch
+
+from prism_vfm.data.registry import get_dataset
+from prism_vfm.errors import PrismError
 
 if TYPE_CHECKING:
     from prism_vfm import PrismViT
@@ -25,6 +28,21 @@ def _load_any(source: str, img_size: Sequence[int] | None, step: int | None = No
     model, report = load(source, img_size=img_size, step=step)
     print(f"prism: {report.summary()}", file=sys.stderr)
     return model
+
+
+def _check_folder(path: str | Path | None, what: str) -> None:
+    """ValueError, before any work starts, when output folder ``path`` cannot be one: it, or the nearest
+    part of it that exists, is a file."""
+    if path is None or str(path) == "":
+        return
+    existing = Path(path)
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        where = "is" if existing == Path(path) else f"lies under {existing}, which is"
+        raise ValueError(f"{what} {path} {where} a file, not a folder")
+    if existing.exists() and not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(f"{what} {path}: {existing} is not writable")
 
 
 def cmd_info(args: argparse.Namespace) -> None:
@@ -77,6 +95,12 @@ def cmd_convert(args: argparse.Namespace) -> None:
     from prism_vfm import PrismMultiTask, PrismViT, export_official
 
     src, out = Path(args.source), Path(args.output)
+    if src.is_dir():
+        if out.is_dir():
+            raise ValueError(f"output {out} is a folder; converting a folder writes one official .pth file")
+        _check_folder(out.parent, "the folder of output")
+    else:
+        _check_folder(out, "output")
     model = _load_any(args.source, args.img_size, args.step)
     if src.is_dir():
         if not isinstance(model, PrismViT):
@@ -92,13 +116,14 @@ def cmd_convert(args: argparse.Namespace) -> None:
 def cmd_smoke(args: argparse.Namespace) -> None:
     from prism_vfm.smoke import run_smoke
 
+    _check_folder(args.out, "--out")
     summary = run_smoke(steps=args.steps, out_dir=Path(args.out), seed=args.seed, overwrite=args.overwrite)
     print(json.dumps(summary, indent=2))
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
+    from prism_vfm.data.registry import HEADLINE_METRICS
     from prism_vfm.demo.pipeline import run_demo
-    from prism_vfm.metrics.multitask import HEADLINE_METRICS
 
     if args.seed < 0:
         raise SystemExit(f"prism demo: --seed must be >= 0, got {args.seed}")
@@ -124,6 +149,7 @@ def cmd_distill(args: argparse.Namespace) -> None:
     cfg = apply_overrides(cfg, [(k, v) for k, v in direct if v is not None] + list(args.set))
     if not cfg.data:
         raise SystemExit("prism distill: no image folder given (--data PATH or data: in the config file)")
+    _check_folder(cfg.out, "run folder (out)")
     run = train_stage1(
         cfg, resume=args.resume, overwrite=args.overwrite, allow_config_change=args.allow_config_change
     )
@@ -142,27 +168,61 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         from prism_vfm.ablation import apply_ablation
 
         cfg = apply_ablation(cfg, args.ablation)
-    dataset = {"pascal": "pascalcontext", "nyud": "nyud"}.get(args.dataset) if args.dataset else None
+    dataset = get_dataset(args.dataset).name if args.dataset else None
     direct = [("dataset", dataset), ("data", args.data), ("init", args.init), ("out", args.out)]
     cfg = apply_overrides(cfg, [(k, v) for k, v in direct if v is not None] + list(args.set))
     if not cfg.data or not cfg.init:
         raise SystemExit(
             "prism finetune: give the data set folder (--data) and a Stage-1 checkpoint (--init)"
         )
+    _check_folder(cfg.out, "run folder (out)")
     run = train_stage2(
         cfg, resume=args.resume, overwrite=args.overwrite, allow_config_change=args.allow_config_change
     )
     print(f"run saved in {run}")
 
 
+def _read_baselines(path: str | None) -> dict[str, float] | None:
+    """The ``--baselines`` JSON file ``{task: single-task score}``; ValueError naming what is wrong."""
+    if not path:
+        return None
+    try:
+        baselines = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--baselines {path} is not valid JSON: {exc}") from None
+    if not isinstance(baselines, dict) or not all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in baselines.values()
+    ):
+        raise ValueError(f"--baselines {path} must hold an object {{task: single-task score}}")
+    return {str(k): float(v) for k, v in baselines.items()}
+
+
+def _check_baselines_exist(stage1: Any, dataset: str) -> None:
+    """ValueError before any training when the sweep's evaluation would find no Δm baselines for the
+    student's backbone (the student is built on the meta device: no memory, no weights)."""
+    import timm
+
+    from prism_vfm.data.registry import backbone_name
+
+    student = stage1.student
+    with torch.device("meta"):
+        model = cast(
+            "PrismViT",
+            timm.create_model(
+                student.model, pretrained=False, **dict(student.overrides, img_size=student.img_size)
+            ),
+        )
+    get_dataset(dataset).baselines_for(backbone_name(model.embed_dim, len(model.blocks)))
+
+
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from prism_vfm.evaluate import evaluate
     from prism_vfm.train.distributed import init_distributed
 
+    _check_folder(args.out, "--out")
+    baselines = _read_baselines(args.baselines)
+    dataset = get_dataset(args.dataset).name
     env = init_distributed()  # under torchrun every process scores its part of the split
-
-    baselines = json.loads(Path(args.baselines).read_text()) if args.baselines else None
-    dataset = {"pascal": "pascalcontext", "nyud": "nyud"}[args.dataset]
     result = evaluate(
         args.checkpoint,
         dataset,
@@ -210,12 +270,15 @@ def cmd_sweep(args: argparse.Namespace) -> None:
         stage2 = stage2_preset(args.stage2_preset or args.dataset or "pascal")
         if args.stage2_config:
             stage2 = load_yaml(Stage2Config, args.stage2_config, base=stage2)
-        dataset = {"pascal": "pascalcontext", "nyud": "nyud"}.get(args.dataset) if args.dataset else None
+        dataset = get_dataset(args.dataset).name if args.dataset else None
         direct = [("dataset", dataset), ("data", args.stage2_data), ("distill.weights", args.teachers_dir)]
         stage2 = apply_overrides(stage2, [(k, v) for k, v in direct if v is not None] + list(args.stage2_set))
         if not stage2.data:
             raise SystemExit("prism sweep: Stage 2 needs its data set folder (--stage2-data)")
-    baselines = json.loads(Path(args.baselines).read_text()) if args.baselines else None
+    _check_folder(args.out, "--out")
+    baselines = _read_baselines(args.baselines)
+    if stage2 is not None and not args.no_eval and baselines is None:
+        _check_baselines_exist(stage1, stage2.dataset)
     from prism_vfm.train.distributed import init_distributed
 
     env = init_distributed()  # under torchrun every variant trains and evaluates on all processes
@@ -256,6 +319,7 @@ def cmd_analyze(args: argparse.Namespace) -> None:
     elif args.batch_size is None:
         options.pop("batch_size")
     out = args.out or f"analysis/{args.analysis}"
+    _check_folder(out, "--out")
     # What each checkpoint load took from its source, on stderr.
     shown = logging.StreamHandler(sys.stderr)
     shown.setFormatter(logging.Formatter("prism: %(message)s"))
@@ -269,6 +333,28 @@ def cmd_analyze(args: argparse.Namespace) -> None:
     finally:
         loading.removeHandler(shown)
     print("\n".join(summary["files"]))
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error as one line (``prism distill: error: …``) and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _count(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer of at least ``minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
+        return value
+
+    return parse
 
 
 def _run_folder_arguments(p: argparse.ArgumentParser) -> None:
@@ -292,7 +378,8 @@ def _run_folder_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    """The ``prism`` argument parser and its sub-commands."""
+    parser = _Parser(
         prog="prism",
         description="PRISM: distil vision foundation models into a "
         "dual-stream conditioned-MoE ViT and recombine it for dense prediction.",
@@ -300,9 +387,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("smoke", help="train a tiny student on a CPU for a few steps (checks an installation)")
-    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--steps", type=_count(1), default=30)
     p.add_argument("--out", default="runs/smoke", help="run folder for the tiny student's training")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_count(0), default=0)
     p.add_argument("--overwrite", action="store_true", help="replace a previous smoke run in --out")
     p.set_defaults(func=cmd_smoke)
 
@@ -375,7 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="val", help="evaluation split after Stage 2")
     p.add_argument("--no-eval", action="store_true", help="skip the evaluation after Stage 2")
     p.add_argument("--baselines", help="JSON file {task: single-task score} for Δm")
-    p.add_argument("--eval-workers", type=int, help="processes for the boundary evaluation")
+    p.add_argument("--eval-workers", type=_count(0), help="processes for the boundary evaluation")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="evaluation")
     p.set_defaults(func=cmd_sweep)
 
@@ -392,10 +479,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="the PASCALContext/ or NYUDv2/ folder")
     p.add_argument("--split", default="val")
     p.add_argument("--out", help="folder for metrics.json, metrics.md (and edge/ PNGs with --save-edges)")
-    p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--workers", type=int, help="processes for the boundary evaluation (default: all CPUs)")
+    p.add_argument("--batch-size", type=_count(1), default=2)
     p.add_argument(
-        "--baselines", help="JSON file {task: single-task score} for Δm (default: the paper's ViT-B)"
+        "--workers", type=_count(0), help="processes for the boundary evaluation (default: all CPUs)"
+    )
+    p.add_argument(
+        "--baselines",
+        help="JSON file {task: single-task score} for Δm (default: the paper's, for the model's backbone)",
     )
     p.add_argument("--save-edges", action="store_true", help="write the edge maps as PNGs (what SEISM reads)")
     p.add_argument(
@@ -406,7 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(fast: about 50x faster, scores about 0.1 point higher)",
     )
     p.add_argument(
-        "--img-size", type=int, nargs=2, metavar=("H", "W"), help="input size (default: the data set's)"
+        "--img-size", type=_count(1), nargs=2, metavar=("H", "W"), help="input size (default: the data set's)"
     )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.set_defaults(func=cmd_evaluate)
@@ -430,10 +520,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="folder of images (e.g. a validation set or a JPEGImages folder)")
     p.add_argument("--out", help="folder for the PNG figures, JSON and Markdown (default analysis/<name>)")
     p.add_argument("--kind", choices=["teacher", "task"], help="context kind (default: task for Stage 2)")
-    p.add_argument("--contexts", type=int, nargs="+", help="context ids (default: all of the kind)")
-    p.add_argument("--images", type=int, default=64, help="images analysed (the first, in sorted order)")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--img-size", type=int, nargs=2, metavar=("H", "W"), help="rebuild for this input size")
+    p.add_argument("--contexts", type=_count(0), nargs="+", help="context ids (default: all of the kind)")
+    p.add_argument(
+        "--images", type=_count(1), default=64, help="images analysed (the first, in sorted order)"
+    )
+    p.add_argument("--batch-size", type=_count(1))
+    p.add_argument(
+        "--img-size", type=_count(1), nargs=2, metavar=("H", "W"), help="rebuild for this input size"
+    )
     p.add_argument("--threshold", type=float, help="coactivation: selection frequency (default top_k/E)")
     p.add_argument("--teachers", nargs="+", help="gradients: teacher names in id order (default: the run's)")
     p.add_argument("--teachers-dir", help="gradients: folder of teacher weight files (default: Hub)")
@@ -447,19 +541,40 @@ def build_parser() -> argparse.ArgumentParser:
         help="prism_vit_* model name (optionally .tag), run, checkpoint or save_pretrained folder, "
         "or official .pth",
     )
-    p.add_argument("--img-size", type=int, nargs=2, metavar=("H", "W"))
-    p.add_argument("--step", type=int, help="a run folder's checkpoint of this step (default: the latest)")
+    p.add_argument("--img-size", type=_count(1), nargs=2, metavar=("H", "W"))
+    p.add_argument(
+        "--step", type=_count(0), help="a run folder's checkpoint of this step (default: the latest)"
+    )
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("convert", help="official .pth → save_pretrained folder, or folder → official .pth")
     p.add_argument("source", help="official .pth, or a run, checkpoint or save_pretrained folder")
     p.add_argument("output")
-    p.add_argument("--step", type=int, help="a run folder's checkpoint of this step (default: the latest)")
     p.add_argument(
-        "--img-size", type=int, nargs=2, metavar=("H", "W"), help="resample pos_embed to this size"
+        "--step", type=_count(0), help="a run folder's checkpoint of this step (default: the latest)"
+    )
+    p.add_argument(
+        "--img-size", type=_count(1), nargs=2, metavar=("H", "W"), help="resample pos_embed to this size"
     )
     p.set_defaults(func=cmd_convert)
     return parser
+
+
+USER_ERRORS: tuple[type[BaseException], ...] = (PrismError, ValueError, KeyError, OSError)
+"""What bad input raises (a project error, or validation's ValueError / KeyError / file errors): reported
+as one line without a traceback. ``PRISM_DEBUG=1`` shows the traceback instead."""
+
+
+def error_line(exc: BaseException) -> str:
+    """``exc`` as the one line the command line prints: its message, or its type when it has none."""
+    if isinstance(exc, KeyError) and len(exc.args) == 1 and isinstance(exc.args[0], str):
+        message = exc.args[0]  # str(KeyError) adds quotes
+    elif isinstance(exc, OSError) and exc.strerror and exc.filename is not None:
+        message = f"{exc.filename}: {exc.strerror}"
+    else:
+        message = str(exc)
+    message = " ".join(line.strip() for line in message.splitlines() if line.strip())
+    return message or type(exc).__name__
 
 
 DISTRIBUTED_COMMANDS = frozenset({"distill", "finetune", "evaluate", "sweep"})
@@ -468,8 +583,6 @@ DISTRIBUTED_COMMANDS = frozenset({"distill", "finetune", "evaluate", "sweep"})
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``prism`` console command."""
-    from prism_vfm.config import ConfigError
-
     args = build_parser().parse_args(argv)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.command not in DISTRIBUTED_COMMANDS:
         # Every process would do the same work and write the same files.
@@ -479,8 +592,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         )
     try:
         args.func(args)
-    except (ConfigError, FileNotFoundError, FileExistsError) as exc:
-        print(f"prism {args.command}: {exc}", file=sys.stderr)
+    except USER_ERRORS as exc:
+        if os.environ.get("PRISM_DEBUG", "") not in ("", "0"):
+            raise
+        print(f"prism: error: {error_line(exc)}", file=sys.stderr)
         raise SystemExit(2) from None
 
 

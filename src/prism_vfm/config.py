@@ -16,13 +16,15 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import yaml
 
+from prism_vfm.errors import PrismError
+
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
 
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(PrismError, ValueError):
     """A configuration key that does not exist or a value of the wrong type."""
 
 

@@ -23,11 +23,12 @@ from PIL import Image
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from prism_vfm.data.dense_transforms import DEFAULT_INPUT_SIZE, DenseTestTransform
+from prism_vfm.data.dense_transforms import DenseTestTransform
 from prism_vfm.data.nyud import NYUDv2
 from prism_vfm.data.pascal_context import PascalContext
+from prism_vfm.data.registry import HEADLINE_METRICS, backbone_name, get_dataset
 from prism_vfm.metrics.boundary import DEFAULT_MATCHER, BoundaryMeter, boundary_scores, edge_logits_to_uint8
-from prism_vfm.metrics.multitask import HEADLINE_METRICS, SINGLE_TASK_BASELINES, MultiTaskMeter, delta_m
+from prism_vfm.metrics.multitask import MultiTaskMeter, delta_m
 from prism_vfm.models.load import load
 from prism_vfm.models.multitask import PrismMultiTask
 from prism_vfm.train.distributed import (
@@ -36,9 +37,6 @@ from prism_vfm.train.distributed import (
     is_main_process,
     shard_indices,
 )
-
-DATASETS = {"pascalcontext": PascalContext, "nyud": NYUDv2}
-BOUNDARY_PROTOCOL = {"pascalcontext": "pascal", "nyud": "nyud"}
 
 
 @torch.no_grad()
@@ -64,19 +62,25 @@ def evaluate(
 
     Images are padded (never resized) to ``img_size`` (default: the data set's evaluation size) and the
     metrics are taken on the padded prediction with the padding ignored, as in the paper.
+
+    Δm is taken against ``baselines`` ({task: single-task score}); None: the data set's published
+    baselines of the model's backbone (ValueError, before any work, for a backbone without any);
+    an empty mapping: no Δm (``delta_m`` None).
     """
-    if dataset not in DATASETS:
-        raise ValueError(f"unknown dataset {dataset!r}; expected one of {sorted(DATASETS)}")
-    size = cast("tuple[int, int]", tuple(img_size)) if img_size else DEFAULT_INPUT_SIZE[dataset]
+    info = get_dataset(dataset)
+    dataset = info.name
+    size = cast("tuple[int, int]", tuple(img_size)) if img_size else info.input_size
     loaded, report = load(checkpoint, img_size=size, multitask=True)
     model = cast(PrismMultiTask, loaded).to(device)
+    if baselines is None:
+        student = model.student
+        baselines = info.baselines_for(backbone_name(student.embed_dim, len(student.blocks)))
     tasks = model.task_names
-    reader = DATASETS[dataset](data, split, tasks, DenseTestTransform(size))
+    reader = info.reader_class()(data, split, tasks, DenseTestTransform(size))
     meter = MultiTaskMeter(dataset, [t for t in tasks if t != "edge"])
     if workers is None and "LOCAL_WORLD_SIZE" in os.environ:  # torchrun: the node's CPUs shared by its ranks
         workers = max(1, (os.cpu_count() or 1) // int(os.environ["LOCAL_WORLD_SIZE"]))
-    protocol = BOUNDARY_PROTOCOL[dataset]
-    boundaries = BoundaryMeter(protocol, workers=workers, matcher=matcher) if "edge" in tasks else None
+    boundaries = BoundaryMeter(dataset, workers=workers, matcher=matcher) if "edge" in tasks else None
     out_dir = Path(out) if out is not None else None
     if save_edges and out_dir is not None:
         (out_dir / "edge").mkdir(parents=True, exist_ok=True)
@@ -110,7 +114,7 @@ def evaluate(
         # Per-image counts: the image-level best thresholds (oisF) need them, not just their sum.
         b = boundary_scores(np.concatenate(all_gather_objects(boundaries.counts)))
         scores["edge"] = {k: float(v) for k, v in b.items() if np.ndim(v) == 0}
-    base = dict(baselines) if baselines is not None else SINGLE_TASK_BASELINES[dataset]["vit_b"]
+    base = dict(baselines)
     result = {
         "dataset": dataset,
         "split": split,
@@ -118,7 +122,7 @@ def evaluate(
         "loaded": report.summary(),
         "images": len(reader),
         "scores": scores,
-        "delta_m": delta_m(scores, base),
+        "delta_m": delta_m(scores, base) if base else None,
         "baselines": base,
     }
     if out_dir is not None and main:
@@ -135,7 +139,7 @@ def markdown_table(result: Mapping[str, Any]) -> str:
     header = "| " + " | ".join(f"{t} ({HEADLINE_METRICS[t]})" for t in names) + " | Δm |"
     rule = "|" + "---|" * (len(names) + 1)
     row = "| " + " | ".join(f"{scores[t][HEADLINE_METRICS[t]]:.2f}" for t in names)
-    row += f" | {result['delta_m']:.2f} |"
+    row += f" | {result['delta_m']:.2f} |" if result["delta_m"] is not None else " | — |"
     return f"{result['dataset']} {result['split']} ({result['images']} images)\n\n{header}\n{rule}\n{row}\n"
 
 

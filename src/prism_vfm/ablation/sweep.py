@@ -29,9 +29,9 @@ from typing import Any, cast
 
 from prism_vfm.ablation.variants import apply_ablation, describe
 from prism_vfm.config import ConfigError, to_dict
+from prism_vfm.data.registry import HEADLINE_METRICS
 from prism_vfm.distill.config import Stage1Config
 from prism_vfm.finetune.config import Stage2Config, resolved
-from prism_vfm.metrics.multitask import HEADLINE_METRICS
 from prism_vfm.train.checkpoint import latest_checkpoint
 from prism_vfm.train.distributed import barrier, is_main_process
 

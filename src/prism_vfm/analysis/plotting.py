@@ -10,6 +10,8 @@ from typing import Any
 
 import numpy as np
 
+from prism_vfm.errors import MissingExtraError
+
 
 def new_figure(n_panels: int, panel_size: tuple[float, float] = (4.0, 3.0), max_cols: int = 4) -> tuple:
     """A figure with a grid of ``n_panels`` axes (row-major); unused axes are hidden."""
@@ -17,7 +19,7 @@ def new_figure(n_panels: int, panel_size: tuple[float, float] = (4.0, 3.0), max_
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError as exc:  # matplotlib is the optional "analysis" extra
-        raise ImportError("plots need matplotlib: pip install 'prism-vfm[analysis]'") from exc
+        raise MissingExtraError("plots", "matplotlib", "analysis") from exc
     cols = min(max(n_panels, 1), max_cols)
     rows = math.ceil(max(n_panels, 1) / cols)
     fig = Figure(figsize=(panel_size[0] * cols, panel_size[1] * rows), layout="constrained")

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from prism_vfm.losses.tasks import TASK_OUTPUT_CHANNELS
+from prism_vfm.data.registry import DATASETS
 from prism_vfm.models.multitask import PrismMultiTask
 from prism_vfm.models.prism_vit import PrismViT
 from prism_vfm.utils.io import atomic_torch_save, read_torch_file
@@ -328,7 +328,7 @@ def load_official_multitask(
         raise OfficialCheckpointError("a Stage-1 checkpoint has no decoder heads: use load_official() for it")
     found = list(dict.fromkeys(k.split(".")[1] for k in ckpt.heads))
     if tasks is None:
-        known = [list(d) for d in TASK_OUTPUT_CHANNELS.values() if sorted(d) == sorted(found)]
+        known = [list(d.tasks) for d in DATASETS.values() if sorted(d.tasks) == sorted(found)]
         tasks = known[0] if known else found
     if sorted(tasks) != sorted(found):
         raise OfficialCheckpointError(f"checkpoint has heads for {found}, not for tasks {list(tasks)}")

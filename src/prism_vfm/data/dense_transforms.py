@@ -18,14 +18,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from prism_vfm.data.image_folder import IMAGENET_MEAN, IMAGENET_STD
-from prism_vfm.losses.tasks import IGNORE_INDEX, add_ignore_regions
+from prism_vfm.data.labels import IGNORE_INDEX, add_ignore_regions
+from prism_vfm.data.registry import get_dataset
 
 Sample = dict[str, Any]
 
-PASCAL_INPUT_SIZE = (512, 512)
-NYUD_INPUT_SIZE = (448, 576)
-DEFAULT_INPUT_SIZE: dict[str, tuple[int, int]] = {"pascalcontext": PASCAL_INPUT_SIZE, "nyud": NYUD_INPUT_SIZE}
-"""Network input size ``(H, W)`` per dataset: crops are cut to it and every sample is padded to it."""
 
 PAD_FILL: dict[str, float] = {
     "semseg": IGNORE_INDEX,
@@ -318,8 +315,6 @@ def build_dense_transform(
     dataset: str, train: bool, input_size: tuple[int, int] | None = None
 ) -> DenseTrainTransform | DenseTestTransform:
     """The training or test transform of ``dataset`` (``"pascalcontext"`` or ``"nyud"``), at
-    ``input_size`` or the dataset's ``DEFAULT_INPUT_SIZE``."""
-    if dataset not in DEFAULT_INPUT_SIZE:
-        raise ValueError(f"unknown dataset {dataset!r}; expected one of {sorted(DEFAULT_INPUT_SIZE)}")
-    size = DEFAULT_INPUT_SIZE[dataset] if input_size is None else input_size
+    ``input_size`` or the data set's (``get_dataset(dataset).input_size``)."""
+    size = get_dataset(dataset).input_size if input_size is None else input_size
     return DenseTrainTransform(size) if train else DenseTestTransform(size)

@@ -16,6 +16,7 @@ import numpy as np
 from torch import Tensor
 
 from prism_vfm.data.dense_transforms import Sample
+from prism_vfm.data.labels import IGNORE_INDEX
 from prism_vfm.data.pascal_context import (
     DenseReleaseDataset,
     check_size,
@@ -26,7 +27,7 @@ from prism_vfm.data.pascal_context import (
     read_png,
     read_split,
 )
-from prism_vfm.losses.tasks import IGNORE_INDEX, TASK_OUTPUT_CHANNELS
+from prism_vfm.data.registry import get_dataset
 
 _RELEASE = "NYUDv2"
 _PATTERNS = {
@@ -65,7 +66,7 @@ class NYUDv2(DenseReleaseDataset):
     ) -> None:
         super().__init__(root, split, tasks, transform)
         self.ids = read_split(self.root / "gt_sets" / f"{split}.txt", _RELEASE, _PATTERNS["split"])
-        self.num_semseg_classes = TASK_OUTPUT_CHANNELS["nyud"]["semseg"]
+        self.num_semseg_classes = get_dataset("nyud").tasks["semseg"]
 
     def _path(self, kind: str, sample_id: str) -> Path:
         folder, suffix = {

@@ -31,7 +31,8 @@ from torch.utils.data import Dataset
 
 from prism_vfm.data.dense_transforms import Sample
 from prism_vfm.data.image_folder import load_rgb
-from prism_vfm.losses.tasks import IGNORE_INDEX, TASK_OUTPUT_CHANNELS, dataset_tasks
+from prism_vfm.data.labels import IGNORE_INDEX
+from prism_vfm.data.registry import dataset_tasks, get_dataset
 
 # --- shared by the Stage-2 release readers -----------------------------------------------------------------
 
@@ -271,7 +272,7 @@ class PascalContext(DenseReleaseDataset):
         super().__init__(root, split, tasks, transform)
         split_file = self.root / "ImageSets" / "Context" / f"{split}.txt"
         self.ids = read_split(split_file, _RELEASE, _PATTERNS["split"])
-        self.num_semseg_classes = TASK_OUTPUT_CHANNELS["pascalcontext"]["semseg"]
+        self.num_semseg_classes = get_dataset("pascalcontext").tasks["semseg"]
         if "human_parts" in self.tasks:
             self._parts_cache = self._read_parts_cache()
             self._person_parts = self._read_person_parts()

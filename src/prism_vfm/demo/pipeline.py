@@ -22,12 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+from prism_vfm.data.registry import HEADLINE_METRICS, dataset_tasks
 from prism_vfm.data.scene_sets import write_scene_images, write_scene_nyud, write_scene_pascal
 from prism_vfm.demo.teachers import DEMO_TEACHERS, DemoTeacherConfig, prepare_teachers
 from prism_vfm.distill.config import OptimConfig, Stage1Config, StudentConfig, TeacherConfig
 from prism_vfm.finetune.config import DistillConfig, Stage2Config
-from prism_vfm.losses.tasks import dataset_tasks
-from prism_vfm.metrics.multitask import HEADLINE_METRICS
 from prism_vfm.train.checkpoint import latest_checkpoint
 
 DATASET: Final = "pascalcontext"
@@ -248,7 +247,13 @@ def run_demo(
         baselines = {}
         for task, ckpt in singles.items():
             result = evaluate(
-                ckpt, DATASET, pascal.root, out=out / "single_task" / task / "eval", workers=0, img_size=size
+                ckpt,
+                DATASET,
+                pascal.root,
+                out=out / "single_task" / task / "eval",
+                workers=0,
+                baselines={},  # these scores are the baselines: no Δm
+                img_size=size,
             )
             baselines[task] = result["scores"][task][HEADLINE_METRICS[task]]
         metrics = evaluate(

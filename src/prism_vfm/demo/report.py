@@ -16,8 +16,9 @@ import torch.nn.functional as F
 from prism_vfm.analysis import gate_statistics, plot_affinity, plot_gates, routing_affinity
 from prism_vfm.data.dense_transforms import DenseTestTransform
 from prism_vfm.data.pascal_context import PascalContext
+from prism_vfm.data.registry import HEADLINE_METRICS, LOWER_IS_BETTER
 from prism_vfm.demo.teachers import DEMO_TEACHERS, ROLES, teacher_probe
-from prism_vfm.metrics.multitask import HEADLINE_METRICS, LOWER_IS_BETTER
+from prism_vfm.errors import MissingExtraError
 from prism_vfm.models.multitask import PrismMultiTask
 from prism_vfm.models.prism_vit import PrismViT
 
@@ -75,7 +76,10 @@ def analyse(
 
 
 def _new_axes(rows: int, cols: int, cell: tuple[float, float]) -> tuple[Any, np.ndarray]:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError as exc:  # the optional "analysis" extra
+        raise MissingExtraError("the demo report's figures", "matplotlib", "analysis") from exc
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Literal
 
 from prism_vfm.config import require, require_weights
-from prism_vfm.losses.tasks import dataset_tasks
+from prism_vfm.data.registry import dataset_tasks, get_dataset
 from prism_vfm.teachers import list_teachers
 
 
@@ -88,10 +88,9 @@ def preset(name: str) -> Stage2Config:
 
 def resolved(cfg: Stage2Config) -> Stage2Config:
     """Fill the data-set-dependent defaults (tasks, input size)."""
-    from prism_vfm.data.dense_transforms import DEFAULT_INPUT_SIZE
-
-    tasks = cfg.tasks or tuple(dataset_tasks(cfg.dataset))
-    size = cfg.img_size or DEFAULT_INPUT_SIZE[cfg.dataset]
+    info = get_dataset(cfg.dataset)
+    tasks = cfg.tasks or tuple(info.tasks)
+    size = cfg.img_size or info.input_size
     return dataclasses.replace(cfg, tasks=tuple(tasks), img_size=tuple(size))
 
 

@@ -20,13 +20,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Subset
 
 from prism_vfm.data.dense_transforms import DenseTestTransform, DenseTrainTransform
-from prism_vfm.data.nyud import NYUDv2
-from prism_vfm.data.pascal_context import PascalContext
+from prism_vfm.data.registry import dataset_tasks, get_dataset
 from prism_vfm.data.sampling import SeededAugmentation, ShardedBatchSampler, mix_seed
 from prism_vfm.distill.assignment import balanced_teacher_split
 from prism_vfm.finetune.config import Stage2Config, resolved, validate_stage2
 from prism_vfm.losses.distill import distillation_criterion
-from prism_vfm.losses.tasks import MultiTaskLoss, dataset_tasks
+from prism_vfm.losses.tasks import MultiTaskLoss
 from prism_vfm.metrics.multitask import MultiTaskMeter
 from prism_vfm.models.load import load_into, student_args
 from prism_vfm.models.multitask import PrismMultiTask
@@ -46,8 +45,6 @@ from prism_vfm.train.run import TrainingRun
 from prism_vfm.train.schedule import poly
 
 logger = logging.getLogger(__name__)
-
-DATASETS = {"pascalcontext": PascalContext, "nyud": NYUDv2}
 
 
 class MultiTaskStep(nn.Module):
@@ -142,7 +139,7 @@ def train_stage2(
     torch.manual_seed(cfg.seed)
     img_size = cast("tuple[int, int]", cfg.img_size)  # (H, W) after resolved()
 
-    dataset_cls = DATASETS[cfg.dataset]
+    dataset_cls = get_dataset(cfg.dataset).reader_class()
     full = dataset_cls(cfg.data, "train", cfg.tasks, transform=None)
     train_ids, val_ids = _split(len(full), cfg.holdout, cfg.seed)
     train_set = Subset(full, train_ids)

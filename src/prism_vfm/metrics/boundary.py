@@ -34,6 +34,7 @@ from concurrent.futures import ProcessPoolExecutor
 from contextlib import nullcontext
 from itertools import repeat
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -43,18 +44,12 @@ from skimage.morphology import thin
 from torch import Tensor
 from tqdm import tqdm
 
+from prism_vfm.data.registry import get_dataset
+from prism_vfm.errors import MissingExtraError
 from prism_vfm.metrics.boundary_matching import maximum_matching_counts, thin_stack
-
-try:
-    from pyEdgeEval import correspond_pixels, nms
-except ImportError as error:
-    raise ImportError("boundary evaluation needs pyEdgeEval: pip install 'prism-vfm[eval]'") from error
 
 THRESHOLDS: np.ndarray = np.arange(1, 100) / 100.0
 """The 99 binarisation thresholds 0.01 ... 0.99, each the double nearest to k / 100 as MATLAB parses it."""
-
-MAX_DIST_RATIO: dict[str, float] = {"pascal": 0.0075, "pascalcontext": 0.0075, "nyud": 0.011}
-"""Matching tolerance as a fraction of the image diagonal (both spellings of PASCAL-Context in use here)."""
 
 COUNT_FIELDS = ("matched_gt", "total_gt", "matched_pred", "total_pred")
 """The rows of a counts array ``(..., 4, len(THRESHOLDS))``."""
@@ -71,6 +66,15 @@ MATCHER_SEED = 1
 """Seed of the matcher's random outlier connections, set again before every match."""
 
 
+def pyedgeeval() -> Any:
+    """The pyEdgeEval module (the ``eval`` extra); MissingExtraError naming the extra when it is absent."""
+    try:
+        import pyEdgeEval
+    except ImportError as error:
+        raise MissingExtraError("the boundary (edge) evaluation", "pyEdgeEval", "eval") from error
+    return pyEdgeEval
+
+
 def _matcher_seeder() -> Callable[[], None]:
     """A function that reseeds the random generator of pyEdgeEval's matcher with ``MATCHER_SEED``.
 
@@ -81,7 +85,7 @@ def _matcher_seeder() -> Callable[[], None]:
     (another compiler's name mangling) the counts keep that jitter, and a warning says so.
     """
     try:
-        library = ctypes.CDLL(sys.modules[correspond_pixels.__module__].__file__)
+        library = ctypes.CDLL(sys.modules[pyedgeeval().correspond_pixels.__module__].__file__)
         generator = ctypes.addressof(ctypes.c_char.in_dll(library, "_ZN6Random4randE"))
         reseed = library._ZN6Random6reseedEm
     except (OSError, AttributeError, ValueError):
@@ -96,7 +100,14 @@ def _matcher_seeder() -> Callable[[], None]:
     return lambda: reseed(generator, MATCHER_SEED)
 
 
-_reseed_matcher = _matcher_seeder()
+_seeders: list[Callable[[], None]] = []
+
+
+def _reseed_matcher() -> None:
+    """Reseed the matcher (the seeder is looked up once per process, on first use)."""
+    if not _seeders:
+        _seeders.append(_matcher_seeder())
+    _seeders[0]()
 
 
 def _conv_tri(image: np.ndarray, radius: int) -> np.ndarray:
@@ -128,7 +139,7 @@ def edge_nms(edge: np.ndarray, radius: int = 4, border: int = 5, multiplier: flo
     if edge.dtype != np.uint8 or edge.ndim != 2:
         raise ValueError(f"edge_nms needs a 2-D uint8 map, got {edge.dtype} of shape {edge.shape}")
     smoothed = _conv_tri(edge.astype(np.float32) / 255, NMS_SMOOTHING_RADIUS)
-    suppressed = nms(smoothed, _edge_orientation(smoothed), r=radius, s=border, m=multiplier)
+    suppressed = pyedgeeval().nms(smoothed, _edge_orientation(smoothed), r=radius, s=border, m=multiplier)
     # MATLAB's uint8() rounds half away from zero (np.round would round half to even).
     return np.clip(np.floor(suppressed * 255 + 0.5), 0, 255).astype(np.uint8)
 
@@ -191,7 +202,7 @@ def image_counts(
         previous_total = total
         pred = thin(above)
         _reseed_matcher()
-        matched_pred, matched_gt, _, _ = correspond_pixels(pred, gt, max_dist=max_dist_ratio)
+        matched_pred, matched_gt, _, _ = pyedgeeval().correspond_pixels(pred, gt, max_dist=max_dist_ratio)
         counts[:, k] = (matched_gt > 0).sum(), total_gt, (matched_pred > 0).sum(), pred.sum()
     return counts
 
@@ -222,10 +233,8 @@ def check_matcher(matcher: str) -> str:
 
 
 def dataset_max_dist_ratio(dataset: str) -> float:
-    """The matching tolerance of ``dataset``; ValueError naming an unknown one."""
-    if dataset not in MAX_DIST_RATIO:
-        raise ValueError(f"unknown dataset {dataset!r}; expected one of {sorted(MAX_DIST_RATIO)}")
-    return MAX_DIST_RATIO[dataset]
+    """The matching tolerance of ``dataset`` (any of its names); ValueError naming an unknown one."""
+    return get_dataset(dataset).boundary_max_dist_ratio
 
 
 def _available_cpus() -> int:
@@ -369,6 +378,7 @@ class BoundaryMeter:
         progress: bool = True,
         matcher: str = DEFAULT_MATCHER,
     ) -> None:
+        pyedgeeval()  # a missing extra is reported before any image is predicted
         self.dataset = dataset
         self.max_dist_ratio = dataset_max_dist_ratio(dataset)
         self.matcher = check_matcher(matcher)

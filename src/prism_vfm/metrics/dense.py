@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from prism_vfm.losses.tasks import IGNORE_INDEX, balanced_bce_loss, check_label_values, check_shapes
+from prism_vfm.data.labels import IGNORE_INDEX, check_label_values
+from prism_vfm.losses.tasks import balanced_bce_loss, check_shapes
 
 SALIENCY_BETA_SQUARED = 0.3
 DEPTH_MAX_METRES = 80.0

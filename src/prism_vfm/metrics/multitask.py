@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from prism_vfm.losses.tasks import dataset_tasks
+from prism_vfm.data.registry import HEADLINE_METRICS, LOWER_IS_BETTER, get_dataset
 from prism_vfm.metrics.dense import (
     DepthMeter,
     EdgeLossMeter,
@@ -23,32 +23,6 @@ from prism_vfm.metrics.dense import (
 )
 
 Meter = SegmentationMeter | SaliencyMeter | NormalsMeter | DepthMeter | EdgeLossMeter
-
-HEADLINE_METRICS: dict[str, str] = {
-    "semseg": "mIoU",
-    "human_parts": "mIoU",
-    "sal": "maxF",
-    "normals": "mErr",
-    "depth": "RMSE",
-    "edge": "odsF",
-}
-"""The score of each task that enters Δm and the results tables."""
-
-LOWER_IS_BETTER = frozenset({"normals", "depth"})
-
-SINGLE_TASK_BASELINES: dict[str, dict[str, dict[str, float]]] = {
-    "pascalcontext": {
-        "vit_b": {"semseg": 80.25, "human_parts": 70.54, "sal": 84.54, "normals": 13.57, "edge": 74.22},
-        "vit_l": {"semseg": 81.61, "human_parts": 72.77, "sal": 83.80, "normals": 13.87, "edge": 75.24},
-    },
-    "nyud": {
-        "vit_b": {"semseg": 51.15, "depth": 0.5792, "normals": 19.77, "edge": 77.35},
-    },
-}
-"""Single-task baselines for Δm: ``SINGLE_TASK_BASELINES[dataset][backbone][task]`` (SPEC §9)."""
-
-EDGE_LOSS_METER_POS_WEIGHT: dict[str, float] = {"pascalcontext": 0.95, "nyud": 0.8}
-"""Positive weight of the official edge loss meter, which differs from the training loss's on NYUD."""
 
 
 @torch.no_grad()
@@ -81,8 +55,9 @@ class MultiTaskMeter:
     """
 
     def __init__(self, dataset: str, tasks: Sequence[str] | None = None) -> None:
-        channels = dataset_tasks(dataset)
-        self.dataset = dataset
+        info = get_dataset(dataset)
+        channels = info.tasks
+        self.dataset = info.name
         self.tasks = list(channels if tasks is None else tasks)
         unknown = [t for t in self.tasks if t not in channels]
         if unknown:
@@ -98,7 +73,7 @@ class MultiTaskMeter:
             elif t == "depth":
                 self.meters[t] = DepthMeter()
             else:
-                self.meters[t] = EdgeLossMeter(EDGE_LOSS_METER_POS_WEIGHT[dataset])
+                self.meters[t] = EdgeLossMeter(info.edge_loss_meter_pos_weight)
 
     def reset(self) -> None:
         """Forget all updates of every meter."""

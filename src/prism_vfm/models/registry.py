@@ -21,10 +21,10 @@ from __future__ import annotations
 from typing import Any, cast
 
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, resolve_pretrained_cfg
 
 from prism_vfm.compat.official import infer_config, read_official
-from prism_vfm.data.image_folder import IMAGENET_MEAN, IMAGENET_STD
 from prism_vfm.models.features import PrismFeatures
 from prism_vfm.models.load import RELEASE_REPO, RELEASED, checkpoint_filter_fn, release_file
 from prism_vfm.models.prism_vit import PrismViT
@@ -65,8 +65,8 @@ def _cfg(hf_hub_id: str, size: tuple[int, int] = (384, 384), **extra: Any) -> di
         hf_hub_id=hf_hub_id,
         num_classes=0,
         input_size=(3, *size),
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
+        mean=IMAGENET_DEFAULT_MEAN,
+        std=IMAGENET_DEFAULT_STD,
         interpolation="bicubic",
         license="apache-2.0",
     )

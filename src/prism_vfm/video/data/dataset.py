@@ -27,8 +27,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from prism_vfm.data.registry import get_video_dataset
 from prism_vfm.video.data import sampling
-from prism_vfm.video.data.datasets import get_video_dataset
 from prism_vfm.video.data.decode import VideoOpenError, open_video
 from prism_vfm.video.data.lists import VideoSample
 from prism_vfm.video.data.transforms import EvalViews, TrainAugment

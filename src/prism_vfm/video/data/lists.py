@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from prism_vfm.video.data.datasets import get_video_dataset
+from prism_vfm.data.registry import get_video_dataset
 
 MIN_TRAIN_FRAMES = 8
 """The release drops training videos whose list gives fewer frames (3-column lists only)."""
