@@ -400,8 +400,10 @@ def test_info_and_convert_on_vidprism_sources(tmp_path, capsys):
     model.save_released_checkpoint(tmp_path / "best.pt")
     main(["convert", str(tmp_path / "best.pt"), str(tmp_path / "converted")])
     _same(load(tmp_path / "converted")[0], model)
-    with pytest.raises(ValueError, match="holds a VidPrism"):
+    with pytest.raises(SystemExit):
         main(["convert", str(tmp_path / "folder"), str(tmp_path / "official.pth")])
+    assert "holds a VidPrism" in capsys.readouterr().err
+    assert not (tmp_path / "official.pth").exists()
 
 
 def test_a_vidprism_folder_is_no_student_to_initialise_from(tmp_path):
