@@ -62,6 +62,15 @@ def load_json(path: Path) -> dict:
         return json.load(f)
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test, so that reductions sum in one fixed order."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _deterministic_threads():
     torch.manual_seed(0)

@@ -12,7 +12,8 @@ PACKAGE = REPO_ROOT / "src" / "prism_vfm"
 # Lowest first: a module may import from its own unit and from units of strictly lower tiers. A unit is a
 # package or a module; the longest matching name wins. The loader (models.load) and the timm registrations
 # with their pretrained tags (models.registry) sit above what they read: the models, the official layout
-# (compat) and the checkpoint folders (train.checkpoint).
+# (compat) and the checkpoint folders (train.checkpoint); VidPrism registers its kinds of source with the
+# loader from above it (video.load).
 TIERS: list[set[str]] = [
     {"errors"},
     {"utils", "config", "data.registry", "data.labels"},
@@ -23,7 +24,7 @@ TIERS: list[set[str]] = [
     {"compat"},
     {"train.checkpoint"},
     {"models.load"},
-    {"models.registry"},
+    {"models.registry", "video.load"},
     {"losses"},
     {"metrics", "video.metrics"},
     {"train"},

@@ -10,6 +10,7 @@ import timm
 import torch
 from timm.layers import resample_abs_pos_embed
 
+import prism_vfm
 from prism_vfm import PrismMultiTask, PrismViT, export_official, load_official
 from prism_vfm.cli import main
 from prism_vfm.compat.official import official_to_ours, ours_to_official, read_official
@@ -19,8 +20,11 @@ from prism_vfm.distill.student import build_student
 from prism_vfm.models.load import DENSE_VIT_FRESH, LoadError, load, load_into
 from prism_vfm.train.checkpoint import save_checkpoint
 from prism_vfm.utils.io import CheckpointReadError, UnsafePickleError
+from prism_vfm.video import HeadConfig, VidPrism
+from prism_vfm.video.backbone import TowerConfig
+from prism_vfm.video.text import TextTowerConfig
 from tests.official_helpers import official_state_dict
-from tests.tiny import TINY, tiny_student
+from tests.tiny import TINY, tiny_dense_vit, tiny_student
 
 # Official files record neither the head count nor top-k: a standard width (192: 3 heads) and top-3.
 OFFICIAL_TINY = dict(TINY, embed_dim=192, num_heads=3, top_k=3)
@@ -130,15 +134,7 @@ def test_init_from_a_checkpoint_of_another_shape_is_an_error_unless_allowed(tmp_
 
 
 def test_a_plain_vit_starts_the_dual_stream_modules_fresh_by_design(tmp_path):
-    dense = timm.create_model(
-        "vit_tiny_patch16_224",
-        pretrained=False,
-        img_size=32,
-        patch_size=8,
-        embed_dim=32,
-        depth=4,
-        num_heads=2,
-    )
+    dense = tiny_dense_vit()
     torch.save(dense.state_dict(), tmp_path / "vit.pth")
     model = tiny_student()
     report = load_into(model, tmp_path / "vit.pth")
@@ -150,15 +146,7 @@ def test_a_plain_vit_starts_the_dual_stream_modules_fresh_by_design(tmp_path):
 def test_timm_pretrained_weights_may_leave_only_the_dual_stream_modules_fresh():
     from prism_vfm.models.registry import checkpoint_filter_fn
 
-    dense = timm.create_model(
-        "vit_tiny_patch16_224",
-        pretrained=False,
-        img_size=32,
-        patch_size=8,
-        embed_dim=32,
-        depth=4,
-        num_heads=2,
-    ).state_dict()
+    dense = tiny_dense_vit().state_dict()
     model = tiny_student()
     assert checkpoint_filter_fn(dense, model).keys() == model.state_dict().keys()
     del dense["blocks.2.attn.qkv.weight"]
@@ -326,3 +314,99 @@ def test_a_released_tag_builds_a_features_only_backbone(released_stand_in):
     with torch.no_grad():
         maps = backbone.eval()(x, 1)
     assert [m.shape for m in maps] == [(1, 768, 14, 14)] * 4
+
+
+# ------------------------------------------------------------------------------------------ VidPrism
+def _tiny_vidprism(**kwargs) -> VidPrism:
+    torch.manual_seed(0)
+    # 64 wide, one head: a released checkpoint records no head count, read back as width / 64.
+    tower = TowerConfig(patch_size=8, width=64, depth=2, heads=1, output_dim=16, img_size=32)
+    return VidPrism(tower, HeadConfig(dim=16, num_classes=5), **kwargs).eval()
+
+
+def test_a_vidprism_folder_and_run_load_through_the_one_loader(tmp_path):
+    saved = _tiny_vidprism()
+    saved.save_pretrained(tmp_path / "folder")
+    config = dict(saved._hub_mixin_config)
+    save_checkpoint(tmp_path / "run", 3, saved.state_dict(), {"step": 3}, keep_last=5, config=config)
+    for source in (tmp_path / "folder", tmp_path / "run"):
+        model, report = prism_vfm.load(source)
+        assert isinstance(model, VidPrism) and not model.training
+        _same(model, saved)
+        assert "VidPrism" in report.kind
+        assert sorted(report.loaded) == sorted(saved.state_dict())
+        assert not report.fresh and not report.ignored
+        clips = torch.randn(1, 8, 3, 32, 32)
+        torch.testing.assert_close(model(clips).logits, saved(clips).logits, rtol=0, atol=0)
+
+
+def test_a_vidprism_folder_at_another_frame_size_resamples_the_positional_table(tmp_path):
+    _tiny_vidprism().save_pretrained(tmp_path)
+    model, report = load(tmp_path, img_size=48)
+    assert report.resampled == ["backbone.tower.pos_embed"]
+    assert model.backbone.tower.pos_embed.shape[1] == 1 + 6 * 6
+    with pytest.raises(ValueError, match="square"):
+        load(tmp_path, img_size=(48, 64))
+
+
+def test_a_vidprism_folder_missing_an_entry_is_an_error_unless_allowed(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _tiny_vidprism().save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    del state["head.classifier.weight"]
+    save_file(state, tmp_path / "model.safetensors")
+    with pytest.raises(LoadError, match=r"head\.classifier\.weight") as info:
+        load(tmp_path)
+    assert info.value.report.missing == ["head.classifier.weight"]
+    _, report = load(tmp_path, allow_fresh=["head.classifier.*"])
+    assert report.fresh == ["head.classifier.weight"]
+    with pytest.raises(ValueError, match="no PRISM decoder heads"):
+        load(tmp_path, multitask=True)
+
+
+def test_a_released_vidprism_checkpoint_loads_as_from_released_checkpoint_builds_it(tmp_path):
+    ckpt = _tiny_vidprism().released_checkpoint()
+    ckpt["model_state_dict"]["logit_scale"] = torch.tensor(2.5)
+    ckpt["model_state_dict"]["token_embedding.weight"] = torch.zeros(3, 16)  # CLIP's text tower
+    ckpt["epoch"] = 7
+    torch.save(ckpt, tmp_path / "best.pt")
+    model, report = load(tmp_path / "best.pt")
+    expected = VidPrism.from_released_checkpoint(tmp_path / "best.pt")
+    assert isinstance(model, VidPrism)
+    _same(model, expected)
+    assert model.released_logit_scale == expected.released_logit_scale == 2.5
+    assert report.kind == "released VidPrism checkpoint"
+    assert sorted(report.loaded) == sorted(expected.state_dict())
+    assert report.ignored == ["token_embedding.weight"]
+    # A text tower the checkpoint does not hold would start at its random initialisation.
+    text = TextTowerConfig(width=32, heads=2, layers=1, output_dim=16)
+    with pytest.raises(LoadError, match=r"text\."):
+        load(tmp_path / "best.pt", text_tower=text)
+    _, report = load(tmp_path / "best.pt", text_tower=text, allow_fresh=["text.*"])
+    assert report.fresh and all(k.startswith("text.") for k in report.fresh)
+
+
+def test_info_and_convert_on_vidprism_sources(tmp_path, capsys):
+    model = _tiny_vidprism()
+    model.save_pretrained(tmp_path / "folder")
+    main(["info", str(tmp_path / "folder")])
+    out = capsys.readouterr()
+    info = json.loads(out.out)
+    assert info["model"] == "VidPrism" and info["head"]["num_classes"] == 5
+    assert info["tower_parameters"] == sum(p.numel() for p in model.backbone.parameters())
+    assert "VidPrism folder" in out.err
+    # A released checkpoint converts to our folder; our folder has no official PRISM layout.
+    model.save_released_checkpoint(tmp_path / "best.pt")
+    main(["convert", str(tmp_path / "best.pt"), str(tmp_path / "converted")])
+    _same(load(tmp_path / "converted")[0], model)
+    with pytest.raises(SystemExit):
+        main(["convert", str(tmp_path / "folder"), str(tmp_path / "official.pth")])
+    assert "holds a VidPrism" in capsys.readouterr().err
+    assert not (tmp_path / "official.pth").exists()
+
+
+def test_a_vidprism_folder_is_no_student_to_initialise_from(tmp_path):
+    _tiny_vidprism().save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="holds a VidPrism model, not a PRISM student"):
+        load_into(tiny_student(), tmp_path)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import pytest
-import timm
 import torch
 from torch import nn
 
@@ -15,7 +14,7 @@ from prism_vfm.distill.student import build_student
 from prism_vfm.distill.trainer import param_groups
 from prism_vfm.models.load import LoadError
 from prism_vfm.train.schedule import poly, warmup_cosine
-from tests.tiny import TINY, tiny_student
+from tests.tiny import TINY, tiny_dense_vit, tiny_student
 
 
 @pytest.mark.parametrize(
@@ -124,15 +123,7 @@ def test_student_initialises_from_our_folder_an_official_file_and_a_timm_vit(tmp
     other = build_student(cfg, teacher_dims=(8, 8)).eval()
     torch.testing.assert_close(other.pos_embed, source.pos_embed)
     torch.testing.assert_close(other.blocks[1].moe.experts.w1, source.blocks[1].moe.experts.w1)
-    dense = timm.create_model(
-        "vit_tiny_patch16_224",
-        pretrained=False,
-        img_size=32,
-        patch_size=8,
-        embed_dim=32,
-        depth=4,
-        num_heads=2,
-    )
+    dense = tiny_dense_vit()
     torch.save(dense.state_dict(), tmp_path / "vit.pth")
     model = build_student(_cfg(str(tmp_path / "vit.pth")), teacher_dims=(16,))
     torch.testing.assert_close(model.blocks[3].anchor.fc1.weight, dense.blocks[3].mlp.fc1.weight)

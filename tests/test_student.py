@@ -12,7 +12,7 @@ import torch
 from prism_vfm import STUDENT_PRESETS, PrismOutput, PrismViT, create_student, export_official, load_official
 from prism_vfm.compat.official import OfficialCheckpointError, ours_to_official
 from prism_vfm.utils.io import CheckpointReadError
-from tests.tiny import tiny_student
+from tests.tiny import tiny_dense_vit, tiny_student
 
 
 def _ids(*ids):
@@ -180,16 +180,7 @@ def test_from_pretrained_missing_file_is_clear(tmp_path):
 def test_timm_vit_weights_initialise_every_ffn_of_a_dual_stream_block():
     from prism_vfm.models.registry import checkpoint_filter_fn
 
-    dense = timm.create_model(
-        "vit_tiny_patch16_224",
-        pretrained=False,
-        img_size=32,
-        patch_size=8,
-        embed_dim=32,
-        depth=4,
-        num_heads=2,
-        num_classes=7,
-    )
+    dense = tiny_dense_vit(num_classes=7)
     model = tiny_student(img_size=48)
     model.load_state_dict(checkpoint_filter_fn(dense.state_dict(), model))
     u = torch.randn(5, 32)

@@ -243,3 +243,12 @@ def test_hub_weights_are_timms_openai_tag_of_the_quickgelu_architecture(name):
     assert cfg is not None and cfg.hf_hub_id.endswith("_clip_224.openai")
     assert cfg.num_classes == CLIP_TOWERS[name].output_dim
     assert cfg.mean == (0.48145466, 0.4578275, 0.40821073)  # CLIP's normalisation, as the release's
+
+
+def test_a_projection_with_a_bias_is_refused_naming_the_file(tmp_path):
+    """CLIP's projection has no bias: weights whose projection has one are another model."""
+    state = {k: v.clone() for k, v in FrameEncoder(SMALL).state_dict().items()}
+    state["tower.head.bias"] = torch.ones(SMALL.output_dim)
+    save_file(state, tmp_path / "biased.safetensors")
+    with pytest.raises(ValueError, match=r"biased\.safetensors: the projection has a non-zero bias"):
+        load_tower_weights(FrameEncoder(SMALL), tmp_path / "biased.safetensors")

@@ -16,12 +16,7 @@ from tests.video_reference import reference_forward, reference_loss
 D = 32
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_head(seed: int = 0, **options) -> VidPrismHead:

@@ -253,3 +253,13 @@ def test_the_unused_logit_scale_round_trips(official):
     model = VidPrism.from_released_checkpoint(released_dict(official))
     assert model.released_logit_scale == pytest.approx(math.log(1 / 0.07))
     assert model.released_checkpoint()["model_state_dict"]["logit_scale"].dtype == torch.float32
+
+
+def test_a_truncated_released_checkpoint_is_an_error_naming_the_file(tmp_path):
+    from prism_vfm.utils.io import CheckpointReadError
+
+    torch.save(tiny_model().released_checkpoint(), tmp_path / "best.pt")
+    data = (tmp_path / "best.pt").read_bytes()
+    (tmp_path / "best.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointReadError, match=r"best\.pt is not a readable PyTorch checkpoint"):
+        VidPrism.from_released_checkpoint(tmp_path / "best.pt")

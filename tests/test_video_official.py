@@ -22,12 +22,7 @@ from tests.video_reference import reference_forward, reference_loss
 TOL = 1e-5  # float tensors, absolute; losses: absolute or relative, whichever is larger
 
 
-@pytest.fixture(autouse=True)
-def _deterministic():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def close(name: str, ours: torch.Tensor, ref: torch.Tensor, tol: float = TOL) -> None:

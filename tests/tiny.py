@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import timm
+from timm.models.vision_transformer import VisionTransformer
+
 from prism_vfm import PrismViT
 
 TINY = dict(
@@ -19,3 +22,9 @@ TINY = dict(
 
 def tiny_student(**overrides) -> PrismViT:
     return PrismViT(**{**TINY, **overrides})
+
+
+def tiny_dense_vit(**overrides) -> VisionTransformer:
+    """A plain timm ViT of :data:`TINY`'s geometry: the dense model a student initialises from."""
+    geometry = {k: TINY[k] for k in ("img_size", "patch_size", "embed_dim", "depth", "num_heads")}
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, **{**geometry, **overrides})

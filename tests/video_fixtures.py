@@ -8,7 +8,6 @@ out the stored input frames (1.7 MB): they are one seeded ``torch.randn`` draw, 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 from pathlib import Path
@@ -18,7 +17,7 @@ from safetensors.torch import load_file
 
 from prism_vfm.video import VidPrismHead, load_official_head
 from prism_vfm.video.official import to_head_key
-from tests.official_helpers import official_state_dict, sha256
+from tests.official_helpers import official_state_dict, recipe_entries, sha256
 
 VIDEO_FIXTURES = Path(__file__).resolve().parent / "fixtures" / "vidprism_official"
 
@@ -89,18 +88,9 @@ def released_state_dicts(name: str) -> dict[str, dict[str, torch.Tensor]]:
     """The released state dicts of a whole-model fixture by module (``model`` = ``model_state_dict``,
     ``fusion_model`` = ``fusion_model_state_dict``), recipe values with the kept ``logit_scale``, hashes
     checked."""
-    spec = importlib.util.spec_from_file_location(f"video_recipe_{name}", folder(name) / "recipe.py")
-    assert spec is not None and spec.loader is not None
-    recipe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(recipe)
     out: dict[str, dict[str, torch.Tensor]] = {}
-    entries = json.loads((folder(name) / "state_dict_keys.json").read_text())["entries"]
-    for e in entries:
-        key, shape = e["key"], tuple(e["shape"])
-        own = torch.full(shape, float(e.get("keep_value", 0.0)), dtype=torch.float32)
-        value = recipe.recipe_value(key, shape, own)
-        assert sha256(value) == e["sha256"], f"recipe value of {key} does not match the fixture hash"
-        out.setdefault(e["module"], {})[key] = value
+    for e, value in recipe_entries(folder(name)):
+        out.setdefault(e["module"], {})[e["key"]] = value
     return out
 
 

@@ -7,6 +7,9 @@ from prism_vfm.models.outputs import MultiTaskOutput, PrismOutput
 from prism_vfm.models.prism_vit import PrismViT
 from prism_vfm.models.registry import STUDENT_PRESETS, create_student
 
+# Registers VidPrism's checkpoints with ``load``: one loader for both model families.
+from prism_vfm.video import load as _video_load  # noqa: F401  (import for its registration)
+
 __version__ = "0.1.0"
 
 __all__ = [

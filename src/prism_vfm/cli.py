@@ -18,6 +18,7 @@ from prism_vfm.errors import PrismError
 
 if TYPE_CHECKING:
     from prism_vfm import PrismViT
+    from prism_vfm.video import VidPrism
 
 
 def _load_any(source: str, img_size: Sequence[int] | None, step: int | None = None) -> torch.nn.Module:
@@ -46,8 +47,12 @@ def _check_folder(path: str | Path | None, what: str) -> None:
 
 def cmd_info(args: argparse.Namespace) -> None:
     from prism_vfm import PrismMultiTask
+    from prism_vfm.video import VidPrism
 
     loaded = _load_any(args.model, args.img_size, args.step)
+    if isinstance(loaded, VidPrism):
+        print(json.dumps(_vidprism_info(loaded), indent=2))
+        return
     model = cast("PrismViT", getattr(loaded, "student", loaded))
     info = {
         "image_size": list(model.patch_embed.img_size),
@@ -68,8 +73,26 @@ def cmd_info(args: argparse.Namespace) -> None:
     print(json.dumps(info, indent=2))
 
 
+def _vidprism_info(model: VidPrism) -> dict[str, object]:
+    """What ``prism info`` shows of a VidPrism model."""
+    from dataclasses import asdict
+
+    def count(module: torch.nn.Module | None) -> int:
+        return 0 if module is None else sum(p.numel() for p in module.parameters())
+
+    return {
+        "model": "VidPrism",
+        "tower": asdict(model.backbone.config),
+        "head": asdict(model.head.cfg),
+        "text_tower": model.text is not None,
+        "tower_parameters": count(model.backbone),
+        "head_parameters": count(model.head),
+        "text_tower_parameters": count(model.text),
+    }
+
+
 def cmd_convert(args: argparse.Namespace) -> None:
-    from prism_vfm import PrismViT, export_official
+    from prism_vfm import PrismMultiTask, PrismViT, export_official
 
     src, out = Path(args.source), Path(args.output)
     if src.is_dir():
@@ -81,9 +104,8 @@ def cmd_convert(args: argparse.Namespace) -> None:
     model = _load_any(args.source, args.img_size, args.step)
     if src.is_dir():
         if not isinstance(model, PrismViT):
-            raise ValueError(
-                f"{src} holds a multi-task model: the official layout written here is the Stage-1 student's"
-            )
+            what = "a multi-task model" if isinstance(model, PrismMultiTask) else f"a {type(model).__name__}"
+            raise ValueError(f"{src} holds {what}: the official layout written here is the Stage-1 student's")
         export_official(model, out)
         print(f"wrote official-layout checkpoint {out}")
     else:

@@ -208,7 +208,9 @@ def train_stage2(
         loss = tasks.total
         if projections is not None:
             with torch.no_grad():
-                targets = {t: teachers[t](x[(ids == t).to(x.device)]) for t in projections}
+                # Row indices from the CPU split: a boolean mask on the device would wait for the GPU.
+                rows = {t: (ids == t).nonzero().squeeze(1).to(x.device) for t in projections}
+                targets = {t: teachers[t](x.index_select(0, rows[t])) for t in projections}
             d = distill(projections, targets)
             reg = d["total"] + cfg.distill.lb_weight * (aux_teacher + aux_tasks)
             loss = loss + alpha * reg

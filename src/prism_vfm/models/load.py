@@ -9,7 +9,9 @@ model built elsewhere (a student initialised from a checkpoint). A source is any
 - a registered ``prism_vit_*`` name: alone, the architecture without weights (on the meta device);
   with a pretrained tag (``.augreg_in21k``, or a released PRISM checkpoint), the tag's weights;
 - a weight file without an architecture (``.safetensors``, or a timm ViT ``.pth``): the architecture
-  is given as ``model=`` (a registered name) or by the model handed to :func:`load_into`.
+  is given as ``model=`` (a registered name) or by the model handed to :func:`load_into`;
+- a kind another model family registers with :func:`register_source_kind`: VidPrism
+  (``prism_vfm.video.load``) registers its ``save_pretrained`` folders and released training checkpoints.
 
 Every load compares the source's entries with the model's and returns a :class:`LoadReport`: entries
 loaded, model entries the source lacks (missing) or holds in another shape (mismatched), and source
@@ -88,9 +90,41 @@ RELEASED: dict[str, dict[str, tuple[str, tuple[int, int], str]]] = {
 
 _KINDS = (
     "a run folder (checkpoints/), a checkpoint or save_pretrained folder (config.json + "
-    "model.safetensors), an official PRISM .pth, a registered prism_vit_* name (optionally with a "
-    "pretrained tag), or a weight file with model= naming its architecture"
+    "model.safetensors), an official PRISM .pth or released VidPrism checkpoint, a registered prism_vit_* "
+    "name (optionally with a pretrained tag), or a weight file with model= naming its architecture"
 )
+
+
+@dataclass(frozen=True)
+class SourceKind:
+    """A kind of checkpoint of another model family, which that family teaches :func:`load`.
+
+    ``describes_folder(config)`` tells whether a folder's ``config.json`` is of this kind, and
+    ``load_folder(folder, config, kind, allow_fresh, overrides)`` builds and fills the model;
+    ``describes_file(contents)`` and ``load_file(contents, where, allow_fresh, overrides)`` do the same
+    for what ``torch.load(weights_only=True)`` read from a file. Both loads return the model (eval mode)
+    and its :class:`LoadReport`, and raise :class:`LoadError` as :func:`load` does (see
+    :func:`fill_from_state`).
+    """
+
+    name: str
+    describes_folder: Callable[[Mapping[str, Any]], bool]
+    load_folder: Callable[
+        [Path, dict[str, Any], str, Sequence[str], dict[str, Any]], tuple[nn.Module, LoadReport]
+    ]
+    describes_file: Callable[[Mapping[str, Any]], bool]
+    load_file: Callable[[Mapping[str, Any], str, Sequence[str], dict[str, Any]], tuple[nn.Module, LoadReport]]
+
+
+SOURCE_KINDS: dict[str, SourceKind] = {}
+
+
+def register_source_kind(kind: SourceKind) -> SourceKind:
+    """Teach :func:`load` a kind of checkpoint (the family's package registers it when imported)."""
+    if kind.name in SOURCE_KINDS:
+        raise ValueError(f"a source kind named {kind.name!r} is already registered")
+    SOURCE_KINDS[kind.name] = kind
+    return kind
 
 
 class LoadError(ValueError):
@@ -173,7 +207,8 @@ def load(
             :class:`PrismViT`); ``False`` the student alone (decoder heads reported as not used);
             ``True`` requires decoder heads.
         allow_fresh: patterns of model entries that may keep their initialisation.
-        overrides: further :class:`PrismViT` arguments (e.g. ``top_k``, ``dispatch``).
+        overrides: further :class:`PrismViT` arguments (e.g. ``top_k``, ``dispatch``); for a VidPrism
+            source, further ``VidPrism`` arguments (e.g. ``text_tower``, ``frozen_backbone``).
 
     Returned in eval mode, on the CPU (a bare architecture name: on the meta device).
     """
@@ -188,9 +223,20 @@ def load(
         return _load_registered(name, tag, multitask=multitask, allow_fresh=allow_fresh, **extra)
     if path.is_dir():
         folder, kind = _checkpoint_folder(path, step)
-        return _load_folder(folder, kind, multitask, allow_fresh, extra)
+        config = _read_config(folder)
+        for other in SOURCE_KINDS.values():
+            if other.describes_folder(config):
+                _no_decoder_heads(folder, other.name, multitask)
+                return other.load_folder(folder, config, kind, allow_fresh, extra)
+        return _load_folder(folder, config, kind, multitask, allow_fresh, extra)
     if path.suffix != ".safetensors":
-        state = _unwrap(read_torch_file(path))
+        contents = read_torch_file(path)
+        if isinstance(contents, Mapping):
+            for other in SOURCE_KINDS.values():
+                if other.describes_file(contents):
+                    _no_decoder_heads(path, other.name, multitask)
+                    return other.load_file(contents, str(path), allow_fresh, extra)
+        state = _unwrap(contents)
         if _is_official(state):
             return _load_official(state, str(path), multitask, extra)
     else:
@@ -228,7 +274,7 @@ def load_into(
     grid = None
     if path.is_dir():
         folder, kind = _checkpoint_folder(path, step)
-        config = _read_config(folder)
+        config = _student_config(folder)
         grid = saved_grid(config.get("student_args", config))
         state = read_safetensors_file(folder / "model.safetensors")
         path = folder
@@ -247,7 +293,7 @@ def student_args(source: str | os.PathLike, step: int | None = None) -> dict[str
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist; expected {_KINDS}")
     if path.is_dir():
-        config = _read_config(_checkpoint_folder(path, step)[0])
+        config = _student_config(_checkpoint_folder(path, step)[0])
         if "student_args" in config:
             return {**config["student_args"], "num_tasks": len(config["tasks"])}
         return config
@@ -373,10 +419,28 @@ def _read_config(folder: Path) -> dict[str, Any]:
         raise ValueError(f"{file}: not valid JSON ({exc})") from None
 
 
-def _load_folder(
-    folder: Path, kind: str, multitask: bool | None, allow_fresh: Sequence[str], extra: dict[str, Any]
-) -> tuple[nn.Module, LoadReport]:
+def _student_config(folder: Path) -> dict[str, Any]:
+    """The ``config.json`` of a folder that must hold a PRISM student (Stage 1 or 2)."""
     config = _read_config(folder)
+    for other in SOURCE_KINDS.values():
+        if other.describes_folder(config):
+            raise ValueError(f"{folder} holds a {other.name} model, not a PRISM student")
+    return config
+
+
+def _no_decoder_heads(where: Path, family: str, multitask: bool | None) -> None:
+    if multitask:
+        raise ValueError(f"{where} holds a {family} model: it has no PRISM decoder heads (multitask=True)")
+
+
+def _load_folder(
+    folder: Path,
+    config: dict[str, Any],
+    kind: str,
+    multitask: bool | None,
+    allow_fresh: Sequence[str],
+    extra: dict[str, Any],
+) -> tuple[nn.Module, LoadReport]:
     state = read_safetensors_file(folder / "model.safetensors")
     build: Callable[[], nn.Module]
     if "student_args" in config:
@@ -440,6 +504,18 @@ def _square_grid(state: Mapping[str, Tensor]) -> tuple[int, int]:
     return side, side
 
 
+def fill_from_state(
+    model: nn.Module, state: Mapping[str, Tensor], where: str, kind: str, allow_fresh: Sequence[str] = ()
+) -> LoadReport:
+    """Fill ``model`` from ``state`` (entries already in the model's names) and report what was loaded.
+
+    Raises :class:`LoadError` when no entry fits, or when a model entry would keep its initialisation
+    (missing from ``state`` or of another shape) and is not named in ``allow_fresh``. PRISM students
+    (:class:`PrismViT`, :class:`PrismMultiTask`) also take any student layout :func:`adapt_state_dict` reads.
+    """
+    return _fill(model, state, where, kind, allow_fresh)
+
+
 def _fill(
     model: nn.Module,
     state: Mapping[str, Tensor],
@@ -451,8 +527,9 @@ def _fill(
 ) -> LoadReport:
     entries, report = _match(model, state, where, kind, grid, exclude)
     if not report.loaded:
+        what = "ViT / PRISM" if isinstance(model, (PrismViT, PrismMultiTask)) else type(model).__name__
         raise LoadError(
-            f"{where} is not a ViT / PRISM state dict for this model: none of its entries fits "
+            f"{where} is not a {what} state dict for this model: none of its entries fits "
             f"(its first keys: {_short(sorted(state), 5)})",
             report,
         )
@@ -471,6 +548,7 @@ def _match(
 ) -> tuple[dict[str, Tensor], LoadReport]:
     """Entries of ``state`` that fit ``model`` (converted, position embeddings resampled) and the report."""
     state = _unwrap(dict(state))
+    student: PrismViT | None
     if isinstance(model, PrismMultiTask):
         student_state = {k: v for k, v in state.items() if not k.startswith("heads.")}
         converted, ignored, by_design = adapt_state_dict(student_state, model.student)
@@ -479,10 +557,13 @@ def _match(
         by_design = [f"student.{k}" for k in by_design]
         student = model.student
         pos_key = "student.pos_embed"
-    else:
-        student = cast(PrismViT, model)
+    elif isinstance(model, PrismViT):
+        student = model
         converted, ignored, by_design = adapt_state_dict(state, student)
         pos_key = "pos_embed"
+    else:  # another family's model: the state is in its names already, resampled by its loader
+        student, pos_key = None, ""
+        converted, ignored, by_design = dict(state), [], []
     own = model.state_dict()
     report = LoadReport(where, kind, ignored=sorted(ignored), by_design=by_design)
     out: dict[str, Tensor] = {}
@@ -491,9 +572,7 @@ def _match(
         if target is None or _matches(key, exclude):
             report.ignored.append(key)
             continue
-        # Compare grids, not only shapes: a 4x6 grid and a 6x4 one hold as many positions.
-        regrid = grid is not None and grid != tuple(student.patch_embed.grid_size)
-        if key == pos_key and (value.shape != target.shape or regrid) and value.shape[-1] == target.shape[-1]:
+        if key == pos_key and student is not None and _resamples(value, target, student, grid):
             value = _resample(value, student, grid)
             report.resampled.append(key)
         if value.shape != target.shape:
@@ -503,6 +582,13 @@ def _match(
         report.loaded.append(key)
     report.missing = sorted(k for k in own if k not in out and k not in report.mismatched)
     return out, report
+
+
+def _resamples(value: Tensor, target: Tensor, student: PrismViT, grid: tuple[int, int] | None) -> bool:
+    """Whether a saved position embedding needs resampling to ``student``'s grid."""
+    # Compare grids, not only shapes: a 4x6 grid and a 6x4 one hold as many positions.
+    regrid = grid is not None and grid != tuple(student.patch_embed.grid_size)
+    return (value.shape != target.shape or regrid) and value.shape[-1] == target.shape[-1]
 
 
 def _resample(pos: Tensor, model: PrismViT, grid: tuple[int, int] | None) -> Tensor:

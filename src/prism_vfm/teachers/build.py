@@ -6,15 +6,13 @@ import os
 from collections.abc import Collection
 from pathlib import Path
 
-import torch
-from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from prism_vfm.teachers.frozen import FrozenTeacher
 from prism_vfm.teachers.registry import get_teacher_spec
 from prism_vfm.teachers.spec import ImgSize, TeacherSpec
-
-_SHOWN = 8  # keys listed per kind in a mismatch error
+from prism_vfm.utils.io import CheckpointReadError, read_safetensors_file, read_torch_file
+from prism_vfm.utils.state_dict import check_keys
 
 
 def build_teacher(
@@ -89,8 +87,10 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, Tensor]:
     """
     path = Path(path)
     if path.suffix == ".safetensors":
-        return load_file(path)
-    state = torch.load(path, map_location="cpu", weights_only=True)
+        return read_safetensors_file(path)
+    state = read_torch_file(path)
+    if not isinstance(state, dict):
+        raise CheckpointReadError(f"{path} holds a {type(state).__name__}, not a state dict")
     for wrapper in ("model", "state_dict"):
         if isinstance(state.get(wrapper), dict):
             state = state[wrapper]
@@ -112,22 +112,5 @@ def load_teacher_weights(
     if spec.checkpoint_filter is not None:
         state = spec.checkpoint_filter(state, model)
     state = {k: v for k, v in state.items() if k not in ignore}
-    own = model.state_dict()
-    missing = sorted(own.keys() - state.keys())
-    unexpected = sorted(state.keys() - own.keys())
-    resized = sorted(
-        f"{k} (file {tuple(state[k].shape)}, model {tuple(own[k].shape)})"
-        for k in own.keys() & state.keys()
-        if state[k].shape != own[k].shape
-    )
-    if missing or unexpected or resized:
-        problems = [
-            f"{len(keys)} {kind}: {', '.join(keys[:_SHOWN])}{', ...' if len(keys) > _SHOWN else ''}"
-            for kind, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", resized))
-            if keys
-        ]
-        raise ValueError(
-            f"teacher {spec.name!r}: {path} does not match the model after key conversion; "
-            + "; ".join(problems)
-        )
+    check_keys(model.state_dict(), state, f"teacher {spec.name!r}: {path} after key conversion")
     model.load_state_dict(state)

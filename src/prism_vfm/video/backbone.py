@@ -29,10 +29,10 @@ from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_
 from torch import Tensor, nn
 
 from prism_vfm.teachers.build import read_state_dict
+from prism_vfm.utils.state_dict import check_keys
 from prism_vfm.video.cache import TensorCache, state_fingerprint
 
 HUB_TAG = "openai"  # timm's pretrained tag of OpenAI's CLIP weights
-_SHOWN = 8  # keys listed per kind in a mismatch error
 
 
 @dataclass(frozen=True)
@@ -204,7 +204,9 @@ def read_clip_state_dict(path: str | os.PathLike, *, allow_torchscript: bool = F
     return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
 
 
-def tower_state_dict(state: Mapping[str, Tensor], encoder: FrameEncoder) -> dict[str, Tensor]:
+def tower_state_dict(
+    state: Mapping[str, Tensor], encoder: FrameEncoder, where: str = "the given state dict"
+) -> dict[str, Tensor]:
     """``state`` in the encoder's own keys (``tower.*``).
 
     Accepts an OpenAI/open_clip CLIP state dict or a released ``model_state_dict`` (``visual.*`` or
@@ -217,26 +219,10 @@ def tower_state_dict(state: Mapping[str, Tensor], encoder: FrameEncoder) -> dict
     converted = checkpoint_filter_fn(state, encoder.tower)
     bias = converted.pop("head.bias", None)
     if bias is not None and bool(bias.any()):
-        raise ValueError("the file's projection has a non-zero bias; the CLIP tower's projection has none")
+        raise ValueError(
+            f"{where}: the projection has a non-zero bias (head.bias); the CLIP tower's projection has none"
+        )
     return {f"tower.{k}": v for k, v in converted.items()}
-
-
-def check_keys(own: Mapping[str, Tensor], given: Mapping[str, Tensor], what: str) -> None:
-    """Raise ValueError listing missing, unexpected and wrong-shape keys of ``given`` against ``own``."""
-    missing = sorted(own.keys() - given.keys())
-    unexpected = sorted(given.keys() - own.keys())
-    resized = sorted(
-        f"{k} (file {tuple(given[k].shape)}, model {tuple(own[k].shape)})"
-        for k in own.keys() & given.keys()
-        if given[k].shape != own[k].shape
-    )
-    problems = [
-        f"{len(keys)} {kind}: {', '.join(keys[:_SHOWN])}{', ...' if len(keys) > _SHOWN else ''}"
-        for kind, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", resized))
-        if keys
-    ]
-    if problems:
-        raise ValueError(f"{what} does not match the model; " + "; ".join(problems))
 
 
 def load_tower_weights(
@@ -251,8 +237,8 @@ def load_tower_weights(
         if isinstance(source, (str, os.PathLike))
         else dict(source)
     )
-    converted = tower_state_dict(state, encoder)
     where = str(source) if isinstance(source, (str, os.PathLike)) else "the given state dict"
+    converted = tower_state_dict(state, encoder, where)
     check_keys(encoder.state_dict(), converted, f"CLIP vision weights from {where}")
     encoder.load_state_dict(converted)
     return encoder

@@ -20,13 +20,13 @@ from torch import Tensor, nn
 
 from prism_vfm.models.hub import HubMixin
 from prism_vfm.models.prism_vit import resample_pos_embed
-from prism_vfm.utils.io import atomic_torch_save
+from prism_vfm.utils.io import atomic_torch_save, read_torch_file
+from prism_vfm.utils.state_dict import check_keys
 from prism_vfm.video.backbone import (
     CLIP_TOWERS,
     FrameEncoder,
     FrameFeatureCache,
     TowerConfig,
-    check_keys,
     load_tower_weights,
     read_clip_state_dict,
     released_tower_state_dict,
@@ -303,11 +303,18 @@ class VidPrism(
     ) -> Any:
         """``load_state_dict`` that resamples the tower's positional table to this model's frame size."""
         state_dict = dict(state_dict)
+        self.resample_state_dict(state_dict)
+        return self.load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def resample_state_dict(self, state_dict: dict[str, Tensor]) -> list[str]:
+        """Resample, in place, a saved positional table of another frame size to this model's; the keys
+        resampled."""
         key = "backbone.tower.pos_embed"
         own = cast(Tensor, self.backbone.tower.pos_embed)
-        if key in state_dict and state_dict[key].shape != own.shape:
-            state_dict[key] = resample_pos_embed(state_dict[key], self.backbone.tower.patch_embed.grid_size)
-        return self.load_state_dict(state_dict, strict=strict, assign=assign)
+        if key not in state_dict or state_dict[key].shape == own.shape:
+            return []
+        state_dict[key] = resample_pos_embed(state_dict[key], self.backbone.tower.patch_embed.grid_size)
+        return [key]
 
 
 def read_released_checkpoint(
@@ -322,13 +329,7 @@ def read_released_checkpoint(
         where = str(path)
         if not path.is_file():
             raise FileNotFoundError(f"VidPrism checkpoint {path.name!r} not found in {path.parent.resolve()}")
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # torch raises several types for truncated or foreign files
-            raise ValueError(
-                f"could not read {path} with torch.load(weights_only=True) ({exc}); expected a released "
-                "VidPrism training checkpoint"
-            ) from exc
+        ckpt = read_torch_file(path)
     if not isinstance(ckpt, Mapping) or not {"model_state_dict", "fusion_model_state_dict"} <= ckpt.keys():
         found = sorted(ckpt.keys()) if isinstance(ckpt, Mapping) else type(ckpt).__name__
         raise ValueError(

@@ -15,41 +15,39 @@ from torch import Tensor
 from prism_vfm.video.config import HeadConfig, Variant
 from prism_vfm.video.head import VidPrismHead
 
-# (released key pattern, our replacement), applied to the start of a key; the first match decides.
-_TO_OURS = [
-    (r"pooling_layers\.(\d+)\.metric_proj\.", r"rgsta.\1.metric_proj."),
-    (r"pooling_layers\.(\d+)\.score_head\.0\.", r"rgsta.\1.score_norm."),
-    (r"pooling_layers\.(\d+)\.score_head\.1\.", r"rgsta.\1.score."),
-    (r"dynamic_interaction\.score_mlps\.", "dbi.score_mlps."),
-    (r"dynamic_interaction\.slow2fast\.proj\.", "dbi.slow_to_fast."),
-    (r"dynamic_interaction\.fast2slow_ops\.(\d+)->(\d+)\.tconv\.", r"dbi.fast_to_slow.\1to\2."),
-    (r"mote\.experts\.(\d+)\.attn\.", r"experts.\1.attn."),
-    (r"mote\.experts\.(\d+)\.ln_1\.", r"experts.\1.norm1."),
-    (r"mote\.experts\.(\d+)\.ffn\.", r"experts.\1.ffn."),
-    (r"mote\.experts\.(\d+)\.ln_2\.", r"experts.\1.norm2."),
-    (r"mote\.readout_gate\.global_query$", "readout.query"),
-    (r"mote\.readout_gate\.attn\.", "readout.attn."),
-    (r"mote\.readout_gate\.ln\.", "readout.norm."),
-    (r"head\.", "classifier."),
-    (r"projection_head\.", "projection."),
+# (released key, our key): the start of a key, or the whole key when it ends in "$"; {i} and {j} stand for
+# indices. Read in order in both directions; the first match decides.
+_RENAMES = [
+    ("pooling_layers.{i}.metric_proj.", "rgsta.{i}.metric_proj."),
+    ("pooling_layers.{i}.score_head.0.", "rgsta.{i}.score_norm."),
+    ("pooling_layers.{i}.score_head.1.", "rgsta.{i}.score."),
+    ("dynamic_interaction.score_mlps.", "dbi.score_mlps."),
+    ("dynamic_interaction.slow2fast.proj.", "dbi.slow_to_fast."),
+    ("dynamic_interaction.fast2slow_ops.{i}->{j}.tconv.", "dbi.fast_to_slow.{i}to{j}."),
+    ("mote.experts.{i}.attn.", "experts.{i}.attn."),
+    ("mote.experts.{i}.ln_1.", "experts.{i}.norm1."),
+    ("mote.experts.{i}.ffn.", "experts.{i}.ffn."),
+    ("mote.experts.{i}.ln_2.", "experts.{i}.norm2."),
+    ("mote.readout_gate.global_query$", "readout.query$"),
+    ("mote.readout_gate.attn.", "readout.attn."),
+    ("mote.readout_gate.ln.", "readout.norm."),
+    ("head.", "classifier."),
+    ("projection_head.", "projection."),
 ]
-_TO_RELEASED = [
-    (r"rgsta\.(\d+)\.metric_proj\.", r"pooling_layers.\1.metric_proj."),
-    (r"rgsta\.(\d+)\.score_norm\.", r"pooling_layers.\1.score_head.0."),
-    (r"rgsta\.(\d+)\.score\.", r"pooling_layers.\1.score_head.1."),
-    (r"dbi\.score_mlps\.", "dynamic_interaction.score_mlps."),
-    (r"dbi\.slow_to_fast\.", "dynamic_interaction.slow2fast.proj."),
-    (r"dbi\.fast_to_slow\.(\d+)to(\d+)\.", r"dynamic_interaction.fast2slow_ops.\1->\2.tconv."),
-    (r"experts\.(\d+)\.attn\.", r"mote.experts.\1.attn."),
-    (r"experts\.(\d+)\.norm1\.", r"mote.experts.\1.ln_1."),
-    (r"experts\.(\d+)\.ffn\.", r"mote.experts.\1.ffn."),
-    (r"experts\.(\d+)\.norm2\.", r"mote.experts.\1.ln_2."),
-    (r"readout\.query$", "mote.readout_gate.global_query"),
-    (r"readout\.attn\.", "mote.readout_gate.attn."),
-    (r"readout\.norm\.", "mote.readout_gate.ln."),
-    (r"classifier\.", "head."),
-    (r"projection\.", "projection_head."),
-]
+
+
+def _rule(source: str, target: str) -> tuple[str, str]:
+    """A ``re.sub`` pattern and replacement for one rename."""
+    whole = source.endswith("$")
+    pattern = (
+        re.escape(source.removesuffix("$")).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{j\}", r"(?P<j>\d+)")
+    )
+    replacement = target.removesuffix("$").replace("{i}", r"\g<i>").replace("{j}", r"\g<j>")
+    return pattern + ("$" if whole else ""), replacement
+
+
+_TO_OURS = [_rule(released, ours) for released, ours in _RENAMES]
+_TO_RELEASED = [_rule(ours, released) for released, ours in _RENAMES]
 RELEASED_RATES = (2, 4, 8, 16)
 
 

@@ -23,7 +23,8 @@ from open_clip.tokenizer import SimpleTokenizer
 from open_clip.transformer import QuickGELU, TextTransformer
 from torch import Tensor, nn
 
-from prism_vfm.video.backbone import HUB_TAG, check_keys, read_clip_state_dict
+from prism_vfm.utils.state_dict import check_keys
+from prism_vfm.video.backbone import HUB_TAG, read_clip_state_dict
 from prism_vfm.video.cache import TensorCache, state_fingerprint, text_key
 from prism_vfm.video.prompts import ENSEMBLE_28, expand
 
