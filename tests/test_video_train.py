@@ -222,8 +222,8 @@ def test_transfer_takes_every_entry_but_a_new_classifier(data, tmp_path):
 
     source_run = train_video(tiny_cfg(data, tmp_path / "source", ("epochs", 1), ("data.val_list", "")))
     source = load_vidprism(source_run)
-    released = source.save_released_checkpoint(tmp_path / "model_best.pt")
-    for init in (source_run, released):
+    source.save_pretrained(tmp_path / "pretrained")
+    for init in (source_run, tmp_path / "pretrained"):
         cfg = tiny_cfg(data, tmp_path / "target", ("model.init", str(init)))
         model = build_model(cfg, num_classes=5)  # another class count: a new classifier
         theirs = source.state_dict()
@@ -234,17 +234,17 @@ def test_transfer_takes_every_entry_but_a_new_classifier(data, tmp_path):
                 assert torch.equal(value, theirs[key]), (init, key)
 
 
-def test_transfer_from_something_else_names_what_is_missing(data, tmp_path):
+def test_transfer_from_another_tower_names_what_does_not_fit(data, tmp_path):
     from prism_vfm.models.load import LoadError
+    from prism_vfm.video import HeadConfig, VidPrism
+    from prism_vfm.video.backbone import TowerConfig
     from prism_vfm.video.train import build_model, transfer_init
 
     model = build_model(tiny_cfg(data, tmp_path / "t"), num_classes=3)
-    (tmp_path / "other").mkdir()
-    from safetensors.torch import save_file
-
-    save_file({"head.classifier.weight": torch.zeros(3, 16)}, str(tmp_path / "other" / "model.safetensors"))
-    with pytest.raises(LoadError, match="missing"):
-        transfer_init(model, tmp_path / "other")
+    wider = VidPrism(TowerConfig(8, 48, 2, 2, 16, img_size=32), HeadConfig(dim=16, num_classes=3))
+    wider.save_pretrained(tmp_path / "wider")
+    with pytest.raises(LoadError, match="of another shape .*backbone"):
+        transfer_init(model, tmp_path / "wider")
 
 
 def test_a_bf16_step_with_activation_checkpointing_trains_fp32_weights(data, tmp_path):

@@ -25,7 +25,8 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from prism_vfm.train.checkpoint import checkpoint_dir, latest_checkpoint
+import prism_vfm.video.load  # noqa: F401  (registers VidPrism's checkpoints with the loader)
+from prism_vfm.models.load import load
 from prism_vfm.train.distributed import all_reduce_sum, all_reduce_sums, is_main_process, shard_indices
 from prism_vfm.video.backbone import FrameEncoder
 from prism_vfm.video.data.dataset import DataIssues, VideoDataset
@@ -37,17 +38,14 @@ logger = logging.getLogger(__name__)
 
 
 def load_vidprism(source: str | os.PathLike) -> VidPrism:
-    """A trained VidPrism: a training run (its latest checkpoint), a checkpoint or ``save_pretrained``
-    folder, or a released training checkpoint (``.pt``/``.pth``, read without executing code)."""
-    path = Path(source)
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    if path.is_dir():
-        folder = latest_checkpoint(path) if checkpoint_dir(path).is_dir() else path
-        if folder is None or not (folder / "config.json").is_file():
-            raise FileNotFoundError(f"{path} holds no VidPrism checkpoint (config.json + model.safetensors)")
-        return VidPrism.from_pretrained(str(folder)).eval()
-    return VidPrism.from_released_checkpoint(path).eval()
+    """A trained VidPrism through the project's one loader (:func:`prism_vfm.models.load.load`): a training
+    run (its latest checkpoint), a checkpoint or ``save_pretrained`` folder, or a released training
+    checkpoint (``.pt``/``.pth``, read without executing code). Anything else is an error naming it."""
+    model, report = load(source)
+    if not isinstance(model, VidPrism):
+        raise ValueError(f"{source} holds a {type(model).__name__} ({report.kind}), not a VidPrism model")
+    logger.info("%s", report.summary())
+    return model.eval()
 
 
 def apply_blend(model: VidPrism, blend: str, alpha: float = RELEASED_BLEND_ALPHA) -> None:

@@ -14,7 +14,6 @@ a resumed run goes on counting, and written to the run's ``summary.json``.
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 from pathlib import Path
@@ -24,9 +23,9 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
+import prism_vfm.video.load  # noqa: F401  (registers VidPrism's checkpoints with the loader)
 from prism_vfm.data.sampling import ShardedBatchSampler, mix_seed
-from prism_vfm.models.load import LoadReport
-from prism_vfm.train.checkpoint import checkpoint_dir, latest_checkpoint
+from prism_vfm.models.load import LoadReport, fill_from_state, load
 from prism_vfm.train.distributed import (
     all_gather_objects,
     all_reduce_sum,
@@ -40,15 +39,12 @@ from prism_vfm.train.optim import decay_split
 from prism_vfm.train.precision import autocast, choose_precision
 from prism_vfm.train.run import TrainingRun
 from prism_vfm.train.schedule import warmup_cosine_epochs
-from prism_vfm.utils.io import read_safetensors_file
-from prism_vfm.video.backbone import load_tower_weights
 from prism_vfm.video.config import HeadConfig
 from prism_vfm.video.data.dataset import DataIssues, VideoDataset
 from prism_vfm.video.data.lists import read_label_csv, read_video_list
 from prism_vfm.video.losses import released_loss
 from prism_vfm.video.metrics import ClassificationMeter, average_views
-from prism_vfm.video.model import VidPrism, read_released_checkpoint
-from prism_vfm.video.official import load_official_head
+from prism_vfm.video.model import VidPrism
 from prism_vfm.video.prompts import ENSEMBLE_28
 from prism_vfm.video.text import TextEncoder, class_text_embeddings, load_text_weights
 from prism_vfm.video.train_config import TOWERS, VideoTrainConfig, resolved, validate_video_train
@@ -108,39 +104,13 @@ def build_model(cfg: VideoTrainConfig, num_classes: int) -> VidPrism:
 
 
 def transfer_init(model: VidPrism, source: str | Path) -> LoadReport:
-    """Fill ``model`` from a previous VidPrism: a run folder (latest checkpoint), a checkpoint or
-    ``save_pretrained`` folder, or a released training checkpoint (``.pt``/``.pth``, read without executing
-    code). Entries are taken by name where the shapes agree; only the classifier may stay fresh (a new
-    class count), anything else missing is a :class:`~prism_vfm.models.load.LoadError`."""
-    path = Path(source)
-    if path.is_dir():
-        folder = latest_checkpoint(path) if checkpoint_dir(path).is_dir() else path
-        if folder is None or not (folder / "model.safetensors").is_file():
-            raise FileNotFoundError(f"{path} holds no VidPrism checkpoint (model.safetensors)")
-        state, kind = read_safetensors_file(folder / "model.safetensors"), "VidPrism checkpoint"
-    else:
-        # The released layout: its tower converted into a copy of this model's, its head read by its keys.
-        vision, fusion = read_released_checkpoint(path)
-        donor = copy.deepcopy(model.backbone)
-        load_tower_weights(donor, vision)
-        state = {f"backbone.{k}": v for k, v in donor.state_dict().items()}
-        state.update({f"head.{k}": v for k, v in load_official_head(fusion).state_dict().items()})
-        kind = "released VidPrism checkpoint"
-    own = model.state_dict()
-    report = LoadReport(str(path), kind)
-    taken: dict[str, Tensor] = {}
-    for key, value in state.items():
-        if key not in own:
-            report.ignored.append(key)
-        elif value.shape != own[key].shape:
-            report.mismatched[key] = (tuple(value.shape), tuple(own[key].shape))
-        else:
-            taken[key] = value
-            report.loaded.append(key)
-    report.missing = sorted(k for k in own if k not in taken and k not in report.mismatched)
-    report.check(allow_fresh=("head.classifier.*",))
-    model.load_state_dict(taken, strict=False)
-    return report
+    """Fill ``model`` from a previous VidPrism read by the project's one loader (a run folder, a checkpoint
+    or ``save_pretrained`` folder, or a released training checkpoint). Entries are taken by name where
+    the shapes agree; only the classifier may stay fresh (a new class count), anything else missing is a
+    :class:`~prism_vfm.models.load.LoadError` listing it."""
+    donor, found = load(source)
+    kind = f"{found.kind}, transfer"
+    return fill_from_state(model, donor.state_dict(), str(source), kind, allow_fresh=("head.classifier.*",))
 
 
 def text_embeddings(cfg: VideoTrainConfig, class_names: list[str], device: torch.device) -> Tensor:
