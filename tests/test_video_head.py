@@ -387,6 +387,16 @@ def test_clear_errors_on_bad_inputs():
         released_loss(mae(frames()), torch.tensor([0, 1, 2]), torch.randn(5, D))
 
 
+def test_features_on_an_accelerator_are_read_back_only_when_asked():
+    # A meta tensor stands for one on a GPU: reading its values raises, so the check must not read it.
+    head = make_head()
+    features = torch.empty(2, 8, D, device="meta")
+    head._check(features, None)
+    head.check_device_values = True
+    with pytest.raises(RuntimeError):
+        head._check(features, None)
+
+
 @pytest.mark.parametrize(
     ("options", "message"),
     [

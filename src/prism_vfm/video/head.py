@@ -40,7 +40,12 @@ class HeadOutput:
 
 
 class VidPrismHead(nn.Module):
-    """The temporal heterogeneous-MoE head on per-frame features (B, T, D)."""
+    """The temporal heterogeneous-MoE head on per-frame features (B, T, D).
+
+    Non-finite features are an error; on an accelerator they are looked for only when
+    :attr:`check_device_values` is set, since reading the answer back waits for the device."""
+
+    check_device_values: bool = False
 
     def __init__(self, cfg: HeadConfig) -> None:
         super().__init__()
@@ -69,7 +74,11 @@ class VidPrismHead(nn.Module):
             raise ValueError(
                 f"VidPrismHead expects frame features (B, T, {d}) with B, T >= 1; got {tuple(features.shape)}"
             )
-        if not bool(torch.isfinite(features).all()):
+        # Reading the check's answer back from an accelerator would stall every step: features there are
+        # checked only when asked (``check_device_values``), as PrismViT does for its context ids.
+        if (features.device.type == "cpu" or self.check_device_values) and not bool(
+            torch.isfinite(features).all()
+        ):
             bad = (~torch.isfinite(features)).nonzero()[0].tolist()
             raise ValueError(f"VidPrismHead: non-finite frame features (first at [b, t, d] = {bad})")
         if self.cfg.variant == "text":
