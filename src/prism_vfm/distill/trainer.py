@@ -28,11 +28,10 @@ from prism_vfm.distill.student import build_student
 from prism_vfm.losses.distill import DistillLoss, distillation_criterion
 from prism_vfm.models.prism_vit import PrismViT
 from prism_vfm.teachers import build_teacher
-from prism_vfm.train.distributed import DistEnv, all_reduce_sum, init_distributed, wrap_model
+from prism_vfm.train.distributed import all_reduce_sum, wrap_model
 from prism_vfm.train.loop import Loop, fit
 from prism_vfm.train.optim import decay_split
-from prism_vfm.train.precision import choose_precision
-from prism_vfm.train.run import TrainingRun
+from prism_vfm.train.run import start_run
 from prism_vfm.train.schedule import warmup_cosine
 
 logger = logging.getLogger(__name__)
@@ -119,17 +118,10 @@ def train_stage1(
     :class:`~prism_vfm.train.run.TrainingRun`.
     """
     validate_stage1(cfg)
-    env: DistEnv = init_distributed()
-    sharded = cfg.fsdp and env.world_size > 1
-    choose_precision(cfg.amp, env.device, sharded)  # a precision this device cannot run stops here
-    run = TrainingRun(
-        cfg.out,
-        cfg,
-        resume=resume,
-        overwrite=overwrite,
-        allow_config_change=allow_config_change,
-        is_main=env.is_main,
+    env, run = start_run(
+        cfg, resume=resume, overwrite=overwrite, allow_config_change=allow_config_change, sharded=cfg.fsdp
     )
+    sharded = cfg.fsdp and env.world_size > 1
     torch.manual_seed(cfg.seed)
 
     # data

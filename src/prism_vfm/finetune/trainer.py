@@ -34,14 +34,13 @@ from prism_vfm.teachers import build_teacher
 from prism_vfm.train.distributed import (
     all_reduce_sums,
     average_floating_buffers,
-    init_distributed,
     shard_indices,
     wrap_model,
 )
 from prism_vfm.train.loop import Loop, fit
 from prism_vfm.train.optim import weight_decay_groups
-from prism_vfm.train.precision import autocast, choose_precision
-from prism_vfm.train.run import TrainingRun
+from prism_vfm.train.precision import autocast
+from prism_vfm.train.run import start_run
 from prism_vfm.train.schedule import poly
 
 logger = logging.getLogger(__name__)
@@ -126,16 +125,7 @@ def train_stage2(
     """
     validate_stage2(cfg)
     cfg = resolved(cfg)
-    env = init_distributed()
-    choose_precision(cfg.amp, env.device)  # a precision this device cannot run stops here
-    run = TrainingRun(
-        cfg.out,
-        cfg,
-        resume=resume,
-        overwrite=overwrite,
-        allow_config_change=allow_config_change,
-        is_main=env.is_main,
-    )
+    env, run = start_run(cfg, resume=resume, overwrite=overwrite, allow_config_change=allow_config_change)
     torch.manual_seed(cfg.seed)
     img_size = cast("tuple[int, int]", cfg.img_size)  # (H, W) after resolved()
 

@@ -24,7 +24,8 @@ from torch import nn
 
 from prism_vfm.config import ConfigError, save_yaml, to_dict
 from prism_vfm.train.checkpoint import latest_checkpoint, load_checkpoint, remove_stale_temporaries
-from prism_vfm.train.distributed import barrier
+from prism_vfm.train.distributed import DistEnv, barrier, init_distributed
+from prism_vfm.train.precision import choose_precision
 
 logger = logging.getLogger(__name__)
 
@@ -184,3 +185,26 @@ class TrainingRun:
         if self._weights is not None:
             model.load_state_dict(self._weights, strict=True)
             self._weights = None
+
+
+def start_run(
+    config: Any,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    allow_config_change: bool = False,
+    sharded: bool = False,
+) -> tuple[DistEnv, TrainingRun]:
+    """The opening of every trainer: join the process group, stop on a precision the device cannot run
+    (``config.amp``; ``sharded``: FSDP over several processes), and open the run folder ``config.out``."""
+    env = init_distributed()
+    choose_precision(config.amp, env.device, sharded and env.world_size > 1)
+    run = TrainingRun(
+        config.out,
+        config,
+        resume=resume,
+        overwrite=overwrite,
+        allow_config_change=allow_config_change,
+        is_main=env.is_main,
+    )
+    return env, run

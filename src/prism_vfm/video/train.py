@@ -30,14 +30,13 @@ from prism_vfm.train.distributed import (
     all_gather_objects,
     all_reduce_sum,
     all_reduce_sums,
-    init_distributed,
     shard_indices,
     wrap_model,
 )
 from prism_vfm.train.loop import Loop, fit
 from prism_vfm.train.optim import decay_split
-from prism_vfm.train.precision import autocast, choose_precision
-from prism_vfm.train.run import TrainingRun
+from prism_vfm.train.precision import autocast
+from prism_vfm.train.run import start_run
 from prism_vfm.train.schedule import warmup_cosine_epochs
 from prism_vfm.video.config import HeadConfig
 from prism_vfm.video.data.dataset import DataIssues, VideoDataset
@@ -134,16 +133,7 @@ def train_video(
     """
     cfg = resolved(cfg)
     validate_video_train(cfg)
-    env = init_distributed()
-    choose_precision(cfg.amp, env.device)  # a precision this device cannot run stops here
-    run = TrainingRun(
-        cfg.out,
-        cfg,
-        resume=resume,
-        overwrite=overwrite,
-        allow_config_change=allow_config_change,
-        is_main=env.is_main,
-    )
+    env, run = start_run(cfg, resume=resume, overwrite=overwrite, allow_config_change=allow_config_change)
     torch.manual_seed(cfg.seed)
     d = cfg.data
 
