@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -161,6 +162,56 @@ def test_two_process_run_matches_one_process_with_the_same_global_batch(data, tm
     assert ddp.keys() == single.keys()
     worst = max(float((ddp[k] - single[k]).abs().max()) for k in ddp)
     assert worst < 1e-5, worst
+
+
+def _fsdp_worker(rank: int, port: int, data: str, out: str) -> None:
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
+    torch.set_num_threads(1)
+    common = (("batch_size", 2), ("epochs", 2), ("fsdp", True), ("ckpt_every", 1))
+    fsdp, half = Path(out) / "fsdp", Path(out) / "fsdp_half"
+    train_video(tiny_cfg(Path(data), fsdp, *common, ("max_steps", 2)))  # stops after epoch 1
+    if rank == 0:
+        shutil.copytree(fsdp, half)  # resumed by one process in the test
+    torch.distributed.barrier()
+    train_video(tiny_cfg(Path(data), fsdp, *common), resume=True)  # FSDP resumes FSDP
+    # FSDP resumes a one-process run (another accumulation: allowed and recorded)
+    train_video(
+        tiny_cfg(Path(data), Path(out) / "single_half", *common), resume=True, allow_config_change=True
+    )
+    torch.distributed.destroy_process_group()
+
+
+def test_fsdp_two_processes_match_one_and_their_checkpoints_resume_and_load_anywhere(data, tmp_path):
+    import prism_vfm
+
+    torch.set_num_threads(1)
+    one = (("batch_size", 2), ("accum", 2), ("epochs", 2), ("ckpt_every", 1))
+    train_video(tiny_cfg(data, tmp_path / "single", *one))
+    train_video(tiny_cfg(data, tmp_path / "single_half", *one, ("max_steps", 2)))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_fsdp_worker, args=(port, str(data), str(tmp_path)), nprocs=2, join=True)
+    # one process resumes the FSDP run's checkpoint of step 2
+    train_video(tiny_cfg(data, tmp_path / "fsdp_half", *one), resume=True, allow_config_change=True)
+    single = final_weights(tmp_path / "single")
+    for run in ("fsdp", "fsdp_half", "single_half"):
+        assert latest_checkpoint(tmp_path / run).name == latest_checkpoint(tmp_path / "single").name, run
+        other = final_weights(tmp_path / run)
+        assert other.keys() == single.keys()
+        worst = max(float((other[k] - single[k]).abs().max()) for k in single)
+        assert worst < 1e-5, (run, worst)
+    # the sharded run's checkpoints are full state dicts: a plain model loads them, its best one too
+    model, report = prism_vfm.load(tmp_path / "fsdp")
+    assert not report.fresh
+    torch.testing.assert_close(model.state_dict(), final_weights(tmp_path / "fsdp"), rtol=0, atol=0)
+    summary = json.loads((tmp_path / "fsdp" / "summary.json").read_text())
+    best, _ = prism_vfm.load(tmp_path / "fsdp", step="best")
+    saved = load_file(tmp_path / "fsdp" / summary["best"]["checkpoint"] / "model.safetensors")
+    torch.testing.assert_close(best.state_dict(), saved, rtol=0, atol=0)
+    assert summary["best"] == json.loads((tmp_path / "single" / "summary.json").read_text())["best"]
 
 
 def _cli(data: Path, out: Path, *extra: str) -> list[str]:

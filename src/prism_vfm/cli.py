@@ -191,6 +191,7 @@ def cmd_video_train(args: argparse.Namespace) -> None:
     if args.config:
         cfg = load_yaml(VideoTrainConfig, args.config, base=cfg)
     direct = [("data.root", args.data), ("model.init", args.init), ("out", args.out)]
+    direct += [("fsdp", True)] if args.fsdp else []
     cfg = apply_overrides(cfg, [(k, v) for k, v in direct if v is not None] + list(args.set))
     if not (cfg.data.root or cfg.data.train_list):
         raise SystemExit("prism video train: give the data set folder (--data) or data.train_list")
@@ -527,6 +528,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init", help="a previous VidPrism to start from (run, folder or released .pt)")
     p.add_argument("--out", help="run folder (checkpoints, config.yaml, metrics.jsonl, tensorboard/)")
     p.add_argument("--config", help="YAML file of configuration keys (applied over the preset)")
+    p.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="under torchrun, shard the frame tower's blocks over the processes (FSDP2) instead of DDP "
+        "(the fsdp key)",
+    )
     p.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a key (repeatable)"
     )
