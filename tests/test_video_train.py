@@ -20,11 +20,13 @@ from safetensors.torch import load_file
 
 from prism_vfm.config import ConfigError, apply_overrides
 from prism_vfm.train.checkpoint import latest_checkpoint
+from prism_vfm.train.distributed import DistEnv, wrap_model
 from prism_vfm.train.logging import read_scalars
 from prism_vfm.train.schedule import warmup_cosine_epochs
-from prism_vfm.video.data.lists import VideoSample, write_label_csv, write_video_list
+from prism_vfm.video.data.dataset import VideoDataset
+from prism_vfm.video.data.lists import VideoSample, read_video_list, write_label_csv, write_video_list
 from prism_vfm.video.data.synthetic import write_tiny_video_dataset, write_video
-from prism_vfm.video.train import released_step_epoch, train_video
+from prism_vfm.video.train import released_step_epoch, train_video, validate
 from prism_vfm.video.train_config import preset, resolved, validate_video_train
 from tests.video_fixtures import folder
 
@@ -180,9 +182,31 @@ def _fsdp_worker(rank: int, port: int, data: str, out: str) -> None:
     train_video(
         tiny_cfg(Path(data), Path(out) / "single_half", *common), resume=True, allow_config_change=True
     )
+    # Sharded validation, one clip per batch: rank 0 has two of the three videos, rank 1 one (it repeats a
+    # forward so that the blocks' gathers pair up).
+    cfg = tiny_cfg(Path(data), fsdp, ("batch_size", 1))
+    model = _trained(fsdp)
+    env = DistEnv(rank=rank, world_size=2, local_rank=rank, device=torch.device("cpu"))
+    wrap_model(model, env, True, units=model.backbone.tower.blocks, find_unused=True)
+    scores = validate(model, _val_set(cfg), cfg, env.device, sharded=True)
+    if rank == 0:
+        (Path(out) / "sharded_val.json").write_text(json.dumps(scores))
     torch.distributed.destroy_process_group()
 
 
+def _trained(run: Path):
+    from prism_vfm.video.evaluate import load_vidprism
+
+    return load_vidprism(run)
+
+
+def _val_set(cfg):
+    d = resolved(cfg).data
+    samples = read_video_list(d.val_list, 3, root=d.videos)
+    return VideoDataset(d.videos, samples, "val", d.num_frames, d.size, d.scale_size, seed=cfg.seed)
+
+
+@pytest.mark.timeout(300)  # a sharded forward left unpaired would wait for ever
 def test_fsdp_two_processes_match_one_and_their_checkpoints_resume_and_load_anywhere(data, tmp_path):
     import prism_vfm
 
@@ -212,6 +236,9 @@ def test_fsdp_two_processes_match_one_and_their_checkpoints_resume_and_load_anyw
     saved = load_file(tmp_path / "fsdp" / summary["best"]["checkpoint"] / "model.safetensors")
     torch.testing.assert_close(best.state_dict(), saved, rtol=0, atol=0)
     assert summary["best"] == json.loads((tmp_path / "single" / "summary.json").read_text())["best"]
+    cfg = tiny_cfg(data, tmp_path / "fsdp", ("batch_size", 1))
+    scores = validate(_trained(tmp_path / "fsdp"), _val_set(cfg), cfg, torch.device("cpu"))
+    assert json.loads((tmp_path / "sharded_val.json").read_text()) == pytest.approx(scores)
 
 
 def _cli(data: Path, out: Path, *extra: str) -> list[str]:
