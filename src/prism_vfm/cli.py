@@ -184,7 +184,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 
 def cmd_video_train(args: argparse.Namespace) -> None:
     from prism_vfm.config import apply_overrides, load_yaml
-    from prism_vfm.video.train import train_video
+    from prism_vfm.video.train import check_video_train, train_video
     from prism_vfm.video.train_config import VideoTrainConfig, preset
 
     cfg = preset(args.preset)
@@ -195,6 +195,9 @@ def cmd_video_train(args: argparse.Namespace) -> None:
     cfg = apply_overrides(cfg, [(k, v) for k, v in direct if v is not None] + list(args.set))
     if not (cfg.data.root or cfg.data.train_list):
         raise SystemExit("prism video train: give the data set folder (--data) or data.train_list")
+    if args.dry_run:
+        print(check_video_train(cfg))
+        return
     run = train_video(
         cfg, resume=args.resume, overwrite=args.overwrite, allow_config_change=args.allow_config_change
     )
@@ -533,6 +536,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="under torchrun, shard the frame tower's blocks over the processes (FSDP2) instead of DDP "
         "(the fsdp key)",
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check the settings, the label CSV and the video lists (every video must exist), say what "
+        "would run, and stop (nothing is built or written)",
     )
     p.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a key (repeatable)"

@@ -130,6 +130,27 @@ def text_embeddings(cfg: VideoTrainConfig, class_names: list[str], device: torch
     return class_text_embeddings(encoder, class_names, ENSEMBLE_28).to(device)
 
 
+def check_video_train(cfg: VideoTrainConfig) -> str:
+    """Check ``cfg`` and read its label CSV and video lists (every listed video must exist) without building
+    or writing anything; a one-paragraph description of the run it would start. Errors name the key, or
+    the file and line."""
+    cfg = resolved(cfg)
+    validate_video_train(cfg)
+    d = cfg.data
+    names = read_label_csv(d.labels)
+    train = read_video_list(d.train_list, len(names), root=d.videos, drop_short=True)
+    val = read_video_list(d.val_list, len(names), root=d.videos) if d.val_list else []
+    engine = "FSDP (the tower's blocks sharded)" if cfg.fsdp else "DDP"
+    return (
+        f"{d.dataset}: {len(names)} classes, {len(train)} training videos ({d.train_list}), {len(val)} "
+        f"validation videos ({d.val_list or 'none'}); {cfg.model.tower} "
+        f"({'CLIP weights' if cfg.model.pretrained else 'random weights'}"
+        f"{', from ' + cfg.model.init if cfg.model.init else ''}), {d.num_frames} frames of {d.size}²; "
+        f"{cfg.epochs} epochs of batch {cfg.batch_size} per process × accum {cfg.accum}; several processes: "
+        f"{engine}; run folder {cfg.out}"
+    )
+
+
 def train_video(
     cfg: VideoTrainConfig, resume: bool = False, overwrite: bool = False, allow_config_change: bool = False
 ) -> Path:
