@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
         optimizer.zero_grad(set_to_none=True)
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    method = f"median of {args.repeats} steps after {args.warmup}"
+    method = f"method: median of {args.repeats} steps after {args.warmup} untimed ones, per batch"
     print(f"torch {torch.__version__}; device {name}; {method}")
     peak = args.peak_tflops or (harness.peak_bf16_tflops(name) if device.type == "cuda" else None)
     n_params = sum(p.numel() for p in model.parameters())
