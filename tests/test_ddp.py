@@ -54,11 +54,13 @@ def test_ddp_trains_without_find_unused_parameters(tmp_path):
 
 
 class _Toy(torch.nn.Module):
-    """``a`` a sharded unit; ``b`` used only when asked (one rank), ``c`` never, ``d`` always."""
+    """``a`` sharded (a unit for ``a.0`` under one for ``a``); ``b`` used only when asked (on one rank),
+    ``c`` never, ``d`` always."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.a, self.b, self.c, self.d = (torch.nn.Linear(4, 4) for _ in range(4))
+        self.a = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+        self.b, self.c, self.d = (torch.nn.Linear(4, 4) for _ in range(3))
 
     def forward(self, x: torch.Tensor, use_b: bool) -> torch.Tensor:
         h = self.a(x)
@@ -78,7 +80,7 @@ def _partly_sharded_worker(rank: int, port: int, out: str) -> None:
     torch.manual_seed(0)
     model = _Toy()
     env = DistEnv(rank=rank, world_size=2, local_rank=rank, device=torch.device("cpu"))
-    net = wrap_model(model, env, fsdp=True, units=[model.a], find_unused=True)
+    net = wrap_model(model, env, fsdp=True, units=[model.a[0]], find_unused=True, shard_root=model.a)
     for micro, sync in enumerate((False, True)):  # two accumulation micro-steps
         with gradient_sync(net, sync):
             (net(_toy_batch(2 * micro + rank), use_b=rank == 0).square().mean() / 2).backward()
@@ -89,13 +91,14 @@ def _partly_sharded_worker(rank: int, port: int, out: str) -> None:
     }
     if rank == 0:
         torch.save(
-            {"grads": grads, "norm": norm, "sharded": type(model.a.weight).__name__}, f"{out}/grads.pt"
+            {"grads": grads, "norm": norm, "sharded": [type(m.weight).__name__ for m in (*model.a, model.b)]},
+            f"{out}/grads.pt",
         )
     dist.destroy_process_group()
 
 
 def test_partly_sharded_units_average_gradients_as_ddp_does_with_unused_parameters(tmp_path):
-    """FSDP2 for ``a``; ``b`` (a gradient on one rank), ``c`` (none anywhere) and ``d`` replicated: the
+    """FSDP2 for ``a``, ``b`` (a gradient on one rank), ``c`` (none anywhere) and ``d`` replicated: the
     gradients are the one-process gradients of the four micro-batches (``b``'s counted as zero where it is
     unused), ``c`` keeps none, and the clipped norm spans sharded and replicated parameters alike."""
     import socket
@@ -105,7 +108,7 @@ def test_partly_sharded_units_average_gradients_as_ddp_does_with_unused_paramete
         port = s.getsockname()[1]
     mp.spawn(_partly_sharded_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
     saved = torch.load(tmp_path / "grads.pt", weights_only=True)
-    assert saved["sharded"] == "DTensor"
+    assert saved["sharded"] == ["DTensor", "DTensor", "Parameter"]
     torch.manual_seed(0)
     model = _Toy()
     for micro in range(2):

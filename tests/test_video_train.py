@@ -187,7 +187,7 @@ def _fsdp_worker(rank: int, port: int, data: str, out: str) -> None:
     cfg = tiny_cfg(Path(data), fsdp, ("batch_size", 1))
     model = _trained(fsdp)
     env = DistEnv(rank=rank, world_size=2, local_rank=rank, device=torch.device("cpu"))
-    wrap_model(model, env, True, units=model.backbone.tower.blocks, find_unused=True)
+    wrap_model(model, env, True, model.backbone.tower.blocks, find_unused=True, shard_root=model.backbone)
     scores = validate(model, _val_set(cfg), cfg, env.device, sharded=True)
     if rank == 0:
         (Path(out) / "sharded_val.json").write_text(json.dumps(scores))

@@ -175,15 +175,20 @@ class PartlySharded(torch.nn.Module):
     replicated here, and their gradients are averaged after the last micro-step's backward as DDP with
     ``find_unused_parameters`` does: a parameter without a gradient on some rank counts as zero there, one
     without a gradient on every rank keeps none (AdamW leaves it untouched, as in one process). Every
-    parameter of ``units`` must take a gradient in every step.
+    parameter of ``units`` (and of ``root``, a module holding them whose other parameters are sharded with
+    it) must take a gradient in every step on every rank, or on none.
     """
 
-    def __init__(self, module: torch.nn.Module, units: Iterable[torch.nn.Module]) -> None:
+    def __init__(
+        self, module: torch.nn.Module, units: Iterable[torch.nn.Module], root: torch.nn.Module | None = None
+    ) -> None:
         from torch.distributed.fsdp import FSDPModule, fully_shard
 
         super().__init__()
         self.module = module
         self._units: list[FSDPModule] = [cast(FSDPModule, fully_shard(unit)) for unit in units]
+        if root is not None:  # one FSDP root over the units (their gathers prefetched in turn) and its rest
+            self._units.append(cast(FSDPModule, fully_shard(root)))
         self._replicated = [p for p in module.parameters() if not isinstance(p, DTensor)]
         self._sync = True
         for p in self._replicated:  # rank 0's values everywhere, as DDP makes them at construction
@@ -226,6 +231,7 @@ def wrap_model(
     fsdp: bool,
     units: Iterable[torch.nn.Module] = (),
     find_unused: bool = False,
+    shard_root: torch.nn.Module | None = None,
 ) -> torch.nn.Module:
     """DDP or FSDP2 sharding for several processes; the model itself for one.
 
@@ -233,13 +239,14 @@ def wrap_model(
     take no gradient in a step, depending on its input: their gradients then stay unset, as in one process).
 
     With ``fsdp``, every module of ``units`` (e.g. the transformer blocks and projector heads) becomes its own
-    FSDP unit and the root holds the rest; with ``find_unused`` as well, the rest stays replicated instead
+    FSDP unit and the root holds the rest; with ``find_unused`` as well, only ``shard_root`` (a module holding
+    the units, e.g. the frame tower) is sharded with them and the rest stays replicated
     (:class:`PartlySharded`). Parameters are sharded in place, so the optimiser must be built after this call.
     """
     if env.world_size == 1:
         return model
     if fsdp and find_unused:
-        return PartlySharded(model, units)
+        return PartlySharded(model, units, shard_root)
     if fsdp:
         from torch.distributed.fsdp import fully_shard
 

@@ -11,8 +11,8 @@ number of processes do not change the data. Broken input (a video that does not 
 not decode) is counted: logged as ``data/bad_videos`` / ``data/bad_frames``, kept in every checkpoint so
 a resumed run goes on counting, and written to the run's ``summary.json``.
 
-Several processes train with DDP, or with ``fsdp`` the frame tower's blocks sharded over them (FSDP2; the
-head and the tower's ends replicated, see :class:`~prism_vfm.train.distributed.PartlySharded`); the
+Several processes train with DDP, or with ``fsdp`` the frame tower sharded over them (FSDP2, a unit per
+block; the head replicated, see :class:`~prism_vfm.train.distributed.PartlySharded`); the
 checkpoints hold full state dicts either way, so a run resumes under the other, or in one process. The
 checkpoint of the best validation top-1 so far is kept as ``checkpoints/best``
 (``prism_vfm.load(run, step="best")``) and recorded in ``summary.json``.
@@ -211,7 +211,9 @@ def train_video(
     run.restore_weights(model)
     class_text = text_embeddings(cfg, class_names, env.device) if cfg.model.text_loss else None
     # Some head parameters take no gradient in a step, depending on the input (DBI's filter, §8).
-    net = wrap_model(model, env, cfg.fsdp, units=model.backbone.tower.blocks, find_unused=True)
+    net = wrap_model(
+        model, env, cfg.fsdp, units=model.backbone.tower.blocks, find_unused=True, shard_root=model.backbone
+    )
 
     # optimiser: the tower at lr × clip_ratio, the head at lr; decay on all parameters as released
     groups = []
