@@ -317,7 +317,7 @@ def test_a_released_tag_builds_a_features_only_backbone(released_stand_in):
 
 
 # ------------------------------------------------------------------------------------------ VidPrism
-def test_step_best_gives_the_checkpoint_the_best_pointer_names(tmp_path):
+def test_step_best_gives_the_checkpoint_the_best_pointer_names(tmp_path, capsys):
     first, second, third = tiny_student(), tiny_student(), tiny_student()
     with pytest.raises(FileNotFoundError, match="keeps no best checkpoint"):
         _write_run(tmp_path / "run", {10: first})
@@ -333,6 +333,8 @@ def test_step_best_gives_the_checkpoint_the_best_pointer_names(tmp_path):
     _same(load(tmp_path / "run")[0], third)
     with pytest.raises(ValueError, match="expected a step number or 'best'"):
         load(tmp_path / "run", step="last")
+    main(["info", str(tmp_path / "run"), "--step", "best"])
+    assert "best run checkpoint step_00000020" in capsys.readouterr().err
 
 
 def _tiny_vidprism(**kwargs) -> VidPrism:

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from prism_vfm.video import VidPrism
 
 
-def _load_any(source: str, img_size: Sequence[int] | None, step: int | None = None) -> torch.nn.Module:
+def _load_any(source: str, img_size: Sequence[int] | None, step: int | str | None = None) -> torch.nn.Module:
     """Any model source (``prism_vfm.models.load``); what was loaded is shown on stderr."""
     from prism_vfm.models.load import load
 
@@ -432,6 +432,11 @@ def _count(minimum: int) -> Callable[[str], int]:
     return parse
 
 
+def _step(text: str) -> int | str:
+    """An argparse type: a checkpoint step (an integer >= 0) or ``best``."""
+    return text if text == "best" else _count(0)(text)
+
+
 def _run_folder_arguments(p: argparse.ArgumentParser) -> None:
     """--resume, --overwrite and --allow-config-change (prism_vfm.train.run)."""
     mode = p.add_mutually_exclusive_group()
@@ -691,7 +696,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--img-size", type=_count(1), nargs=2, metavar=("H", "W"))
     p.add_argument(
-        "--step", type=_count(0), help="a run folder's checkpoint of this step (default: the latest)"
+        "--step", type=_step, help="a run folder's checkpoint of this step, or 'best' (default: the latest)"
     )
     p.set_defaults(func=cmd_info)
 
@@ -699,7 +704,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", help="official .pth, or a run, checkpoint or save_pretrained folder")
     p.add_argument("output")
     p.add_argument(
-        "--step", type=_count(0), help="a run folder's checkpoint of this step (default: the latest)"
+        "--step", type=_step, help="a run folder's checkpoint of this step, or 'best' (default: the latest)"
     )
     p.add_argument(
         "--img-size", type=_count(1), nargs=2, metavar=("H", "W"), help="resample pos_embed to this size"
