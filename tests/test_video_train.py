@@ -134,6 +134,10 @@ def test_bad_config_keys_and_values_are_named(data, tmp_path):
     bad = resolved(tiny_cfg(data, tmp_path, ("data.labels", str(tmp_path / "none.csv"))))
     with pytest.raises(ConfigError, match="data.labels"):
         validate_video_train(bad)
+    with pytest.raises(ConfigError, match="amp.*fsdp"):
+        validate_video_train(resolved(tiny_cfg(data, tmp_path, ("fsdp", True), ("amp", "fp16"))))
+    with pytest.raises(ConfigError, match="best_metric"):
+        tiny_cfg(data, tmp_path, ("best_metric", "top3"))
 
 
 def test_released_presets_fix_the_release_config_defects():
