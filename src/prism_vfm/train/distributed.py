@@ -212,9 +212,10 @@ class PartlySharded(torch.nn.Module):
         device = collective_device()
         present = torch.tensor([float(p.grad is not None) for p in params], device=device)
         dist.all_reduce(present)
+        counts = present.tolist()  # ranks that have each gradient (one host synchronisation)
         world = dist.get_world_size()
         for dtype in dict.fromkeys(p.dtype for p in params):
-            chosen = [(p, n) for p, n in zip(params, present.tolist(), strict=True) if p.dtype == dtype]
+            chosen = [(p, n) for p, n in zip(params, counts, strict=True) if p.dtype == dtype]
             flat = torch.cat(
                 [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p, _ in chosen]
             )
