@@ -98,9 +98,7 @@ def train_or_reuse(cfg: VideoTrainConfig) -> Path:
     run = Path(cfg.out)
     if (run / "summary.json").is_file():  # written when training ends
         saved = yaml.safe_load((run / "config.yaml").read_text()) or {}
-        changes = {
-            k: v for k, v in config_differences(saved, resolved(cfg)).items() if k not in RUN_CONTROL
-        }
+        changes = {k: v for k, v in config_differences(saved, resolved(cfg)).items() if k not in RUN_CONTROL}
         if changes:
             listed = ", ".join(f"{k}: {old!r} → {new!r}" for k, (old, new) in sorted(changes.items()))
             raise ConfigError(
@@ -196,7 +194,9 @@ def few_shot(
             train_list = _write_list(out / "lists" / f"train_{name}.txt", k_shot(train, k, seed))
             barrier()
             run_cfg = dataclasses.replace(
-                cfg, out=str(out / "runs" / name), data=dataclasses.replace(cfg.data, train_list=str(train_list))
+                cfg,
+                out=str(out / "runs" / name),
+                data=dataclasses.replace(cfg.data, train_list=str(train_list)),
             )
             run = train_or_reuse(run_cfg)
             result = _evaluate(
@@ -268,7 +268,9 @@ def base_to_novel(
         if is_main_process():
             _write_once(protocol, yaml.safe_dump(_novel_protocol(cfg, novel_names, seed, settings)))
         barrier()
-        d = dataclasses.replace(cfg.data, train_list=str(train_list), val_list=str(val_list), labels=str(labels))
+        d = dataclasses.replace(
+            cfg.data, train_list=str(train_list), val_list=str(val_list), labels=str(labels)
+        )
         run_cfg = dataclasses.replace(cfg, out=str(out / "runs" / f"seed{seed}"), data=d)
         run = train_or_reuse(run_cfg)
         base_result = _evaluate(run, out / "evals" / f"seed{seed}" / "base", val_list, labels, cfg, settings)
@@ -326,7 +328,11 @@ def _novel_protocol(
         "name": f"novel_seed{seed}",
         "videos": str(Path(d.videos).resolve()),
         "splits": [
-            {"list": str(Path(d.val_list).resolve()), "labels": str(Path(d.labels).resolve()), "classes": novel}
+            {
+                "list": str(Path(d.val_list).resolve()),
+                "labels": str(Path(d.labels).resolve()),
+                "classes": novel,
+            }
         ],
         "templates": "ensemble_28",
         "frames": settings.frames or d.num_frames,

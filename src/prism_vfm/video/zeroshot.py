@@ -267,6 +267,7 @@ def zero_shot(
     With ``half_classes`` seeds, each split is scored once per seed, on its half of the classes.
     """
     protocol = read_protocol(protocol_file, root, overrides)
+    prepared = [split_classes(protocol, i) for i in range(len(protocol.splits))]  # bad input first
     model = load_vidprism(checkpoint)
     apply_blend(model, blend)
     model.to(device)
@@ -277,8 +278,7 @@ def zero_shot(
         else tuple(protocol.templates)
     )
     results = []
-    for i in range(len(protocol.splits)):
-        samples, names = split_classes(protocol, i)
+    for i, (samples, names) in enumerate(prepared):
         class_text = class_text_embeddings(encoder, names, templates).to(device)
         data = VideoDataset(
             protocol.videos,

@@ -50,9 +50,7 @@ def half_classes(num_classes: int, seed: int) -> list[int]:
 def restrict(samples: Sequence[VideoSample], classes: Sequence[int]) -> list[VideoSample]:
     """The samples of ``classes`` (ids, in their new order), relabelled ``0..len(classes) − 1``."""
     position = {c: i for i, c in enumerate(classes)}
-    return [
-        VideoSample(s.path, position[s.label], s.num_frames) for s in samples if s.label in position
-    ]
+    return [VideoSample(s.path, position[s.label], s.num_frames) for s in samples if s.label in position]
 
 
 def class_ids(names: Sequence[str], wanted: Sequence[str], where: str, labels: str) -> list[int]:
