@@ -112,6 +112,23 @@ def test_a_shipped_protocol_scores_the_published_splits_end_to_end(data, run, tm
         assert (out / f"split{split}" / "metrics.json").is_file()
 
 
+def test_the_hmdb51_protocol_reads_its_split_files_from_the_command_line(run, tmp_path, capsys):
+    data = tmp_path / "hmdb"
+    write_tiny_video_dataset(data, "hmdb51", n_classes=3, per_class=2)
+    split3 = data / "testTrainMulti_7030_splits" / "action_01_test_split3.txt"
+    split3.write_text(split3.read_text().replace(" 2\n", " 0\n"))  # split 3 tests no video of class 1
+    main(
+        ["video", "zeroshot", "--checkpoint", str(run), "--protocol", "hmdb51_3splits", "--root", str(data),
+         "--out", str(tmp_path / "zs"), "--text-weights", "none", "--blend", "none", "--workers", "0",
+         *(a for o in TINY_VIEWS for a in ("--set", o))]
+    )  # fmt: skip
+    printed = json.loads(capsys.readouterr().out)
+    assert [s["videos"] for s in printed["splits"]] == [3, 3, 2]
+    recorded = json.loads((tmp_path / "zs" / "metrics.json").read_text())
+    assert recorded["splits"][0]["classes"] == ["action_00", "action_01", "action_02"]
+    assert recorded["protocol"]["name"] == "hmdb51_3splits"
+
+
 def test_the_half_class_protocol_scores_each_seed_on_its_half_by_100_cos(data, run, tmp_path):
     torch.manual_seed(0)
     summary = zero_shot(
@@ -291,6 +308,21 @@ def test_few_shot_trains_each_draw_once_and_reports_shots_by_seeds(data, tmp_pat
     # ... and a finished run is not silently reused with other settings
     with pytest.raises(ConfigError, match=r"2shot_seed0 was trained with other settings \(lr"):
         few_shot(tiny_cfg(data, tmp_path / "x", ("lr", 1e-2)), out, shots=[2], seeds=[0], settings=NO_HUB)
+
+
+def test_few_shot_resumes_a_run_that_stopped_early_and_scores_its_last_checkpoint(data, tmp_path):
+    out = tmp_path / "fewshot"
+    few_shot(tiny_cfg(data, tmp_path / "x", ("max_steps", 1)), out, shots=[2], seeds=[0], settings=NO_HUB)
+    run = out / "runs" / "2shot_seed0"
+    first = latest_checkpoint(run)
+    assert first is not None and first.name.endswith("1")
+    summary = few_shot(tiny_cfg(data, tmp_path / "x"), out, shots=[2], seeds=[0], settings=NO_HUB)
+    last = latest_checkpoint(run)
+    assert last is not None and last != first and first.is_dir()  # resumed: the earlier step is kept
+    evals = sorted(p.name for p in (out / "evals" / "2shot_seed0").iterdir())
+    assert evals == sorted([first.name, last.name])
+    scored = json.loads((out / "evals" / "2shot_seed0" / last.name / "metrics.json").read_text())
+    assert summary["top1"]["2"]["0"] == scored["scores"]["top1"]
 
 
 def test_base_to_novel_trains_on_half_the_classes_and_scores_the_rest_by_text(data, tmp_path):

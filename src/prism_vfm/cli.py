@@ -318,6 +318,8 @@ def cmd_video_base2novel(args: argparse.Namespace) -> None:
 def cmd_video_k600_novel(args: argparse.Namespace) -> None:
     from prism_vfm.video.data.classes import write_k600_novel
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise SystemExit("prism video k600-novel: runs in one process; launch it without torchrun")
     _check_folder(args.out, "output folder (--out)")
     path = write_k600_novel(
         args.k400_labels,

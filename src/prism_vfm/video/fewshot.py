@@ -92,11 +92,20 @@ def _write_labels(path: Path, names: list[str]) -> Path:
     return path
 
 
+def _finished(run: Path, cfg: VideoTrainConfig) -> bool:
+    """Whether ``run`` ended (it writes ``summary.json`` then) at the end of ``cfg``'s schedule or at its
+    ``max_steps``, not at an earlier ``max_steps``."""
+    if not (run / "summary.json").is_file():
+        return False
+    summary = json.loads((run / "summary.json").read_text())
+    return summary["epochs"] >= cfg.epochs - 1e-9 or 0 < cfg.max_steps <= summary["steps"]
+
+
 def train_or_reuse(cfg: VideoTrainConfig) -> Path:
     """The run of ``cfg``: reused when finished (its saved settings must equal ``cfg``'s), resumed when
-    it has a checkpoint, else trained from the start."""
+    it has a checkpoint (its settings checked by the resume), else trained from the start."""
     run = Path(cfg.out)
-    if (run / "summary.json").is_file():  # written when training ends
+    if _finished(run, cfg):
         saved = yaml.safe_load((run / "config.yaml").read_text()) or {}
         changes = {k: v for k, v in config_differences(saved, resolved(cfg)).items() if k not in RUN_CONTROL}
         if changes:
