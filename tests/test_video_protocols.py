@@ -22,15 +22,11 @@ from prism_vfm.video.data.lists import read_label_csv, read_video_list, write_la
 from prism_vfm.video.data.synthetic import write_tiny_video_dataset
 from prism_vfm.video.evaluate import load_vidprism
 from prism_vfm.video.fewshot import EvalSettings, base_to_novel, few_shot
+from prism_vfm.video.protocols import read_protocol, shipped_protocols
 from prism_vfm.video.text import class_text_embeddings
 from prism_vfm.video.train import train_video
 from prism_vfm.video.train_config import preset
-from prism_vfm.video.zeroshot import (
-    read_protocol,
-    shipped_protocols,
-    text_encoder_for,
-    zero_shot,
-)
+from prism_vfm.video.zeroshot import text_encoder_for, zero_shot
 from tests.conftest import REPO_ROOT
 
 TINY_VIEWS = ["frames=8", "size=32", "clips=1"]
