@@ -301,7 +301,10 @@ def test_few_shot_trains_each_draw_once_and_reports_shots_by_seeds(data, tmp_pat
     main(argv)
     assert {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*") if p.is_file()} == stamps
     assert json.loads((out / "fewshot.json").read_text())["top1"] == summary["top1"]
-    # ... and a finished run is not silently reused with other settings
+    # ... and neither a finished run nor its evaluation is silently reused with other settings
+    with pytest.raises(ValueError, match=r"1shot_seed0/step_\w+ was scored with other settings \(views"):
+        few_shot(tiny_cfg(data, tmp_path / "x"), out, shots=[1], seeds=[0], settings=EvalSettings(
+            clips=2, blend="none", workers=0))  # fmt: skip
     with pytest.raises(ConfigError, match=r"2shot_seed0 was trained with other settings \(lr"):
         few_shot(tiny_cfg(data, tmp_path / "x", ("lr", 1e-2)), out, shots=[2], seeds=[0], settings=NO_HUB)
 

@@ -12,7 +12,8 @@
 Everything goes under one folder: ``lists/`` (the drawn lists and label CSVs), ``runs/<name>/`` (training
 runs), ``evals/<name>/<checkpoint>/`` (reports) and the summary (``fewshot.md``/``.json``,
 ``base2novel.md``/``.json``). Running the command again reuses what is there: a finished run (its settings
-checked against its ``config.yaml``), an unfinished one resumed, an evaluation of the same checkpoint; a
+checked against its ``config.yaml``), an unfinished one resumed, an evaluation of the same checkpoint
+(its views checked); a
 drawn list is rewritten only to the same content. Nothing is overwritten.
 """
 
@@ -42,6 +43,7 @@ from prism_vfm.video.data.lists import (
     video_list_text,
 )
 from prism_vfm.video.evaluate import evaluate_video
+from prism_vfm.video.model import RELEASED_BLEND_ALPHA
 from prism_vfm.video.train import train_video
 from prism_vfm.video.train_config import VideoTrainConfig, resolved, validate_video_train
 from prism_vfm.video.zeroshot import zero_shot
@@ -128,9 +130,16 @@ def _evaluate(
     checkpoint = latest_checkpoint(run)
     assert checkpoint is not None  # a trained run has one
     out = folder / checkpoint.name
-    if (out / "metrics.json").is_file():
-        return json.loads((out / "metrics.json").read_text())
     d = cfg.data
+    views = {
+        "clips": settings.clips,
+        "crops": settings.crops,
+        "frames": settings.frames or d.num_frames,
+        "size": settings.size or d.size,
+    }
+    done = _reusable(out, {"views": views, "average": settings.average, "blend": _blend_record(settings)})
+    if done is not None:
+        return done
     return evaluate_video(
         checkpoint,
         val_list,
@@ -149,6 +158,25 @@ def _evaluate(
         decoder=d.decoder,
         device=settings.device,
     )
+
+
+def _blend_record(settings: EvalSettings) -> Any:
+    """The blend as evaluation reports record it."""
+    return "none" if settings.blend == "none" else {"original": settings.blend, "alpha": RELEASED_BLEND_ALPHA}
+
+
+def _reusable(out: Path, expected: dict[str, Any]) -> dict[str, Any] | None:
+    """The report in ``out`` when there is one, made with the ``expected`` settings; another is an error."""
+    if not (out / "metrics.json").is_file():
+        return None
+    done = json.loads((out / "metrics.json").read_text())
+    other = {k: done.get(k) for k in expected if done.get(k) != expected[k]}
+    if other:
+        listed = ", ".join(f"{k}: {other[k]!r} → {expected[k]!r}" for k in other)
+        raise ValueError(
+            f"{out} was scored with other settings ({listed}): restore them or choose another --out"
+        )
+    return done
 
 
 def _check_shots(samples: list[VideoSample], names: list[str], shots: int, where: str) -> None:
@@ -286,9 +314,8 @@ def base_to_novel(
         checkpoint = latest_checkpoint(run)
         assert checkpoint is not None
         novel_out = out / "evals" / f"seed{seed}" / "novel" / checkpoint.name
-        if (novel_out / "metrics.json").is_file():
-            novel_result = json.loads((novel_out / "metrics.json").read_text())
-        else:
+        novel_result = _reusable(novel_out, {"blend": _blend_record(settings)})
+        if novel_result is None:  # its views are those of its protocol file, written once above
             novel_result = zero_shot(
                 checkpoint,
                 protocol,
