@@ -12,9 +12,8 @@
 Everything goes under one folder: ``lists/`` (the drawn lists and label CSVs), ``runs/<name>/`` (training
 runs), ``evals/<name>/<checkpoint>/`` (reports) and the summary (``fewshot.md``/``.json``,
 ``base2novel.md``/``.json``). Running the command again reuses what is there: a finished run (its settings
-checked against its ``config.yaml``), an unfinished one resumed, an evaluation of the same checkpoint
-(its views checked); a
-drawn list is rewritten only to the same content. Nothing is overwritten.
+checked against its ``config.yaml``), an unfinished one resumed, an evaluation of the same checkpoint (its
+views checked); a drawn list is rewritten only to the same content. Nothing is overwritten.
 """
 
 from __future__ import annotations
