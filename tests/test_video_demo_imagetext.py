@@ -20,6 +20,7 @@ from prism_vfm.video.demo.imagetext import (
     ImageTextConfig,
     class_embeddings,
     clip_features,
+    clip_loss,
     frame_probe,
     imagetext_config,
     load_imagetext,
@@ -53,6 +54,22 @@ def test_an_untrained_model_does_not_pass_the_probe():
     image, text = FrameEncoder("demo").freeze(), TextEncoder("demo").eval()
     scores = frame_probe(image, text, frames=128)
     assert scores["colour"] < 0.5
+
+
+def test_frames_with_the_same_caption_are_positives_of_each_other():
+    """Swapping the images of two pairs whose captions are the same text leaves the loss unchanged: neither
+    is the other's negative. Without captions the plain CLIP loss sees the swap."""
+    g = torch.Generator().manual_seed(0)
+    image, text = torch.randn(5, 8, generator=g), torch.randn(5, 8, generator=g)
+    captions = ["a red star", "a blue bar", "a red star", "a ring", "a red star"]
+    swapped = image[[2, 1, 0, 3, 4]]
+    scale = torch.tensor(2.0)
+    same = clip_loss(image, text, scale, captions)
+    torch.testing.assert_close(same, clip_loss(swapped, text, scale, captions))
+    assert not torch.isclose(clip_loss(image, text, scale), clip_loss(swapped, text, scale))
+    # All captions distinct: the plain CLIP loss.
+    distinct = [f"caption {i}" for i in range(5)]
+    torch.testing.assert_close(clip_loss(image, text, scale, distinct), clip_loss(image, text, scale))
 
 
 def test_the_quick_setting_is_a_shorter_run_of_the_same_model():

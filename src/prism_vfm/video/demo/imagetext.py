@@ -6,7 +6,9 @@ trained for a few minutes on a CPU with the CLIP loss on single rendered frames 
 what *that frame* shows ("a faint small red star moving left in the east", attributes dropped at random so
 that short class names such as "a star moving left" are in-distribution). Without the frame's position,
 size and brightness in its caption the image tower has no reason to keep them, and every video head
-built on it then fails on direction.
+built on it then fails on direction. A batch of such captions repeats many of them word for word; the
+loss (:func:`clip_loss` with the captions) counts the frames of one caption as positives of each other
+rather than pushing them apart.
 
 :func:`frame_probe` measures what the frames' embeddings tell. At the default settings the model learns
 colour almost perfectly but shape and position barely above chance: a ViT this small learns rotated
@@ -153,12 +155,25 @@ def _captions(states: Sequence[FrameState], rng: np.random.Generator) -> list[st
     ]
 
 
-def clip_loss(image: Tensor, text: Tensor, logit_scale: Tensor) -> Tensor:
-    """CLIP's symmetric cross-entropy over a batch of matching (image, text) embedding pairs."""
+def clip_loss(
+    image: Tensor, text: Tensor, logit_scale: Tensor, captions: Sequence[str] | None = None
+) -> Tensor:
+    """CLIP's symmetric cross-entropy over a batch of matching (image, text) embedding pairs.
+
+    With ``captions``, pairs whose captions are the same text are all positives of each other (the target
+    spreads evenly over them): a batch of the demo's few-word captions repeats many of them, and the plain
+    loss would push apart frames that their captions do not tell apart.
+    """
     image, text = F.normalize(image, dim=-1), F.normalize(text, dim=-1)
     logits = logit_scale.exp().clamp(max=100) * image @ text.t()
-    target = torch.arange(len(image), device=image.device)
-    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
+    if captions is None:
+        target = torch.arange(len(image), device=image.device)
+        return (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
+    ids = {c: i for i, c in enumerate(dict.fromkeys(captions))}
+    index = torch.tensor([ids[c] for c in captions], device=image.device)
+    same = (index[:, None] == index[None]).float()
+    soft = same / same.sum(1, keepdim=True)  # symmetric matrix: rows and columns sum alike
+    return (F.cross_entropy(logits, soft) + F.cross_entropy(logits.t(), soft)) / 2
 
 
 def train_imagetext(cfg: ImageTextConfig, progress: bool = True) -> dict[str, Tensor]:
@@ -183,8 +198,9 @@ def train_imagetext(cfg: ImageTextConfig, progress: bool = True) -> dict[str, Te
     bar = tqdm(total=cfg.steps, desc="image-text model", unit="step", disable=not progress, leave=False)
     for _ in range(cfg.steps):
         idx = torch.randint(len(images), (cfg.batch_size,), generator=g)
-        tokens = text_tower.tokenize(_captions([states[i] for i in idx.tolist()], rng))
-        loss = clip_loss(image_tower.encode_frames(normalize(images[idx])), text_tower(tokens), logit_scale)
+        captions = _captions([states[i] for i in idx.tolist()], rng)
+        text = text_tower(text_tower.tokenize(captions))
+        loss = clip_loss(image_tower.encode_frames(normalize(images[idx])), text, logit_scale, captions)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
