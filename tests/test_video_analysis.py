@@ -11,6 +11,7 @@ from prism_vfm.video.analysis import (
     expert_probes,
     gate_mass_per_token,
     linear_probe,
+    pair_accuracy,
     reversal_flip_rate,
     stream_ablation,
 )
@@ -123,3 +124,11 @@ def test_reversal_flip_rate_is_full_for_an_order_reader_and_zero_for_an_order_bl
     assert reversal_flip_rate(blind, x, labels, partner) == {"flip": 0.0, "same": 100.0, "clips": 2.0}
     with pytest.raises(ValueError, match="no clip"):
         reversal_flip_rate(blind, x[2:], labels[2:], partner)
+
+
+def test_pair_accuracy_compares_each_clip_with_its_partner_class_only():
+    logits = torch.tensor([[2.0, 1.0, 9.0], [2.0, 1.0, 0.0], [0.0, 0.0, 5.0]])
+    labels = torch.tensor([0, 1, 2])  # class 2 has no partner; clip 0 is right in its pair though not top-1
+    assert pair_accuracy(logits, labels, {0: 1, 1: 0}) == {"accuracy": 50.0, "clips": 2.0}
+    with pytest.raises(ValueError, match="no clip"):
+        pair_accuracy(logits[2:], labels[2:], {0: 1, 1: 0})

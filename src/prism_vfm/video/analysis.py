@@ -194,3 +194,14 @@ def reversal_flip_rate(
         "same": 100.0 * float((before == after).float().mean()),
         "clips": float(mask.sum()),
     }
+
+
+def pair_accuracy(logits: Tensor, labels: Tensor, partner: Mapping[int, int]) -> dict[str, float]:
+    """Over the clips whose class has a partner (e.g. its time-reversed class): the % whose own class
+    scores above the partner (chance 50), and how many clips. Raises when no clip has a partner."""
+    rows = [i for i, c in enumerate(labels.tolist()) if c in partner]
+    if not rows:
+        raise ValueError("pair_accuracy: no clip's class has a partner")
+    own = logits[rows, labels[rows]]
+    other = logits[rows, torch.tensor([partner[int(labels[i])] for i in rows])]
+    return {"accuracy": 100.0 * float((own > other).float().mean()), "clips": float(len(rows))}
