@@ -117,3 +117,34 @@ def test_head_options_other_than_vidprism_need_cached_features(tmp_path):
     cfg = _config(tmp_path, "vidprism", text_loss=True)
     with pytest.raises(ConfigError, match="class_text"):
         train_video(cfg)
+
+
+def test_a_malformed_feature_file_is_an_error_naming_the_file_and_the_clip(tmp_path):
+    from prism_vfm.video.data.features import read_feature_set
+
+    path = write_feature_set(tmp_path / "train.safetensors", torch.zeros(3, T, D), torch.tensor([0, 5, 1]))
+    with pytest.raises(ValueError, match=r"train.safetensors: label 5 of clip 1 is outside \[0, 3\]"):
+        read_feature_set(path, C)
+    with pytest.raises(ValueError, match="features must be"):
+        write_feature_set(tmp_path / "x.safetensors", torch.zeros(3, D), torch.tensor([0, 1, 2]))
+
+
+def test_clip_weights_give_the_tower_its_weights_from_a_file(tmp_path):
+    from safetensors.torch import save_file
+
+    from prism_vfm.video.backbone import FrameEncoder, released_tower_state_dict
+    from prism_vfm.video.train import build_model
+    from prism_vfm.video.train_config import TINY_TOWER
+
+    torch.manual_seed(3)
+    source = FrameEncoder(TINY_TOWER)
+    save_file(released_tower_state_dict(source), tmp_path / "clip.safetensors")
+    cfg = VideoTrainConfig(
+        model=VideoModelConfig(
+            tower="tiny", pretrained=False, clip_weights=str(tmp_path / "clip.safetensors")
+        ),
+        data=VideoDataConfig(size=32),
+    )
+    model = build_model(cfg, num_classes=3)
+    for key, value in source.state_dict().items():
+        assert torch.equal(model.backbone.state_dict()[key], value), key

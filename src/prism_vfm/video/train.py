@@ -39,6 +39,7 @@ from prism_vfm.train.precision import autocast
 from prism_vfm.train.run import start_run
 from prism_vfm.train.schedule import warmup_cosine_epochs
 from prism_vfm.utils.io import read_safetensors_file
+from prism_vfm.video.backbone import load_tower_weights
 from prism_vfm.video.config import HeadConfig
 from prism_vfm.video.data.dataset import DataIssues, VideoDataset
 from prism_vfm.video.data.features import FeatureDataset, read_feature_set
@@ -88,7 +89,8 @@ class _EpochIndexed(Dataset):
 
 
 def build_model(cfg: VideoTrainConfig, num_classes: int) -> VidPrism:
-    """The CLIP tower (OpenAI's weights unless ``model.pretrained`` is false) and a fresh head; then, with
+    """The CLIP tower (``model.clip_weights``, else OpenAI's unless ``model.pretrained`` is false) and a
+    fresh head; then, with
     ``model.init``, every entry of a previous VidPrism whose name and shape match (the classifier starts
     fresh when the class count differs)."""
     m = cfg.model
@@ -106,8 +108,10 @@ def build_model(cfg: VideoTrainConfig, num_classes: int) -> VidPrism:
         head,
         img_size=cfg.data.size,
         grad_checkpointing=m.grad_checkpointing,
-        pretrained=m.pretrained,
+        pretrained=m.pretrained and not m.clip_weights,
     )
+    if m.clip_weights:
+        load_tower_weights(model.backbone, m.clip_weights)
     if m.init:
         logger.info("init: %s", transfer_init(model, m.init).summary())
     return model
@@ -161,7 +165,9 @@ def text_embeddings(cfg: VideoTrainConfig, class_names: list[str], device: torch
     the tower is dropped afterwards)."""
     _, text_tower = TOWERS[cfg.model.tower]
     encoder = TextEncoder(text_tower)
-    if cfg.model.pretrained:
+    if cfg.model.clip_weights:
+        load_text_weights(encoder, cfg.model.clip_weights)
+    elif cfg.model.pretrained:
         load_text_weights(encoder, "hub")
     encoder.requires_grad_(False).eval()
     return class_text_embeddings(encoder, class_names, ENSEMBLE_28).to(device)

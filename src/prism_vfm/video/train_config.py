@@ -66,6 +66,9 @@ class VideoDataConfig:
 class VideoModelConfig:
     tower: str = "ViT-B/16"  # ViT-B/16, ViT-L/14 or tiny (random weights)
     pretrained: bool = True  # OpenAI's CLIP weights from the Hub for both towers
+    # A CLIP weight file (OpenAI's layout, or any layout load_tower_weights reads) for both towers instead
+    # of the Hub's, e.g. a local copy or the video demo's image-text model. Empty: see pretrained.
+    clip_weights: str = ""
     grad_checkpointing: bool = True
     # A previous VidPrism to start from (transfer): a run folder (its latest checkpoint), a checkpoint or
     # save_pretrained folder, or a released training checkpoint (.pt). Entries whose name and shape match
@@ -229,6 +232,12 @@ def validate_video_train(cfg: VideoTrainConfig) -> None:
     require(d.workers >= 0, "data.workers", "an integer >= 0", d.workers)
     require(m.tower in TOWERS, "model.tower", f"one of {', '.join(TOWERS)}", m.tower)
     require(not (m.tower == "tiny" and m.pretrained), "model.pretrained", "false for the tiny tower", True)
+    require(
+        not m.clip_weights or Path(m.clip_weights).is_file(),
+        "model.clip_weights",
+        "'' or an existing CLIP weight file",
+        m.clip_weights,
+    )
     require(not m.init or Path(m.init).exists(), "model.init", "'' or an existing run, folder or .pt", m.init)
     require(m.text_scale > 0, "model.text_scale", "a number > 0", m.text_scale)
     for key in ("epochs", "batch_size", "accum", "log_every", "lr_every"):
