@@ -206,10 +206,12 @@ def test_written_dataset_loads_through_the_readers_with_its_labels(tmp_path):
     decoded = np.stack(video.frames(list(range(NUM_FRAMES)))).astype(int)
     video.close()
     assert np.abs(decoded - rendered).mean() < 12
-    # Each decoded frame is nearest to a rendered frame within two of its own (the shape moves 0.3–0.5
-    # pixels a frame): the codec kept the motion, in order.
-    distance = np.abs(decoded[:, None] - rendered[None]).mean(axis=(2, 3, 4))
-    assert np.abs(distance.argmin(1) - np.arange(NUM_FRAMES)).max() <= 2
+    # Each decoded frame is nearest to a rendered frame a few frames from its own (the shape moves
+    # 0.3–0.5 pixels a frame and the codec catches up with sub-pixel motion in steps): the motion is kept,
+    # in order.
+    nearest = np.abs(decoded[:, None] - rendered[None]).mean(axis=(2, 3, 4)).argmin(1)
+    assert np.abs(nearest - np.arange(NUM_FRAMES)).max() <= 4
+    assert np.corrcoef(nearest, np.arange(NUM_FRAMES))[0, 1] > 0.95
     for name, classes in (("tier1", data.splits.tier1), ("tier2", data.splits.tier2)):
         labels = read_label_csv(data.label_csvs[name])
         assert labels == data.splits.names(classes)
