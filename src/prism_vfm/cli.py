@@ -259,7 +259,9 @@ def cmd_video_demo(args: argparse.Namespace) -> None:
 
     if args.seed < 0:
         raise SystemExit(f"prism video demo: --seed must be >= 0, got {args.seed}")
-    result = run_video_demo(args.out, quick=args.quick, seed=args.seed, cache_dir=args.cache_dir)
+    result = run_video_demo(
+        args.out, quick=args.quick, seed=args.seed, cache_dir=args.cache_dir, finetune=args.finetune
+    )
     print(json.dumps(result.headline, indent=2))
     print(f"report: {result.report} (figures in {result.out / 'figures'})")
 
@@ -630,7 +632,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="data and first head seed (full: seeds N, N+1, N+2)")
     p.add_argument(
         "--cache-dir",
-        help="where the image-text model is cached (default: ~/.cache/prism_vfm/video_demo)",
+        help="where the image-text model is cached (default: ~/.cache/prism_vfm/demo_teachers)",
+    )
+    p.add_argument(
+        "--finetune",
+        action="store_true",
+        help="also train VidPrism end to end on the videos, the image encoder fine-tuned at the released "
+        "learning-rate ratio (slower)",
     )
     p.set_defaults(func=cmd_video_demo)
 
