@@ -33,6 +33,7 @@ TIERS: list[set[str]] = [
     {"evaluate", "analysis"},
     {"video.evaluate", "video.expert_report"},
     {"ablation", "demo", "video.zeroshot"},
+    {"video.fewshot"},
     {"video.demo"},
     {"cli", "__init__"},
 ]
