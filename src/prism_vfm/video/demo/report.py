@@ -72,12 +72,12 @@ def plot_stream_ablation(results: dict[str, Any], runs: list[str], path: Path) -
         groups = ablation["groups"]
         matrix = np.array([[ablation["accuracy"][r][g] for r in rows] for g in groups])
         panels.append((matrix, results[name]["label"]))
-        columns = ["none"] + [r.removeprefix("expert ").replace("rate ", "r") for r in rows[1:]]
+        columns = ["none"] + [r.split(" (")[0].removeprefix("expert ") for r in rows[1:]]
     return heatmap_grid(
         panels,
         path,
         groups,
-        "expert hidden (the rate of the stream it reads)",
+        "expert hidden",
         "motion accuracy (%)",
         vmax=100.0,
         col_labels=columns,
@@ -342,6 +342,9 @@ def write_markdown(
     for target, values in first["probes"]["accuracy"].items():
         lines.append(f"| {target} | " + " | ".join(f"{v:.1f}" for v in values) + " |")
     lines += [
+        "",
+        "Motion accuracy with each expert hidden from the read-out (expert i reads the stream of rate "
+        "2, 4, 8, 16 for i = 0–3; in the homogeneous control every expert reads the rate-2 stream):",
         "",
         "![stream ablation](figures/stream_ablation.png)",
         "",
