@@ -38,18 +38,29 @@ from tqdm import tqdm
 
 from prism_vfm.demo.pipeline import default_cache_dir
 from prism_vfm.demo.teachers import config_key, save_cached
-from prism_vfm.video.backbone import FrameEncoder, load_tower_weights, released_tower_state_dict
+from prism_vfm.video.backbone import (
+    FrameEncoder,
+    load_tower_weights,
+    released_tower_state_dict,
+    tower_config,
+)
 from prism_vfm.video.data.transforms import normalize
 from prism_vfm.video.demo.clips import (
     ALL_MOTIONS,
     CAPTION_ATTRIBUTES,
     COLOURS,
     SHAPES,
+    FrameState,
     clip_seed,
     position_word,
     render_clip,
 )
-from prism_vfm.video.text import TextEncoder, class_text_embeddings, load_text_weights
+from prism_vfm.video.text import (
+    TextEncoder,
+    class_text_embeddings,
+    load_text_weights,
+    text_tower_config,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -96,8 +107,10 @@ class _Keyed:
 
 
 def _tower_geometry() -> dict:
-    image, text = FrameEncoder(TOWER).config, TextEncoder(TOWER).config
-    return {"image": dataclasses.asdict(image), "text": dataclasses.asdict(text)}
+    return {
+        "image": dataclasses.asdict(tower_config(TOWER)),
+        "text": dataclasses.asdict(text_tower_config(TOWER)),
+    }
 
 
 def imagetext_config(quick: bool = False, seed: int = 0) -> ImageTextConfig:
@@ -108,7 +121,7 @@ def imagetext_config(quick: bool = False, seed: int = 0) -> ImageTextConfig:
 
 
 # ----------------------------------------------------------------------------------------- training data
-def caption_frames(cfg: ImageTextConfig, split: str = "imagetext") -> tuple[Tensor, list]:
+def caption_frames(cfg: ImageTextConfig, split: str = "imagetext") -> tuple[Tensor, list[FrameState]]:
     """``(N, 3, H, W)`` uint8 frames and their :class:`~prism_vfm.video.demo.clips.FrameState` s, drawn
     from ``cfg.clips`` clips cycling through every shape × colour × motion (seeds of ``split``; the video
     data set's splits use others)."""
@@ -127,7 +140,7 @@ def caption_frames(cfg: ImageTextConfig, split: str = "imagetext") -> tuple[Tens
     return images, states
 
 
-def _captions(states: Sequence, rng: np.random.Generator) -> list[str]:
+def _captions(states: Sequence[FrameState], rng: np.random.Generator) -> list[str]:
     keep = rng.random((len(states), len(CAPTION_ATTRIBUTES))) < KEEP_P
     return [
         s.caption([a for a, k in zip(CAPTION_ATTRIBUTES, row, strict=True) if k])
