@@ -148,3 +148,10 @@ def test_clip_weights_give_the_tower_its_weights_from_a_file(tmp_path):
     model = build_model(cfg, num_classes=3)
     for key, value in source.state_dict().items():
         assert torch.equal(model.backbone.state_dict()[key], value), key
+
+
+def test_a_dry_run_on_cached_features_describes_the_head_alone(tmp_path):
+    from prism_vfm.video.train import check_video_train
+
+    text = check_video_train(_config(tmp_path, "temporal_transformer"))
+    assert "32 training clips of cached features (32, 32)" in text and "temporal_transformer head" in text

@@ -187,6 +187,20 @@ def check_video_train(cfg: VideoTrainConfig) -> str:
     cfg = resolved(cfg)
     validate_video_train(cfg)
     d = cfg.data
+    if d.features:
+        folder = Path(d.features)
+        names = read_label_csv(folder / "labels.csv")
+        x, _ = read_feature_set(folder / "train.safetensors", len(names))
+        n_val = (
+            len(read_feature_set(folder / "val.safetensors", len(names))[1])
+            if (folder / "val.safetensors").is_file()
+            else 0
+        )
+        return (
+            f"{len(names)} classes, {len(x)} training clips of cached features {tuple(x.shape[1:])} "
+            f"({folder}), {n_val} validation clips; the {cfg.model.head} head alone; {cfg.epochs} epochs "
+            f"of batch {cfg.batch_size} per process × accum {cfg.accum}; run folder {cfg.out}"
+        )
     names = read_label_csv(d.labels)
     train = read_video_list(d.train_list, len(names), root=d.videos, drop_short=True)
     val = read_video_list(d.val_list, len(names), root=d.videos) if d.val_list else []
