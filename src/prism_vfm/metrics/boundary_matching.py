@@ -25,6 +25,8 @@ import numpy as np
 from scipy import sparse
 from scipy.sparse.csgraph import maximum_flow
 
+from prism_vfm.metrics.boundary_assignment import bsds_matched_count
+
 # Neighbour order of the thinning code, bit 0 first: E, NE, N, NW, W, SW, S, SE (scikit-image's weights).
 _NEIGHBOURS = ((0, 1), (-1, 1), (-1, 0), (-1, -1), (0, -1), (1, -1), (1, 0), (1, 1))
 
@@ -119,23 +121,21 @@ def _matching_size(rows: np.ndarray, cols: np.ndarray, n_rows: int, n_cols: int)
     return int(maximum_flow(graph, 0, 1, method="dinic").flow_value)
 
 
-def maximum_matching_counts(
+def _candidate_pairs(
     predictions: np.ndarray, ground_truth: np.ndarray, max_dist_ratio: float
-) -> np.ndarray:
-    """Matched counts of a stack of thinned predictions ``(K, H, W)`` against one thinned ground truth
-    ``(H, W)``: int64 ``(K,)``, the size of a maximum matching between predicted and ground-truth pixels
-    within the tolerance (``tolerance_offsets``), i.e. both the matched ground-truth and the matched
-    predicted pixels.
+) -> tuple[np.ndarray, np.ndarray, int, int, np.ndarray]:
+    """The pairs within the tolerance of a stack of predictions ``(K, H, W)`` and one ground truth.
 
-    The candidate pairs are found once, from the union of the predictions, with the grid offsets around
-    every ground-truth pixel; each map's graph is the part of them whose predicted pixel it holds, and
-    only pixels with a partner within the tolerance enter it.
+    Found once, from the union of the predictions, with the grid offsets around every ground-truth pixel.
+    Returns the pairs' ground-truth and predicted pixel ids (sorted by ground-truth id), how many of each
+    have a partner at some threshold, and which of those predicted pixels each map holds ``(K, n_pred)``.
+    Pixels are numbered column by column (x, then y), as the BSDS matcher numbers its nodes.
     """
-    k, h, w = predictions.shape
-    gt_y, gt_x = np.nonzero(ground_truth)
+    _, h, w = predictions.shape
+    gt_x, gt_y = np.nonzero(ground_truth.T)
     union = predictions.any(axis=0)
     index = np.full((h, w), -1, dtype=np.int64)
-    pred_y, pred_x = np.nonzero(union)
+    pred_x, pred_y = np.nonzero(union.T)
     index[pred_y, pred_x] = np.arange(len(pred_y))
     offsets = tolerance_offsets((h, w), max_dist_ratio)
     y = gt_y[:, None] + offsets[:, 0]
@@ -145,15 +145,48 @@ def maximum_matching_counts(
     pred_of = index[y[inside], x[inside]]
     paired = pred_of >= 0
     gt_of, pred_of = gt_of[paired], pred_of[paired]  # sorted by ground-truth pixel
-    # Keep only the pixels that have a partner at some threshold, numbered densely.
+    # Keep only the pixels that have a partner at some threshold, numbered densely in the same order.
     gt_of, n_gt = _renumber(gt_of, len(gt_y))
     pred_ids = np.flatnonzero(np.bincount(pred_of, minlength=len(pred_y)))
     pred_of, n_pred = _renumber(pred_of, len(pred_y))
     present = predictions[:, pred_y[pred_ids], pred_x[pred_ids]]
-    counts = np.zeros(k, dtype=np.int64)
-    for i in range(k):
+    return gt_of, pred_of, n_gt, n_pred, present
+
+
+def maximum_matching_counts(
+    predictions: np.ndarray, ground_truth: np.ndarray, max_dist_ratio: float
+) -> np.ndarray:
+    """Matched counts of a stack of thinned predictions ``(K, H, W)`` against one thinned ground truth
+    ``(H, W)``: int64 ``(K,)``, the size of a maximum matching between predicted and ground-truth pixels
+    within the tolerance (``tolerance_offsets``), i.e. both the matched ground-truth and the matched
+    predicted pixels.
+
+    Each map's graph is the part of the candidate pairs (``_candidate_pairs``) whose predicted pixel it
+    holds; only pixels with a partner within the tolerance enter it.
+    """
+    gt_of, pred_of, n_gt, n_pred, present = _candidate_pairs(predictions, ground_truth, max_dist_ratio)
+    counts = np.zeros(len(predictions), dtype=np.int64)
+    for i in range(len(predictions)):
         edges = present[i, pred_of]
         counts[i] = _matching_size(gt_of[edges], pred_of[edges], n_gt, n_pred)
+    return counts
+
+
+def bsds_assignment_counts(
+    predictions: np.ndarray, ground_truth: np.ndarray, max_dist_ratio: float, seed: int
+) -> np.ndarray:
+    """Matched counts of a stack of thinned predictions ``(K, H, W)`` against one thinned ground truth
+    ``(H, W)`` as the BSDS matcher (``correspondPixels``) reseeded with ``seed`` finds them: int64
+    ``(K,)``, the most pixel pairs within the tolerance that its random outlier graph lets it keep
+    (``boundary_assignment``); never more than ``maximum_matching_counts``."""
+    gt_of, pred_of, n_gt, n_pred, present = _candidate_pairs(predictions, ground_truth, max_dist_ratio)
+    counts = np.zeros(len(predictions), dtype=np.int64)
+    for i in range(len(predictions)):
+        edges = present[i, pred_of]
+        # The map's nodes: its pixels with a partner within the tolerance, in the same (column) order.
+        pred, n1 = _renumber(pred_of[edges], n_pred)
+        gt, n2 = _renumber(gt_of[edges], n_gt)
+        counts[i] = bsds_matched_count(pred, gt, n1, n2, seed)
     return counts
 
 
