@@ -49,6 +49,7 @@ from tqdm import tqdm
 from prism_vfm.data.registry import get_dataset
 from prism_vfm.errors import MissingExtraError
 from prism_vfm.metrics.boundary_matching import (
+    assignment_module,
     bsds_assignment_counts,
     maximum_matching_counts,
     thin_stack,
@@ -220,16 +221,19 @@ def image_counts(
 _THRESHOLD_LEVELS = np.argmax(np.arange(256)[None, :] / 255 >= THRESHOLDS[:, None], axis=1)
 
 
-def _fast_counts(levels: np.ndarray, gt: np.ndarray, max_dist_ratio: float, matcher: str) -> np.ndarray:
-    """``image_counts`` of an 8-bit NMS map by the ``"fast"`` or ``"maximum"`` matcher: every distinct
-    binarised map is thinned in one stack and matched (``boundary_matching``)."""
+def _fast_counts(
+    levels: np.ndarray, gt: np.ndarray, max_dist_ratio: float, matcher: str, seed: int = MATCHER_SEED
+) -> np.ndarray:
+    """``image_counts`` of an 8-bit NMS map by the ``"fast"`` (BSDS matcher reseeded with ``seed``) or
+    ``"maximum"`` matcher: every distinct binarised map is thinned in one stack and matched
+    (``boundary_matching``)."""
     # Pixels at or above each 8-bit level; thresholds keeping as many pixels keep the same (nested) map.
     at_or_above = np.cumsum(np.bincount(levels.ravel(), minlength=256)[::-1])[::-1]
     totals = at_or_above[_THRESHOLD_LEVELS]
     _, first, which = np.unique(totals, return_index=True, return_inverse=True)
     maps = thin_stack(levels[None] >= _THRESHOLD_LEVELS[first][:, None, None])
     if matcher == "fast":
-        matched = bsds_assignment_counts(maps, gt, max_dist_ratio, MATCHER_SEED)[which]
+        matched = bsds_assignment_counts(maps, gt, max_dist_ratio, seed)[which]
     else:
         matched = maximum_matching_counts(maps, gt, max_dist_ratio)[which]
     total_pred = maps.sum(axis=(1, 2))[which]
@@ -394,6 +398,8 @@ class BoundaryMeter:
         self.dataset = dataset
         self.max_dist_ratio = dataset_max_dist_ratio(dataset)
         self.matcher = check_matcher(matcher)
+        if matcher == "fast":
+            assignment_module()
         self.workers = workers
         self.progress = progress
         self.reset()

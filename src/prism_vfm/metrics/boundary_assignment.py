@@ -56,7 +56,9 @@ def _uniform(state: np.ndarray) -> float:  # pragma: no cover - compiled
 
 
 @numba.njit(cache=True)
-def _k_of_n(k: int, n: int, out: np.ndarray, state: np.ndarray, stack: np.ndarray) -> None:  # pragma: no cover
+def _k_of_n(
+    k: int, n: int, out: np.ndarray, state: np.ndarray, stack: np.ndarray
+) -> None:  # pragma: no cover
     """BSDS's ``kOfN``: ``k`` distinct values of ``[0, n)`` in increasing order into ``out[:k]``, by the
     same draws in the same order (the recursive small-k sampler, or the sequential one)."""
     if k == 0:
@@ -180,6 +182,16 @@ def _hopcroft_karp(
     cursor = np.empty(n, dtype=np.int64)
     stack = np.empty(n + 1, dtype=np.int64)
     via = np.empty(n + 1, dtype=np.int64)
+    # A greedy pass first: most free vertices have a free partner at once.
+    for l in range(n):
+        if match_l[l] >= 0:
+            continue
+        for e in range(indptr[l], indptr[l + 1]):
+            r = heads[e]
+            if match_r[r] < 0 and cost[e] - u[l] - v[r] == 0:
+                match_l[l] = r
+                match_r[r] = l
+                break
     phases = 0
     while True:
         phases += 1

@@ -1,16 +1,19 @@
-"""The fast boundary matcher: thinning of every threshold at once and maximum bipartite matchings.
+"""The fast boundary matchers: thinning of every threshold at once, the candidate pixel pairs found once
+per image, then per threshold either the BSDS matcher's assignment (``bsds_assignment_counts``, matcher
+``"fast"``) or a maximum bipartite matching (``maximum_matching_counts``, matcher ``"maximum"``).
 
 The BSDS matcher (``correspondPixels``) solves a minimum-cost assignment in which a predicted or
-ground-truth pixel left unmatched costs 100 x the tolerance, far more than any match within it. The counts
-the metrics use are then those of a maximum matching in the bipartite graph of predicted and ground-truth
-boundary pixels at most the tolerance apart, which is what this module computes, exactly, as a maximum flow
-(SciPy's Dinic). The two differ where the BSDS solution is not of maximum size, so the BSDS counts are
-never higher: (a) its unmatched pixels must pair up through a sparse random graph of outlier edges (6 per
-node), which often has no perfect matching on what a maximum matching leaves over, so that one to a few
-more pixels stay unmatched (on most (image, threshold) pairs of realistic maps; it moves with the
-matcher's random seed); (b) in principle, an augmenting path that re-matches a long chain of pixels, each
-a little farther apart, can cost more distance than one outlier saves (over ~100 re-matched pixels for
-one more match) — not what happens in practice: on the map checked, a 100x outlier cost changed nothing.
+ground-truth pixel left unmatched costs 100 x the tolerance, far more than any match within it. Its counts
+would be those of a maximum matching in the bipartite graph of predicted and ground-truth boundary pixels
+at most the tolerance apart, which ``maximum_matching_counts`` computes exactly, as a maximum flow (SciPy's
+Dinic), but for two things, which keep the BSDS counts at or below it: (a) its unmatched pixels must pair
+up through a sparse random graph of outlier edges (6 per node), which often has no perfect matching on
+what a maximum matching leaves over, so that one to a few more pixels stay unmatched (on most (image,
+threshold) pairs of realistic maps; it moves with the matcher's random seed) — ``boundary_assignment``
+draws the same graph and finds exactly that count; (b) in principle, an augmenting path that re-matches a
+long chain of pixels, each a little farther apart, can cost more distance than one outlier saves (over
+~100 re-matched pixels for one more match) — not what happens in practice: on the map checked, a 100x
+outlier cost changed nothing, and the assignment counts equal the BSDS matcher's on every pair compared.
 
 SciPy's ``maximum_bipartite_matching`` is not used: its depth-first search may revisit vertices within a
 phase, which takes minutes on the dense layered graphs of noisy boundary maps; its Dinic flow advances a
@@ -20,12 +23,13 @@ current-arc pointer per vertex and stays near linear here.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 from scipy import sparse
 from scipy.sparse.csgraph import maximum_flow
 
-from prism_vfm.metrics.boundary_assignment import bsds_matched_count
+from prism_vfm.errors import MissingExtraError
 
 # Neighbour order of the thinning code, bit 0 first: E, NE, N, NW, W, SW, S, SE (scikit-image's weights).
 _NEIGHBOURS = ((0, 1), (-1, 1), (-1, 0), (-1, -1), (0, -1), (1, -1), (1, 0), (1, 1))
@@ -172,6 +176,16 @@ def maximum_matching_counts(
     return counts
 
 
+def assignment_module() -> Any:
+    """``boundary_assignment`` (compiled with Numba, of the ``eval`` extra); MissingExtraError naming the
+    extra when Numba is absent."""
+    try:
+        from prism_vfm.metrics import boundary_assignment
+    except ImportError as error:
+        raise MissingExtraError("the fast boundary matcher", "numba", "eval") from error
+    return boundary_assignment
+
+
 def bsds_assignment_counts(
     predictions: np.ndarray, ground_truth: np.ndarray, max_dist_ratio: float, seed: int
 ) -> np.ndarray:
@@ -179,6 +193,7 @@ def bsds_assignment_counts(
     ``(H, W)`` as the BSDS matcher (``correspondPixels``) reseeded with ``seed`` finds them: int64
     ``(K,)``, the most pixel pairs within the tolerance that its random outlier graph lets it keep
     (``boundary_assignment``); never more than ``maximum_matching_counts``."""
+    matched_count = assignment_module().bsds_matched_count
     gt_of, pred_of, n_gt, n_pred, present = _candidate_pairs(predictions, ground_truth, max_dist_ratio)
     counts = np.zeros(len(predictions), dtype=np.int64)
     for i in range(len(predictions)):
@@ -186,7 +201,7 @@ def bsds_assignment_counts(
         # The map's nodes: its pixels with a partner within the tolerance, in the same (column) order.
         pred, n1 = _renumber(pred_of[edges], n_pred)
         gt, n2 = _renumber(gt_of[edges], n_gt)
-        counts[i] = bsds_matched_count(pred, gt, n1, n2, seed)
+        counts[i] = matched_count(pred, gt, n1, n2, seed)
     return counts
 
 
