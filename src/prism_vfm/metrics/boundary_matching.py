@@ -22,6 +22,7 @@ current-arc pointer per vertex and stays near linear here.
 
 from __future__ import annotations
 
+import importlib
 import math
 from typing import Any
 
@@ -180,10 +181,9 @@ def assignment_module() -> Any:
     """``boundary_assignment`` (compiled with Numba, of the ``eval`` extra); MissingExtraError naming the
     extra when Numba is absent."""
     try:
-        from prism_vfm.metrics import boundary_assignment
+        return importlib.import_module("prism_vfm.metrics.boundary_assignment")
     except ImportError as error:
         raise MissingExtraError("the fast boundary matcher", "numba", "eval") from error
-    return boundary_assignment
 
 
 def bsds_assignment_counts(
