@@ -21,8 +21,8 @@ one to a few pixels per image above the BSDS counts (about +0.1 point of odsF / 
 Counts, per image and threshold (``COUNT_FIELDS``): ground-truth boundary pixels matched and in total,
 predicted boundary pixels matched and in total. Recall and precision pool them over all images; empty sets
 follow SEISM (no ground truth: recall 1, precision 0; no prediction: recall 0, precision 1). The BSDS
-matcher costs about half a CPU-minute per 512 x 512 image, the fast one about a second; all spread the
-images over a process pool.
+matcher costs 35-60 CPU-seconds per 512 x 512 image, the fast one 1-2 (after its kernels' one-time
+compilation, cached on disk); all spread the images over a process pool.
 """
 
 from __future__ import annotations
