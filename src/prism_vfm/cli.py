@@ -767,7 +767,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["fast", "maximum", "bsds"],
         default="fast",
         help="boundary matcher: the BSDS matcher's assignment computed fast (fast, default: the same counts, "
-        "30-40x faster), SEISM's BSDS matcher itself (bsds, the reference) or a maximum matching "
+        "20-40x faster), SEISM's BSDS matcher itself (bsds, the reference) or a maximum matching "
         "(maximum: scores about 0.1 point higher)",
     )
     p.add_argument(

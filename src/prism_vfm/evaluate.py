@@ -57,7 +57,7 @@ def evaluate(
     """Scores of every task (edge: odsF, oisF, AP), Δm, written to ``out`` as JSON and Markdown.
 
     ``matcher`` matches the boundaries (``prism_vfm.metrics.boundary.MATCHERS``): ``"fast"`` (the
-    default: the BSDS matcher's assignment, same counts, about 30× faster), ``"bsds"`` (the BSDS matcher
+    default: the BSDS matcher's assignment, same counts, 20-40× faster), ``"bsds"`` (the BSDS matcher
     of SEISM itself, the reference) or ``"maximum"`` (maximum matching, about 0.1 point higher).
 
     Images are padded (never resized) to ``img_size`` (default: the data set's evaluation size) and the

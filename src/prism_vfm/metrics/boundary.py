@@ -9,8 +9,8 @@ pre-processing is not used: its package imports OpenCV, which nothing else here 
 ``binary_thin`` stops as soon as one sub-iteration changes nothing, leaving some maps thicker than MATLAB's.
 
 Three matchers (``MATCHERS``) give the counts. ``"bsds"`` runs pyEdgeEval's ``correspondPixels`` at every
-threshold, as SEISM does: the reference. ``"fast"``, the default, gives the same counts in about 3 % of
-its time: it thins the maps of all thresholds together and computes, per threshold, what the BSDS
+threshold, as SEISM does: the reference. ``"fast"``, the default, gives the same counts in 3-5 % of its
+CPU time: it thins the maps of all thresholds together and computes, per threshold, what the BSDS
 assignment keeps — the most pixel pairs within the tolerance that the matcher's random outlier graph,
 drawn here by the same generator calls from the same seed, can complete to a perfect matching
 (``boundary_assignment``); on 200 realistic maps its counts equal the reference's on every (image,
