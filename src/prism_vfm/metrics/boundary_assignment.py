@@ -160,7 +160,9 @@ def _outlier_edges(n1: int, n2: int, state: np.ndarray) -> tuple[np.ndarray, np.
 
 def outlier_edges(n1: int, n2: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """The outlier edges the BSDS matcher draws for ``n1`` predicted and ``n2`` ground-truth nodes after
-    ``reseed(seed)``: left and right node ids (see ``bsds_matched_count`` for the numbering)."""
+    ``reseed(seed)``, in its drawing order: their left ends (predicted pixels ``0 .. n1-1``, outlier nodes
+    ``n1 .. n1+n2-1``) and right ends (ground-truth pixels ``0 .. n2-1``, outlier nodes ``n2 .. n2+n1-1``).
+    """
     return _outlier_edges(n1, n2, generator_state(seed))
 
 
@@ -175,7 +177,8 @@ def _hopcroft_karp(
     match_r: np.ndarray,
 ) -> int:  # pragma: no cover - compiled
     """Grow ``match_l`` / ``match_r`` to a maximum matching of the edges of zero reduced cost
-    ``cost - u[left] - v[right]``, by shortest augmenting paths in phases."""
+    ``cost - u[left] - v[right]``, by shortest augmenting paths in phases (after a greedy pass); returns
+    the number of phases."""
     n = len(match_l)
     dist = np.empty(n, dtype=np.int64)
     queue = np.empty(n, dtype=np.int64)
