@@ -191,9 +191,7 @@ def test_shuffled_router_contexts_hide_the_teacher_from_the_router_only(images, 
     runs = {}
     for mode in ("assigned", "shuffled"):
         seen["router"], seen["teacher"] = [], []
-        train_stage1(
-            tiny_cfg(images, tmp_path / mode, ("max_steps", 3), ("teachers.router_contexts", mode))
-        )
+        train_stage1(tiny_cfg(images, tmp_path / mode, ("max_steps", 3), ("teachers.router_contexts", mode)))
         runs[mode] = (torch.cat(seen["router"]), torch.cat(seen["teacher"]))
     router, teacher = runs["assigned"]
     assert torch.equal(router, teacher)  # the default: the router sees the distilling teacher's id
