@@ -282,8 +282,10 @@ def run_demo(
     with _stage(timings, f"stage 1 ({len(seeds)} seeds, teacher and shuffled contexts)", cpu):
         for s in seeds:
             for contexts in ("assigned", CONTROL):
-                run = stage1_config(cfg, images, out / "stage1" / run_name(contexts, s), weights, s, contexts)
-                stage1_runs[(contexts, s)] = train_stage1(run)
+                config1 = stage1_config(
+                    cfg, images, out / "stage1" / run_name(contexts, s), weights, s, contexts
+                )
+                stage1_runs[(contexts, s)] = train_stage1(config1)
         run1 = stage1_runs[("assigned", seed)]
         student = latest_checkpoint(run1)
         assert student is not None  # every stage saves a checkpoint at its last step
@@ -298,7 +300,7 @@ def run_demo(
         for s in seeds:
             for contexts in ("own", CONTROL):
                 folder = out / "stage2_routing" / run_name(contexts, s)
-                run = stage2_config(
+                config2 = stage2_config(
                     cfg,
                     pascal.root,
                     student,
@@ -308,13 +310,13 @@ def run_demo(
                     steps=cfg.routing_steps,
                     task_contexts=contexts,
                 )
-                ckpt = latest_checkpoint(train_stage2(run))
+                ckpt = latest_checkpoint(train_stage2(config2))
                 assert ckpt is not None
                 routing_runs[(contexts, s)] = ckpt
     singles: dict[str, Path] = {}
     with _stage(timings, "stage 2 (single-task baselines)", cpu):
         for task in tasks:
-            run = stage2_config(
+            config2 = stage2_config(
                 cfg,
                 pascal.root,
                 student,
@@ -325,7 +327,7 @@ def run_demo(
                 steps=cfg.single_task_steps,
                 distill=cfg.single_task_distill,
             )
-            single = latest_checkpoint(train_stage2(run))
+            single = latest_checkpoint(train_stage2(config2))
             assert single is not None
             singles[task] = single
     with _stage(timings, "evaluation", cpu):

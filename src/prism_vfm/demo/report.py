@@ -128,7 +128,7 @@ def present_class_scores(model: PrismMultiTask, reader: PascalContext) -> dict[s
         outputs = model(torch.stack([s["image"] for s in samples])).predictions
         for t, meter in meters.items():
             meter.update(prediction_for_metric(t, outputs[t]), torch.stack([s[t] for s in samples]))
-    result = {}
+    result: dict[str, dict[str, Any]] = {}
     for t, meter in meters.items():
         tp = meter.tp.double()
         iou = tp / (tp + meter.fp + meter.fn).clamp_min(1)
