@@ -120,7 +120,7 @@ def test_quick_demo_reports_targets_on_the_classes_the_scenes_hold_as_found(quic
 
 def test_quick_demo_predicts_foreground_where_the_scenes_have_it(quick):
     """The quick run learns something: its saliency puts more foreground probability on the scenes' true
-    foreground than on their background, and its segmentation finds more than the background."""
+    foreground than on their background."""
     from prism_vfm.data.dense_transforms import DenseTestTransform
     from prism_vfm.data.pascal_context import PascalContext
     from prism_vfm.models.load import load
@@ -134,8 +134,6 @@ def test_quick_demo_predicts_foreground_where_the_scenes_have_it(quick):
         images = torch.stack([reader[i]["image"] for i in range(len(reader))])
         foreground = model(images).predictions["sal"].softmax(1)[:, 1]
     assert foreground[truth == 1].mean() > foreground[truth == 0].mean() + 0.05
-    summary = json.loads((quick.out / "summary.json").read_text())
-    assert len(summary["present_classes"]["semseg"]["predicted_classes"]) >= 2
 
 
 def test_teachers_are_cached_and_loaded_through_the_registry(tmp_path):
