@@ -33,6 +33,7 @@ TIERS: list[set[str]] = [
     {"evaluate", "analysis"},
     {"video.evaluate"},
     {"ablation", "demo", "video.zeroshot"},
+    {"video.fewshot"},
     {"cli", "__init__"},
 ]
 

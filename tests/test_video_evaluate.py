@@ -217,7 +217,7 @@ def test_zero_shot_scores_each_split_by_text_similarity_and_reports_mean_and_std
 
 def test_a_protocol_file_with_an_unknown_key_is_named(trained, tmp_path):
     from prism_vfm.config import ConfigError
-    from prism_vfm.video.zeroshot import read_protocol
+    from prism_vfm.video.protocols import read_protocol
 
     with pytest.raises(ConfigError, match="unknown configuration key view"):
         read_protocol(_protocol(trained, tmp_path, view=3))

@@ -19,6 +19,8 @@ from prism_vfm.errors import PrismError
 if TYPE_CHECKING:
     from prism_vfm import PrismViT
     from prism_vfm.video import VidPrism
+    from prism_vfm.video.fewshot import EvalSettings
+    from prism_vfm.video.train_config import VideoTrainConfig
 
 
 def _load_any(source: str, img_size: Sequence[int] | None, step: int | None = None) -> torch.nn.Module:
@@ -182,18 +184,27 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     print(f"run saved in {run}")
 
 
-def cmd_video_train(args: argparse.Namespace) -> None:
+def _video_train_config(args: argparse.Namespace, command: str) -> VideoTrainConfig:
+    """The training configuration of ``--preset``, ``--config``, ``--data``, ``--init`` and ``--set``."""
     from prism_vfm.config import apply_overrides, load_yaml
-    from prism_vfm.video.train import train_video
     from prism_vfm.video.train_config import VideoTrainConfig, preset
 
     cfg = preset(args.preset)
     if args.config:
         cfg = load_yaml(VideoTrainConfig, args.config, base=cfg)
-    direct = [("data.root", args.data), ("model.init", args.init), ("out", args.out)]
+    direct = [("data.root", args.data), ("model.init", args.init)]
+    if command == "train":
+        direct.append(("out", args.out))
     cfg = apply_overrides(cfg, [(k, v) for k, v in direct if v is not None] + list(args.set))
     if not (cfg.data.root or cfg.data.train_list):
-        raise SystemExit("prism video train: give the data set folder (--data) or data.train_list")
+        raise SystemExit(f"prism video {command}: give the data set folder (--data) or data.train_list")
+    return cfg
+
+
+def cmd_video_train(args: argparse.Namespace) -> None:
+    from prism_vfm.video.train import train_video
+
+    cfg = _video_train_config(args, "train")
     run = train_video(
         cfg, resume=args.resume, overwrite=args.overwrite, allow_config_change=args.allow_config_change
     )
@@ -242,6 +253,8 @@ def cmd_video_zeroshot(args: argparse.Namespace) -> None:
     summary = zero_shot(
         args.checkpoint,
         args.protocol,
+        root=args.root,
+        overrides=args.set,
         out=args.out,
         text_weights=args.text_weights,
         blend=args.blend,
@@ -251,6 +264,73 @@ def cmd_video_zeroshot(args: argparse.Namespace) -> None:
     )
     if env.is_main:
         print(json.dumps({k: summary[k] for k in ("top1", "top5", "splits")}, indent=2))
+
+
+def _eval_settings(args: argparse.Namespace) -> EvalSettings:
+    from prism_vfm.train.distributed import init_distributed
+    from prism_vfm.video.fewshot import EvalSettings
+
+    env = init_distributed()  # under torchrun the runs train, and are scored, on every process
+    return EvalSettings(
+        frames=args.frames,
+        size=args.size,
+        clips=args.clips,
+        crops=args.crops,
+        average=args.average,
+        blend=args.blend,
+        text_weights=args.text_weights,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        device=str(env.device) if env.world_size > 1 else args.device,
+    )
+
+
+def cmd_video_fewshot(args: argparse.Namespace) -> None:
+    from prism_vfm.video.fewshot import few_shot
+
+    _check_folder(args.out, "few-shot folder (--out)")
+    summary = few_shot(
+        _video_train_config(args, "fewshot"),
+        args.out,
+        shots=args.shots,
+        seeds=args.seeds,
+        settings=_eval_settings(args),
+    )
+    print(json.dumps(summary["top1_mean_std"], indent=2))
+    print(f"report: {Path(args.out) / 'fewshot.md'}")
+
+
+def cmd_video_base2novel(args: argparse.Namespace) -> None:
+    from prism_vfm.video.fewshot import base_to_novel
+
+    _check_folder(args.out, "base-to-novel folder (--out)")
+    summary = base_to_novel(
+        _video_train_config(args, "base2novel"),
+        args.out,
+        shots=args.shots,
+        seeds=args.seeds,
+        settings=_eval_settings(args),
+    )
+    print(json.dumps({k: summary[k] for k in ("base", "novel", "harmonic_mean")}, indent=2))
+    print(f"report: {Path(args.out) / 'base2novel.md'}")
+
+
+def cmd_video_k600_novel(args: argparse.Namespace) -> None:
+    from prism_vfm.video.data.classes import write_k600_novel
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise SystemExit("prism video k600-novel: runs in one process; launch it without torchrun")
+    _check_folder(args.out, "output folder (--out)")
+    path = write_k600_novel(
+        args.k400_labels,
+        args.k600_labels,
+        args.out,
+        seeds=args.seeds,
+        per_split=args.per_split,
+        expect_novel=args.novel_count or None,
+        overwrite=args.overwrite,
+    )
+    print(f"novel-class splits and their protocol written: {path}")
 
 
 def _read_baselines(path: str | None) -> dict[str, float] | None:
@@ -566,7 +646,16 @@ def build_parser() -> argparse.ArgumentParser:
         "zeroshot", help="zero-shot top-1 / top-5 by text similarity, per a protocol file"
     )
     p.add_argument("--checkpoint", required=True, help="a run, checkpoint folder or released .pt")
-    p.add_argument("--protocol", required=True, help="protocol YAML: splits, templates, frames, views")
+    p.add_argument(
+        "--protocol",
+        required=True,
+        help="a shipped protocol (ucf101_3splits, hmdb51_3splits, k600_novel_3splits, half_classes) or a "
+        "protocol YAML: splits, templates, frames, views",
+    )
+    p.add_argument("--root", help="data root the protocol's paths are relative to (shipped protocols)")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a protocol key (frames=8)"
+    )
     p.add_argument("--out", help="folder for metrics.json / metrics.md and each split's report")
     p.add_argument("--text-weights", default="hub", help="CLIP text tower weights: 'hub' or a file")
     p.add_argument("--blend", default="hub", help="test-time CLIP blend: 'hub', a file, or 'none'")
@@ -574,6 +663,59 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_video_zeroshot)
+
+    for name, func, shots, what in (
+        ("fewshot", cmd_video_fewshot, "2 4 8 16", "train and score K-shot lists: shots × seeds, mean ± std"),
+        (
+            "base2novel",
+            cmd_video_base2novel,
+            "16",
+            "K-shot training on half of the classes, scored on them and (zero-shot) on the rest",
+        ),
+    ):
+        p = video_sub.add_parser(name, help=what)
+        p.add_argument("--data", help="data set folder: videos/, train.txt, val.txt, labels.csv")
+        p.add_argument("--out", required=True, help="folder of the lists, runs, evaluations and report")
+        default_shots = [int(k) for k in shots.split()]
+        p.add_argument(
+            "--shots",
+            type=int,
+            nargs="+" if name == "fewshot" else None,
+            default=default_shots if name == "fewshot" else default_shots[0],
+            help=f"videos per class (default {shots})",
+        )
+        p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="draws (default 0 1 2)")
+        p.add_argument("--preset", default="k400_vitb16", help="training preset (see prism video train)")
+        p.add_argument("--init", help="a previous VidPrism to start each run from (run, folder or .pt)")
+        p.add_argument("--config", help="YAML file of training keys (applied over the preset)")
+        p.add_argument(
+            "--set", action="append", default=[], metavar="KEY=VALUE", help="override a training key"
+        )
+        p.add_argument("--frames", type=int, default=0, help="frames per clip to score (default: training's)")
+        p.add_argument("--size", type=int, default=0, help="frame side to score (default: training's)")
+        p.add_argument("--clips", type=int, default=1, help="clips per video (default 1)")
+        p.add_argument("--crops", type=int, default=1, choices=[1, 3, 5, 10], help="crops per clip")
+        p.add_argument("--average", choices=["logits", "softmax"], default="logits")
+        p.add_argument("--blend", default="hub", help="test-time CLIP blend: 'hub', a file, or 'none'")
+        p.add_argument("--text-weights", default="hub", help="CLIP text tower weights: 'hub' or a file")
+        p.add_argument("--batch-size", type=int, default=4)
+        p.add_argument("--workers", type=int, default=4)
+        p.add_argument("--device", default="cpu")
+        p.set_defaults(func=func)
+
+    p = video_sub.add_parser(
+        "k600-novel", help="draw the Kinetics-600 novel-class splits from your K400 and K600 label CSVs"
+    )
+    p.add_argument("--k400-labels", required=True, help="Kinetics-400 label CSV (id,name)")
+    p.add_argument("--k600-labels", required=True, help="Kinetics-600 label CSV (id,name)")
+    p.add_argument("--out", required=True, help="folder for split1-3.csv and the protocol (K600/k600_novel)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one numpy seed per split")
+    p.add_argument("--per-split", type=int, default=160, help="classes per split (default 160)")
+    p.add_argument(
+        "--novel-count", type=int, default=220, help="novel classes expected (default 220; 0: any number)"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace split files already in --out")
+    p.set_defaults(func=cmd_video_k600_novel)
 
     p = sub.add_parser(
         "sweep", help="train ablation variants with shared settings and write one comparison table"

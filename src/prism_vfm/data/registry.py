@@ -6,8 +6,9 @@ task and its direction, the single-task baselines of Δm per backbone, the netwo
 boundary-matching tolerance, the names it is known by and its reader (:func:`get_dataset`).
 
 Video classification data sets (VIDPRISM_SPEC §5): one frozen :class:`VideoDatasetInfo` per data set —
-Kinetics-400, UCF101, HMDB51, Something-Something v2 — holds its class count, the published splits, how its
-files are named and laid out and the names it is known by (:func:`get_video_dataset`).
+Kinetics-400, Kinetics-600, UCF101, HMDB51, Something-Something v2 — holds its class count, the published
+splits and the folder of their files, how its files are named and laid out and the names it is known by
+(:func:`get_video_dataset`).
 
 Every other module reads them from here.
 """
@@ -155,7 +156,7 @@ class VideoDatasetInfo:
     """The facts of one video classification data set."""
 
     name: str
-    """Canonical name (``k400``, ``ucf101``, ``hmdb51``, ``ssv2``)."""
+    """Canonical name (``k400``, ``k600``, ``ucf101``, ``hmdb51``, ``ssv2``)."""
     title: str
     """How papers write it."""
     aliases: tuple[str, ...]
@@ -171,6 +172,9 @@ class VideoDatasetInfo:
     """Classes that a horizontal flip turns into each other (SSv2's left/right pairs; SPEC §3.3)."""
     grayscale: bool = True
     """Whether training uses random grayscale (the release turns it off for SSv2)."""
+    split_files: str = ""
+    """Folder of the published train/test split files, as released, under the data root (UCF101's
+    ``ucfTrainTestlist``, HMDB51's ``testTrainMulti_7030_splits``; empty when the splits come as lists)."""
 
 
 K400 = VideoDatasetInfo(
@@ -178,6 +182,15 @@ K400 = VideoDatasetInfo(
     title="Kinetics-400",
     aliases=("kinetics400", "kinetics-400", "kinetics"),
     num_classes=400,
+    splits=(1,),
+    layout="flat",
+    video_ext=".mp4",
+)
+K600 = VideoDatasetInfo(
+    name="k600",
+    title="Kinetics-600",
+    aliases=("kinetics600", "kinetics-600"),
+    num_classes=600,
     splits=(1,),
     layout="flat",
     video_ext=".mp4",
@@ -190,6 +203,7 @@ UCF101 = VideoDatasetInfo(
     splits=(1, 2, 3),
     layout="class_folders",
     video_ext=".avi",
+    split_files="ucfTrainTestlist",
 )
 HMDB51 = VideoDatasetInfo(
     name="hmdb51",
@@ -199,6 +213,7 @@ HMDB51 = VideoDatasetInfo(
     splits=(1, 2, 3),
     layout="class_folders",
     video_ext=".avi",
+    split_files="testTrainMulti_7030_splits",
 )
 SSV2 = VideoDatasetInfo(
     name="ssv2",
@@ -213,7 +228,7 @@ SSV2 = VideoDatasetInfo(
 )
 
 VIDEO_DATASETS: Mapping[str, VideoDatasetInfo] = MappingProxyType(
-    {d.name: d for d in (K400, UCF101, HMDB51, SSV2)}
+    {d.name: d for d in (K400, K600, UCF101, HMDB51, SSV2)}
 )
 """Every video data set, by canonical name."""
 

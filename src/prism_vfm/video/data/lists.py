@@ -10,6 +10,7 @@ names the file and line and what was expected.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from dataclasses import dataclass
@@ -114,19 +115,31 @@ def read_video_list(
     return samples
 
 
-def write_video_list(path: str | os.PathLike[str], samples: list[VideoSample]) -> None:
-    """Write samples in the released list form (3 columns where every sample has a frame count)."""
+def video_list_text(samples: list[VideoSample]) -> str:
+    """Samples in the released list form (3 columns where every sample has a frame count)."""
     three = all(s.num_frames is not None for s in samples)
     lines = [f"{s.path} {s.num_frames} {s.label}" if three else f"{s.path} {s.label}" for s in samples]
-    Path(path).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return "\n".join(lines) + "\n"
+
+
+def write_video_list(path: str | os.PathLike[str], samples: list[VideoSample]) -> None:
+    """Write samples in the released list form (:func:`video_list_text`)."""
+    Path(path).write_text(video_list_text(samples), encoding="utf-8")
+
+
+def label_csv_text(names: list[str]) -> str:
+    """Class names as the released ``id,name`` CSV."""
+    buffer = io.StringIO(newline="")
+    writer = csv.writer(buffer)
+    writer.writerow(["id", "name"])
+    writer.writerows(enumerate(names))
+    return buffer.getvalue()
 
 
 def write_label_csv(path: str | os.PathLike[str], names: list[str]) -> None:
-    """Write class names as the released ``id,name`` CSV."""
+    """Write class names as the released ``id,name`` CSV (:func:`label_csv_text`)."""
     with Path(path).open("w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(["id", "name"])
-        writer.writerows(enumerate(names))
+        f.write(label_csv_text(names))
 
 
 def _check_split(dataset: str, split: int, subset: str) -> None:
@@ -201,6 +214,21 @@ def hmdb51_split(
             if fields[1] == want:
                 samples.append(VideoSample(f"{cls}/{fields[0]}", label))
     return samples, names
+
+
+def published_split(
+    dataset: str, split_dir: str | os.PathLike[str], split: int, subset: str
+) -> tuple[list[VideoSample], list[str]]:
+    """Split ``split`` of ``dataset`` (a registry name with published split files: UCF101, HMDB51) read
+    from its folder of split files: samples and class names."""
+    info = get_video_dataset(dataset)
+    readers = {"ucf101": ucf101_split, "hmdb51": hmdb51_split}
+    if info.name not in readers:
+        raise ValueError(
+            f"{info.title} has no published split files to read (only {sorted(readers)}); give its split as "
+            "a video list and a label CSV"
+        )
+    return readers[info.name](split_dir, split, subset)
 
 
 def kinetics_annotations(csv_path: str | os.PathLike[str], class_names: list[str]) -> list[VideoSample]:
