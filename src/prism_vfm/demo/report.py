@@ -301,12 +301,17 @@ def _trend(values: dict[int, float]) -> str:
 
 def _separation_text(sep: dict[int, float], kind: str) -> str:
     best = max(sep, key=sep.__getitem__)
-    rows = ", ".join(f"block {b}: {v:.3f}" for b, v in sorted(sep.items()))
+    rows = ", ".join(f"block {b}: {_small(v)}" for b, v in sorted(sep.items()))
     return (
         f"Routing separation by {kind} of this run (normalised mutual information between {kind} and "
         f"selected expert; 0 = every {kind} uses the experts alike, 1 = the expert names the {kind}): {rows} "
         f"(highest in block {best})."
     )
+
+
+def _small(value: float) -> str:
+    """A separation with its digits: three decimals, or two significant ones below 0.01."""
+    return f"{value:.3f}" if value >= 0.01 or value == 0 else f"{value:.1e}"
 
 
 def specialisation_text(spec: Mapping[str, Any], kind: str, runs_text: str) -> list[str]:
@@ -325,9 +330,9 @@ def specialisation_text(spec: Mapping[str, Any], kind: str, runs_text: str) -> l
     ]
     for contexts in (own, CONTROL):
         for seed, run in sorted(spec["runs"][contexts].items()):
-            cells = " | ".join(f"{run['per_layer'][b]:.3f}" for b in layers)
+            cells = " | ".join(_small(run["per_layer"][b]) for b in layers)
             label = f"{kind} contexts" if contexts == own else "shuffled (control)"
-            lines.append(f"| {label} | {seed} | {cells} | {run['mean']:.3f} |")
+            lines.append(f"| {label} | {seed} | {cells} | {_small(run['mean'])} |")
     n = len(mine["seeds"])
     above = mine["min"] > control["max"]
     ratio = mine["mean"] / control["mean"] if control["mean"] > 0 else float("inf")
@@ -345,9 +350,10 @@ def specialisation_text(spec: Mapping[str, Any], kind: str, runs_text: str) -> l
         )
     lines += [
         "",
-        f"Mean over {n} seeds: **{mine['mean']:.3f} ± {mine['std']:.3f}** with {kind} contexts (range "
-        f"{mine['min']:.3f}–{mine['max']:.3f}) against **{control['mean']:.3f} ± {control['std']:.3f}** with "
-        f"shuffled contexts (range {control['min']:.3f}–{control['max']:.3f}), a ratio of {ratio:.1f}: "
+        f"Mean over {n} seeds: **{_small(mine['mean'])} ± {_small(mine['std'])}** with {kind} contexts "
+        f"(range {_small(mine['min'])}–{_small(mine['max'])}) against **{_small(control['mean'])} ± "
+        f"{_small(control['std'])}** with shuffled contexts (range {_small(control['min'])}–"
+        f"{_small(control['max'])}), a ratio of {ratio:.1f}: "
         f"{verdict}.",
     ]
     return lines
