@@ -420,6 +420,29 @@ def finish() -> None:
     print(f"\nload average after: {_loadavg()}")
 
 
+PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
+    # Dense bf16 tensor-core peaks of the vendors' data sheets (no sparsity), matched in this order
+    # against torch.cuda.get_device_name (a more specific name first).
+    ("H100 PCIe", 756.0),
+    ("H100", 989.0),  # SXM ("NVIDIA H100 80GB HBM3")
+    ("H200", 989.0),
+    ("B200", 2250.0),
+    ("A100", 312.0),
+    ("L40S", 362.0),
+    ("L40", 181.0),
+    ("L4", 121.0),
+)
+"""Device-name fragments and their dense bf16 peak in TFLOP/s (for MFU); any other device: unknown."""
+
+
+def peak_bf16_tflops(device_name: str) -> float | None:
+    """The dense bf16 peak of a GPU named ``device_name`` (:data:`PEAK_BF16_TFLOPS`), or None if unknown."""
+    for fragment, peak in PEAK_BF16_TFLOPS:
+        if fragment in device_name:
+            return peak
+    return None
+
+
 def count_flops(fn: Callable[[], object]) -> int:
     """FLOPs of the matrix products and attention ``fn`` dispatches (torch.utils.flop_counter)."""
     from torch.utils import flop_counter

@@ -47,6 +47,15 @@ EXPECTED = {
         "ratio train checkpointed / student + projectors:",
         "ratio eval student / dense:",
     ],
+    "bench_vidprism_step.py": [
+        "FLOPs per clip: model",
+        "throughput vidprism step batch 2:",
+        "largest batch that fitted: 2",
+    ],
+    "bench_video_data.py": [
+        "rate training step",
+        "ratio loader/step h264 pyav decode+augment vs the step on this CPU:",
+    ],
     "bench_vidprism_head.py": [
         "agreement: max |logits(head) - logits(reference)|",
         "ratio train released loops / head (speed-up):",

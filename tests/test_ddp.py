@@ -51,3 +51,74 @@ def test_ddp_trains_without_find_unused_parameters(tmp_path):
     # The experts and router really were trained (their gradients were reduced, not skipped).
     assert not torch.equal(a["blocks.1.moe.experts.w1"], start["blocks.1.moe.experts.w1"])
     assert not torch.equal(a["blocks.3.moe.router.gate.weight"], start["blocks.3.moe.router.gate.weight"])
+
+
+class _Toy(torch.nn.Module):
+    """``a`` sharded (a unit for ``a.0`` under one for ``a``); ``b`` used only when asked (on one rank),
+    ``c`` never, ``d`` always."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+        self.b, self.c, self.d = (torch.nn.Linear(4, 4) for _ in range(3))
+
+    def forward(self, x: torch.Tensor, use_b: bool) -> torch.Tensor:
+        h = self.a(x)
+        return self.d(h + self.b(h) if use_b else h)
+
+
+def _toy_batch(rank: int) -> torch.Tensor:
+    return torch.randn(3, 4, generator=torch.Generator().manual_seed(rank))
+
+
+def _partly_sharded_worker(rank: int, port: int, out: str) -> None:
+    from prism_vfm.train.distributed import DistEnv, clip_grad_norm, gradient_sync, wrap_model
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = _Toy()
+    env = DistEnv(rank=rank, world_size=2, local_rank=rank, device=torch.device("cpu"))
+    net = wrap_model(model, env, fsdp=True, units=[model.a[0]], find_unused=True, shard_root=model.a)
+    for micro, sync in enumerate((False, True)):  # two accumulation micro-steps
+        with gradient_sync(net, sync):
+            (net(_toy_batch(2 * micro + rank), use_b=rank == 0).square().mean() / 2).backward()
+    norm = clip_grad_norm(model.parameters(), 0.05)
+    grads = {
+        n: None if p.grad is None else p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+        for n, p in model.named_parameters()
+    }
+    if rank == 0:
+        torch.save(
+            {"grads": grads, "norm": norm, "sharded": [type(m.weight).__name__ for m in (*model.a, model.b)]},
+            f"{out}/grads.pt",
+        )
+    dist.destroy_process_group()
+
+
+def test_partly_sharded_units_average_gradients_as_ddp_does_with_unused_parameters(tmp_path):
+    """FSDP2 for ``a``, ``b`` (a gradient on one rank), ``c`` (none anywhere) and ``d`` replicated: the
+    gradients are the one-process gradients of the four micro-batches (``b``'s counted as zero where it is
+    unused), ``c`` keeps none, and the clipped norm spans sharded and replicated parameters alike."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_partly_sharded_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
+    saved = torch.load(tmp_path / "grads.pt", weights_only=True)
+    assert saved["sharded"] == ["DTensor", "DTensor", "Parameter"]
+    torch.manual_seed(0)
+    model = _Toy()
+    for micro in range(2):
+        for rank in range(2):
+            (model(_toy_batch(2 * micro + rank), use_b=rank == 0).square().mean() / 4).backward()
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
+    assert norm > 0.05  # the gradients were clipped
+    torch.testing.assert_close(saved["norm"], norm)
+    for name, p in model.named_parameters():
+        if name.startswith("c."):
+            assert saved["grads"][name] is None and p.grad is None
+        else:
+            torch.testing.assert_close(saved["grads"][name], p.grad, msg=name)

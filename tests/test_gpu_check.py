@@ -31,7 +31,16 @@ def cli_args(step: gpu_check.Step, resolved: dict[str, str] | None = None) -> li
 
 def test_the_smoke_steps_are_valid_prism_commands_with_nccl_grouped_dispatch_and_bf16(tmp_path):
     steps = {s.name: s for s in gpu_check.plan(tmp_path / "out")}
-    assert list(steps)[:6] == ["environment", "data", "stage1", "stage2", "evaluate", "cuda_tests"]
+    assert list(steps)[:8] == [
+        "environment",
+        "data",
+        "stage1",
+        "stage2",
+        "evaluate",
+        "video_train",
+        "cuda_tests",
+        "vidprism_step",
+    ]
     parser = build_parser()
     args = parser.parse_args(cli_args(steps["stage1"]))
     cfg = apply_overrides(preset(args.preset), [parse_override(o) for o in args.set])
@@ -72,9 +81,18 @@ def test_the_stage2_checkpoint_is_read_when_its_step_starts(tmp_path):
 def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys):
     assert gpu_check.main(["--out", str(tmp_path / "check"), "--dry-run"]) == 0
     printed = capsys.readouterr().out
-    for name in ("environment", "data", "stage1", "stage2", "evaluate", "cuda_tests", "bench_stage1"):
+    for name in (
+        "environment",
+        "data",
+        "stage1",
+        "stage2",
+        "evaluate",
+        "video_train",
+        "cuda_tests",
+        "vidprism_step",
+    ):
         assert f"\n{name} (" in "\n" + printed, name
-    assert "<latest checkpoint of" in printed and "budget: 290 s in all" in printed
+    assert "<latest checkpoint of" in printed and "budget: 360 s in all" in printed
     assert not (tmp_path / "check").exists()
 
 
@@ -113,6 +131,61 @@ def test_the_budget_stops_a_step_with_its_children_and_skips_the_rest(tmp_path):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["quick.txt", "slow.txt", "summary.txt"]
     time.sleep(7)
     assert not marker.exists()
+
+
+def test_the_video_steps_train_vidprism_under_torchrun_in_bf16_with_fsdp_on_several_gpus(tmp_path):
+    from prism_vfm.video.train_config import VideoTrainConfig
+    from prism_vfm.video.train_config import preset as video_preset
+
+    steps = {s.name: s for s in gpu_check.plan(tmp_path / "out")}
+    assert "video_fsdp" not in steps  # one process has nothing to shard
+    args = build_parser().parse_args(cli_args(steps["video_train"]))
+    assert (args.video_command, args.preset, args.fsdp) == ("train", "tiny", False)
+    assert args.data == str(tmp_path / "out" / "data" / "video")
+    cfg = apply_overrides(video_preset(args.preset), [parse_override(o) for o in args.set])
+    assert isinstance(cfg, VideoTrainConfig) and cfg.amp == "bf16" and cfg.epochs == 2
+    two = {s.name: s for s in gpu_check.plan(tmp_path / "out", nproc=2)}
+    command = two["video_fsdp"].command
+    assert "--nproc_per_node=2" in command and "--fsdp" in command
+    assert build_parser().parse_args(command[command.index("prism_vfm.cli") + 1 :]).fsdp
+
+
+def test_the_vidprism_step_runs_the_released_size_in_bf16_on_a_gpu(tmp_path):
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+    try:
+        import bench_vidprism_step
+        import harness
+    finally:
+        sys.path.remove(str(REPO_ROOT / "benchmarks"))
+    step = next(s for s in gpu_check.plan(tmp_path) if s.name == "vidprism_step")
+    args = bench_vidprism_step.build_parser().parse_args(step.command[2:])
+    assert (args.device, args.dtype, args.tower, args.frames, args.quick) == (
+        "cuda",
+        "bf16",
+        "ViT-B/16",
+        32,
+        False,
+    )
+    assert args.batches == "8,16,24,32" and step.cap is not None and args.budget < step.cap
+    cpu = next(s for s in gpu_check.plan(tmp_path, device="cpu") if s.name == "vidprism_step")
+    assert "--quick" in cpu.command
+    assert harness.peak_bf16_tflops("NVIDIA H100 80GB HBM3") == 989.0
+    assert harness.peak_bf16_tflops("NVIDIA H100 PCIe") == 756.0
+    assert harness.peak_bf16_tflops("NVIDIA H200") == 989.0
+    assert harness.peak_bf16_tflops("NVIDIA L40S") == 362.0 and harness.peak_bf16_tflops("NVIDIA L4") == 121.0
+    assert harness.peak_bf16_tflops("Tesla V100-SXM2-16GB") is None
+
+
+@pytest.mark.timeout(300)
+def test_cpu_rehearsal_of_the_vidprism_steps(tmp_path):
+    out = tmp_path / "check"
+    code = gpu_check.main(["--out", str(out), "--device", "cpu", "--only", "data,video_train,vidprism_step"])
+    summary = (out / "summary.txt").read_text()
+    assert code == 0, summary + "".join(
+        (out / f"{s}.txt").read_text()[-3000:] for s in ("video_train", "vidprism_step")
+    )
+    assert json.loads((out / "video" / "summary.json").read_text())["steps"] == 8
+    assert "  vidprism_step throughput vidprism step batch 2:" in summary
 
 
 @pytest.mark.timeout(300)

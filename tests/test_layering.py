@@ -34,6 +34,7 @@ TIERS: list[set[str]] = [
     {"video.evaluate"},
     {"ablation", "demo", "video.zeroshot"},
     {"video.fewshot"},
+    {"video.demo"},
     {"cli", "__init__"},
 ]
 

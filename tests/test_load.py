@@ -317,6 +317,26 @@ def test_a_released_tag_builds_a_features_only_backbone(released_stand_in):
 
 
 # ------------------------------------------------------------------------------------------ VidPrism
+def test_step_best_gives_the_checkpoint_the_best_pointer_names(tmp_path, capsys):
+    first, second, third = tiny_student(), tiny_student(), tiny_student()
+    with pytest.raises(FileNotFoundError, match="keeps no best checkpoint"):
+        _write_run(tmp_path / "run", {10: first})
+        load(tmp_path / "run", step="best")
+    config = dict(second._hub_mixin_config)
+    save_checkpoint(
+        tmp_path / "run", 20, second.state_dict(), {"step": 20}, keep_last=1, config=config, best=True
+    )
+    save_checkpoint(tmp_path / "run", 30, third.state_dict(), {"step": 30}, keep_last=1, config=config)
+    best, report = load(tmp_path / "run", step="best")
+    _same(best, second)  # kept though keep_last=1 pruned step 10
+    assert report.kind == "best run checkpoint step_00000020"
+    _same(load(tmp_path / "run")[0], third)
+    with pytest.raises(ValueError, match="expected a step number or 'best'"):
+        load(tmp_path / "run", step="last")
+    main(["info", str(tmp_path / "run"), "--step", "best"])
+    assert "best run checkpoint step_00000020" in capsys.readouterr().err
+
+
 def _tiny_vidprism(**kwargs) -> VidPrism:
     torch.manual_seed(0)
     # 64 wide, one head: a released checkpoint records no head count, read back as width / 64.

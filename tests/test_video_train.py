@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -19,11 +20,13 @@ from safetensors.torch import load_file
 
 from prism_vfm.config import ConfigError, apply_overrides
 from prism_vfm.train.checkpoint import latest_checkpoint
+from prism_vfm.train.distributed import DistEnv, wrap_model
 from prism_vfm.train.logging import read_scalars
 from prism_vfm.train.schedule import warmup_cosine_epochs
-from prism_vfm.video.data.lists import VideoSample, write_label_csv, write_video_list
+from prism_vfm.video.data.dataset import VideoDataset
+from prism_vfm.video.data.lists import VideoSample, read_video_list, write_label_csv, write_video_list
 from prism_vfm.video.data.synthetic import write_tiny_video_dataset, write_video
-from prism_vfm.video.train import released_step_epoch, train_video
+from prism_vfm.video.train import released_step_epoch, train_video, validate
 from prism_vfm.video.train_config import preset, resolved, validate_video_train
 from tests.video_fixtures import folder
 
@@ -131,6 +134,10 @@ def test_bad_config_keys_and_values_are_named(data, tmp_path):
     bad = resolved(tiny_cfg(data, tmp_path, ("data.labels", str(tmp_path / "none.csv"))))
     with pytest.raises(ConfigError, match="data.labels"):
         validate_video_train(bad)
+    with pytest.raises(ConfigError, match="amp.*fsdp"):
+        validate_video_train(resolved(tiny_cfg(data, tmp_path, ("fsdp", True), ("amp", "fp16"))))
+    with pytest.raises(ConfigError, match="best_metric"):
+        tiny_cfg(data, tmp_path, ("best_metric", "top3"))
 
 
 def test_released_presets_fix_the_release_config_defects():
@@ -161,6 +168,81 @@ def test_two_process_run_matches_one_process_with_the_same_global_batch(data, tm
     assert ddp.keys() == single.keys()
     worst = max(float((ddp[k] - single[k]).abs().max()) for k in ddp)
     assert worst < 1e-5, worst
+
+
+def _fsdp_worker(rank: int, port: int, data: str, out: str) -> None:
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
+    torch.set_num_threads(1)
+    common = (("batch_size", 2), ("epochs", 2), ("fsdp", True), ("ckpt_every", 1))
+    fsdp, half = Path(out) / "fsdp", Path(out) / "fsdp_half"
+    train_video(tiny_cfg(Path(data), fsdp, *common, ("max_steps", 2)))  # stops after epoch 1
+    if rank == 0:
+        shutil.copytree(fsdp, half)  # resumed by one process in the test
+    torch.distributed.barrier()
+    train_video(tiny_cfg(Path(data), fsdp, *common), resume=True)  # FSDP resumes FSDP
+    # FSDP resumes a one-process run (another accumulation: allowed and recorded)
+    train_video(
+        tiny_cfg(Path(data), Path(out) / "single_half", *common), resume=True, allow_config_change=True
+    )
+    # Sharded validation, one clip per batch: rank 0 has two of the three videos, rank 1 one (it repeats a
+    # forward so that the blocks' gathers pair up).
+    cfg = tiny_cfg(Path(data), fsdp, ("batch_size", 1))
+    model = _trained(fsdp)
+    env = DistEnv(rank=rank, world_size=2, local_rank=rank, device=torch.device("cpu"))
+    wrap_model(model, env, True, model.backbone.tower.blocks, find_unused=True, shard_root=model.backbone)
+    scores = validate(model, _val_set(cfg), cfg, env.device, sharded=True)
+    if rank == 0:
+        (Path(out) / "sharded_val.json").write_text(json.dumps(scores))
+    torch.distributed.destroy_process_group()
+
+
+def _trained(run: Path):
+    from prism_vfm.video.evaluate import load_vidprism
+
+    return load_vidprism(run)
+
+
+def _val_set(cfg):
+    d = resolved(cfg).data
+    samples = read_video_list(d.val_list, 3, root=d.videos)
+    return VideoDataset(d.videos, samples, "val", d.num_frames, d.size, d.scale_size, seed=cfg.seed)
+
+
+@pytest.mark.timeout(300)  # a sharded forward left unpaired would wait for ever
+def test_fsdp_two_processes_match_one_and_their_checkpoints_resume_and_load_anywhere(data, tmp_path):
+    import prism_vfm
+
+    torch.set_num_threads(1)
+    one = (("batch_size", 2), ("accum", 2), ("epochs", 2), ("ckpt_every", 1))
+    train_video(tiny_cfg(data, tmp_path / "single", *one))
+    train_video(tiny_cfg(data, tmp_path / "single_half", *one, ("max_steps", 2)))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_fsdp_worker, args=(port, str(data), str(tmp_path)), nprocs=2, join=True)
+    # one process resumes the FSDP run's checkpoint of step 2
+    train_video(tiny_cfg(data, tmp_path / "fsdp_half", *one), resume=True, allow_config_change=True)
+    single = final_weights(tmp_path / "single")
+    for run in ("fsdp", "fsdp_half", "single_half"):
+        assert latest_checkpoint(tmp_path / run).name == latest_checkpoint(tmp_path / "single").name, run
+        other = final_weights(tmp_path / run)
+        assert other.keys() == single.keys()
+        worst = max(float((other[k] - single[k]).abs().max()) for k in single)
+        assert worst < 1e-5, (run, worst)
+    # the sharded run's checkpoints are full state dicts: a plain model loads them, its best one too
+    model, report = prism_vfm.load(tmp_path / "fsdp")
+    assert not report.fresh
+    torch.testing.assert_close(model.state_dict(), final_weights(tmp_path / "fsdp"), rtol=0, atol=0)
+    summary = json.loads((tmp_path / "fsdp" / "summary.json").read_text())
+    best, _ = prism_vfm.load(tmp_path / "fsdp", step="best")
+    saved = load_file(tmp_path / "fsdp" / summary["best"]["checkpoint"] / "model.safetensors")
+    torch.testing.assert_close(best.state_dict(), saved, rtol=0, atol=0)
+    assert summary["best"] == json.loads((tmp_path / "single" / "summary.json").read_text())["best"]
+    cfg = tiny_cfg(data, tmp_path / "fsdp", ("batch_size", 1))
+    scores = validate(_trained(tmp_path / "fsdp"), _val_set(cfg), cfg, torch.device("cpu"))
+    assert json.loads((tmp_path / "sharded_val.json").read_text()) == pytest.approx(scores)
 
 
 def _cli(data: Path, out: Path, *extra: str) -> list[str]:

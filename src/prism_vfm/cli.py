@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from prism_vfm.video.train_config import VideoTrainConfig
 
 
-def _load_any(source: str, img_size: Sequence[int] | None, step: int | None = None) -> torch.nn.Module:
+def _load_any(source: str, img_size: Sequence[int] | None, step: int | str | None = None) -> torch.nn.Module:
     """Any model source (``prism_vfm.models.load``); what was loaded is shown on stderr."""
     from prism_vfm.models.load import load
 
@@ -195,6 +195,8 @@ def _video_train_config(args: argparse.Namespace, command: str) -> VideoTrainCon
     direct = [("data.root", args.data), ("model.init", args.init)]
     if command == "train":
         direct.append(("out", args.out))
+    if getattr(args, "fsdp", False):
+        direct.append(("fsdp", True))
     cfg = apply_overrides(cfg, [(k, v) for k, v in direct if v is not None] + list(args.set))
     if not (cfg.data.root or cfg.data.train_list):
         raise SystemExit(f"prism video {command}: give the data set folder (--data) or data.train_list")
@@ -202,9 +204,12 @@ def _video_train_config(args: argparse.Namespace, command: str) -> VideoTrainCon
 
 
 def cmd_video_train(args: argparse.Namespace) -> None:
-    from prism_vfm.video.train import train_video
+    from prism_vfm.video.train import check_video_train, train_video
 
     cfg = _video_train_config(args, "train")
+    if args.dry_run:
+        print(check_video_train(cfg))
+        return
     run = train_video(
         cfg, resume=args.resume, overwrite=args.overwrite, allow_config_change=args.allow_config_change
     )
@@ -508,6 +513,11 @@ def _count(minimum: int) -> Callable[[str], int]:
     return parse
 
 
+def _step(text: str) -> int | str:
+    """An argparse type: a checkpoint step (an integer >= 0) or ``best``."""
+    return text if text == "best" else _count(0)(text)
+
+
 def _run_folder_arguments(p: argparse.ArgumentParser) -> None:
     """--resume, --overwrite and --allow-config-change (prism_vfm.train.run)."""
     mode = p.add_mutually_exclusive_group()
@@ -607,6 +617,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init", help="a previous VidPrism to start from (run, folder or released .pt)")
     p.add_argument("--out", help="run folder (checkpoints, config.yaml, metrics.jsonl, tensorboard/)")
     p.add_argument("--config", help="YAML file of configuration keys (applied over the preset)")
+    p.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="under torchrun, shard the frame tower over the processes (FSDP2, a unit per block) instead "
+        "of DDP (the fsdp key)",
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check the settings, the label CSV and the video lists (every video must exist), say what "
+        "would run, and stop (nothing is built or written)",
+    )
     p.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a key (repeatable)"
     )
@@ -817,7 +839,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--img-size", type=_count(1), nargs=2, metavar=("H", "W"))
     p.add_argument(
-        "--step", type=_count(0), help="a run folder's checkpoint of this step (default: the latest)"
+        "--step", type=_step, help="a run folder's checkpoint of this step, or 'best' (default: the latest)"
     )
     p.set_defaults(func=cmd_info)
 
@@ -825,7 +847,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", help="official .pth, or a run, checkpoint or save_pretrained folder")
     p.add_argument("output")
     p.add_argument(
-        "--step", type=_count(0), help="a run folder's checkpoint of this step (default: the latest)"
+        "--step", type=_step, help="a run folder's checkpoint of this step, or 'best' (default: the latest)"
     )
     p.add_argument(
         "--img-size", type=_count(1), nargs=2, metavar=("H", "W"), help="resample pos_embed to this size"

@@ -19,12 +19,11 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from timm.models import vision_transformer
 from torch import Tensor, nn
 from tqdm import tqdm
@@ -34,6 +33,7 @@ from prism_vfm.data.scenes import BACKGROUND_CLASSES, SCENE_CLASSES, TEXTURES, S
 from prism_vfm.data.tiny_dense import boundaries
 from prism_vfm.teachers.registry import register_teacher
 from prism_vfm.teachers.spec import CheckpointFilter, TeacherSpec, TimmBuilder
+from prism_vfm.utils.io import atomic_save_safetensors
 
 logger = logging.getLogger(__name__)
 
@@ -68,12 +68,24 @@ class DemoTeacherConfig:
 
     def key(self) -> str:
         """A short hash of the configuration (cache file names)."""
-        blob = json.dumps(dataclasses.asdict(self), sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:12]
+        return config_key(self)
 
     def file_name(self, name: str) -> str:
         """The cached weight file of teacher ``name``."""
         return f"{name}-{self.key()}.safetensors"
+
+
+def config_key(cfg: Any) -> str:
+    """A short hash of a dataclass configuration: what names a demo model's file in the cache."""
+    blob = json.dumps(dataclasses.asdict(cfg), sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def save_cached(path: Path, state: dict[str, Tensor], cfg: Any, **metadata: str) -> Path:
+    """Write a demo model's weights into the cache as safetensors, with its configuration as metadata;
+    atomically, so an interrupted run never leaves a half-written file under the cached name."""
+    meta = {"config": json.dumps(dataclasses.asdict(cfg)), **metadata}
+    return atomic_save_safetensors(state, path, metadata=meta)
 
 
 def teacher_spec(name: str, cfg: DemoTeacherConfig) -> TeacherSpec:
@@ -196,9 +208,7 @@ def prepare_teachers(cfg: DemoTeacherConfig, cache_dir: str | Path, progress: bo
     data = scene_targets(scenes)
     for name in missing:
         state = pretrain_teacher(name, cfg, data, progress)
-        tmp = cache / f".{cfg.file_name(name)}.tmp"
-        save_file(state, tmp, metadata={"config": json.dumps(dataclasses.asdict(cfg)), "teacher": name})
-        tmp.replace(cache / cfg.file_name(name))  # never leave a half-written file under the final name
+        save_cached(cache / cfg.file_name(name), state, cfg, teacher=name)
     return cache
 
 

@@ -3,7 +3,8 @@
 ``load(source)`` builds the model a source describes and fills it; ``load_into(model, source)`` fills a
 model built elsewhere (a student initialised from a checkpoint). A source is any of:
 
-- a training run folder (``checkpoints/`` inside): its latest checkpoint, or ``step=N``;
+- a training run folder (``checkpoints/`` inside): its latest checkpoint, ``step=N``, or ``step="best"``
+  (the checkpoint of its best validation score);
 - a checkpoint or ``save_pretrained`` folder (``config.json`` + ``model.safetensors``; Stage 1 or 2);
 - an official PRISM ``.pth`` (Stage 1 or 2, told apart by its keys);
 - a registered ``prism_vit_*`` name: alone, the architecture without weights (on the meta device);
@@ -51,7 +52,7 @@ from prism_vfm.layers.net2net import resize_mlp_param
 from prism_vfm.models.hub import saved_grid
 from prism_vfm.models.multitask import PrismMultiTask
 from prism_vfm.models.prism_vit import PrismViT
-from prism_vfm.train.checkpoint import checkpoint_dir, latest_checkpoint
+from prism_vfm.train.checkpoint import best_checkpoint, checkpoint_dir, latest_checkpoint
 from prism_vfm.utils.io import read_safetensors_file, read_torch_file
 
 # Modules a plain (dense) ViT does not have: they start fresh when one initialises a PRISM student.
@@ -189,7 +190,7 @@ class LoadReport:
 def load(
     source: str | os.PathLike,
     *,
-    step: int | None = None,
+    step: int | str | None = None,
     model: str | None = None,
     img_size: int | Sequence[int] | None = None,
     multitask: bool | None = None,
@@ -200,7 +201,7 @@ def load(
 
     Args:
         source: see the module notes for the kinds.
-        step: for a run folder, the checkpoint of that step (default: the latest).
+        step: for a run folder, the checkpoint of that step, or ``"best"`` (default: the latest).
         model: the registered architecture of a bare weight file (``.safetensors``, timm ViT ``.pth``).
         img_size: build for this input size (H, W); position embeddings are resampled from the saved grid.
         multitask: ``None`` returns what the source holds (:class:`PrismMultiTask` for Stage 2, else
@@ -256,7 +257,7 @@ def load_into(
     model: PrismViT,
     source: str | os.PathLike,
     *,
-    step: int | None = None,
+    step: int | str | None = None,
     allow_fresh: Sequence[str] = (),
     exclude: Sequence[str] = (),
 ) -> LoadReport:
@@ -287,7 +288,7 @@ def load_into(
     return _fill(model, state, str(path), kind, allow_fresh, grid, exclude)
 
 
-def student_args(source: str | os.PathLike, step: int | None = None) -> dict[str, Any]:
+def student_args(source: str | os.PathLike, step: int | str | None = None) -> dict[str, Any]:
     """The :class:`PrismViT` arguments of the student a folder, run or official ``.pth`` holds."""
     path = Path(source)
     if not path.exists():
@@ -389,10 +390,20 @@ def _load_registered(
     return model.eval(), report
 
 
-def _checkpoint_folder(path: Path, step: int | None) -> tuple[Path, str]:
+def _checkpoint_folder(path: Path, step: int | str | None) -> tuple[Path, str]:
     """The checkpoint folder a folder source names, and its kind."""
+    if isinstance(step, str) and step != "best":
+        raise ValueError(f"step={step!r}: expected a step number or 'best'")
     if checkpoint_dir(path).is_dir():
-        if step is not None:
+        if step == "best":
+            best = best_checkpoint(path)
+            if best is None:
+                raise FileNotFoundError(
+                    f"run {path} keeps no best checkpoint ({checkpoint_dir(path)}/best is missing: the run "
+                    "had no validation, or no best_metric)"
+                )
+            return best, f"best run checkpoint {best.name}"
+        if isinstance(step, int):
             folder = checkpoint_dir(path) / f"step_{step:08d}"
             if not (folder / "model.safetensors").is_file():
                 found = sorted(p.name for p in checkpoint_dir(path).glob("step_*") if p.is_dir())

@@ -6,6 +6,10 @@ scheduler, step, RNG states; read back with ``weights_only=True``). The folder i
 temporary name and renamed into place, so a crash mid-save never leaves a half-written checkpoint under a
 final name; ``latest`` names the newest complete one. Temporary names start with a dot; a kill mid-save
 leaves one behind, which :func:`remove_stale_temporaries` clears when the run starts again.
+
+A run that validates may also keep its best checkpoint: ``best`` names the checkpoint of the step with the
+best validation score so far, written the same way as ``latest`` (a pointer file replaced atomically), and
+pruning never removes the checkpoint it names.
 """
 
 from __future__ import annotations
@@ -35,12 +39,14 @@ def save_checkpoint(
     state: dict[str, Any],
     keep_last: int = 3,
     config: dict[str, Any] | None = None,
+    best: bool = False,
 ) -> Path:
-    """Write checkpoint ``step`` atomically, point ``latest`` at it, and prune.
+    """Write checkpoint ``step`` atomically, point ``latest`` (and, with ``best``, ``best``) at it, and prune.
 
     ``keep_last`` ≥ 1 keeps the newest ``keep_last`` checkpoints of steps up to ``step`` (this one
-    included); 0 keeps every checkpoint. Checkpoints of later steps are never touched (they belong to no
-    step this run has reached), so ``latest`` always names a checkpoint that exists.
+    included) and the one ``best`` names; 0 keeps every checkpoint. Checkpoints of later steps are never
+    touched (they belong to no step this run has reached), so ``latest`` always names a checkpoint that
+    exists.
     """
     if keep_last < 0:
         raise ValueError(f"keep_last must be >= 0 (0 keeps every checkpoint), got {keep_last}")
@@ -64,15 +70,24 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
-    def write_latest(p: str) -> None:
+    def write_pointer(p: str) -> None:
         Path(p).write_text(final.name + "\n")
 
-    atomic_write(root / "latest", write_latest)
+    atomic_write(root / "latest", write_pointer)
+    if best:
+        atomic_write(root / "best", write_pointer)
     if keep_last > 0:
+        kept = _pointed(root / "best")
         reached = sorted(s for s in checkpoint_steps(run_dir) if s <= step)
         for old in reached[:-keep_last]:
-            shutil.rmtree(root / f"step_{old:08d}", ignore_errors=True)
+            if f"step_{old:08d}" != kept:
+                shutil.rmtree(root / f"step_{old:08d}", ignore_errors=True)
     return final
+
+
+def _pointed(pointer: Path) -> str | None:
+    """The checkpoint name a pointer file (``latest``, ``best``) holds, or None without one."""
+    return pointer.read_text().strip() if pointer.is_file() else None
 
 
 def checkpoint_steps(run_dir: Path) -> list[int]:
@@ -88,10 +103,12 @@ def checkpoint_steps(run_dir: Path) -> list[int]:
 def remove_stale_temporaries(run_dir: Path) -> list[Path]:
     """Delete what a kill during a save left behind (dot-named temporaries of checkpoints and ``latest``).
 
-    Only names this module writes are touched: ``.step_XXXXXXXX.*`` folders and ``.latest.*.tmp`` files.
+    Only names this module writes are touched: ``.step_XXXXXXXX.*`` folders and ``.latest.*.tmp`` /
+    ``.best.*.tmp`` files.
     """
     root = checkpoint_dir(run_dir)
-    stale = [*root.glob(".step_*"), *root.glob(".latest.*.tmp")] if root.is_dir() else []
+    patterns = (".step_*", ".latest.*.tmp", ".best.*.tmp")
+    stale = [p for pattern in patterns for p in root.glob(pattern)] if root.is_dir() else []
     for p in stale:
         if p.is_dir():
             shutil.rmtree(p, ignore_errors=True)
@@ -102,10 +119,19 @@ def remove_stale_temporaries(run_dir: Path) -> list[Path]:
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The newest complete checkpoint of a run, or None."""
-    pointer = checkpoint_dir(run_dir) / "latest"
-    if not pointer.is_file():
+    return _pointed_checkpoint(checkpoint_dir(run_dir) / "latest")
+
+
+def best_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint of a run's best validation score so far, or None (a run that keeps no best)."""
+    return _pointed_checkpoint(checkpoint_dir(run_dir) / "best")
+
+
+def _pointed_checkpoint(pointer: Path) -> Path | None:
+    name = _pointed(pointer)
+    if name is None:
         return None
-    path = checkpoint_dir(run_dir) / pointer.read_text().strip()
+    path = pointer.parent / name
     if not (path / "model.safetensors").is_file() or not (path / "state.pt").is_file():
         raise FileNotFoundError(f"{pointer} names {path.name}, which is incomplete or missing")
     return path

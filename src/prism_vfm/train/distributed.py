@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -16,6 +17,7 @@ from torch.distributed.checkpoint.state_dict import (
     get_optimizer_state_dict,
     set_optimizer_state_dict,
 )
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 
@@ -164,12 +166,73 @@ def average_floating_buffers(module: torch.nn.Module) -> None:
             buffer.div_(world)
 
 
+class PartlySharded(torch.nn.Module):
+    """FSDP2 units for some modules (e.g. the transformer blocks), the model's other parameters replicated.
+
+    For a model some of whose parameters take a gradient on one process and not on another (VidPrism's DBI
+    acts on a pair only when its batch-mean score passes, §8): a sharded unit reduce-scatters the gradients
+    its parameters have on each rank, which must then be the same set everywhere, so such parameters stay
+    replicated here, and their gradients are averaged after the last micro-step's backward as DDP with
+    ``find_unused_parameters`` does: a parameter without a gradient on some rank counts as zero there, one
+    without a gradient on every rank keeps none (AdamW leaves it untouched, as in one process). Every
+    parameter of ``units`` (and of ``root``, a module holding them whose other parameters are sharded with
+    it) must take a gradient in every step on every rank, or on none.
+    """
+
+    def __init__(
+        self, module: torch.nn.Module, units: Iterable[torch.nn.Module], root: torch.nn.Module | None = None
+    ) -> None:
+        from torch.distributed.fsdp import FSDPModule, fully_shard
+
+        super().__init__()
+        self.module = module
+        self._units: list[FSDPModule] = [cast(FSDPModule, fully_shard(unit)) for unit in units]
+        if root is not None:  # one FSDP root over the units (their gathers prefetched in turn) and its rest
+            self._units.append(cast(FSDPModule, fully_shard(root)))
+        self._replicated = [p for p in module.parameters() if not isinstance(p, DTensor)]
+        self._sync = True
+        for p in self._replicated:  # rank 0's values everywhere, as DDP makes them at construction
+            check_collective_tensor(p.data, "replicated parameter")
+            dist.broadcast(p.data, src=0)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.module(*args, **kwargs)
+
+    def set_requires_gradient_sync(self, enabled: bool) -> None:
+        """Whether this micro-step's backward reduces the gradients (off on accumulation micro-steps)."""
+        self._sync = enabled
+        for unit in self._units:
+            unit.set_requires_gradient_sync(enabled)
+
+    def average_replicated_gradients(self) -> None:
+        """Average the replicated parameters' gradients over the processes (see the class notes)."""
+        params = [p for p in self._replicated if p.requires_grad]
+        if not params or not self._sync:
+            return
+        device = collective_device()
+        present = torch.tensor([float(p.grad is not None) for p in params], device=device)
+        dist.all_reduce(present)
+        counts = present.tolist()  # ranks that have each gradient (one host synchronisation)
+        world = dist.get_world_size()
+        for dtype in dict.fromkeys(p.dtype for p in params):
+            chosen = [(p, n) for p, n in zip(params, counts, strict=True) if p.dtype == dtype]
+            flat = torch.cat(
+                [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p, _ in chosen]
+            )
+            check_collective_tensor(flat, "replicated gradients")
+            dist.all_reduce(flat)
+            flat.div_(world)
+            for (p, n), part in zip(chosen, flat.split([p.numel() for p, _ in chosen]), strict=True):
+                p.grad = part.view_as(p) if n > 0 else None
+
+
 def wrap_model(
     model: torch.nn.Module,
     env: DistEnv,
     fsdp: bool,
     units: Iterable[torch.nn.Module] = (),
     find_unused: bool = False,
+    shard_root: torch.nn.Module | None = None,
 ) -> torch.nn.Module:
     """DDP or FSDP2 sharding for several processes; the model itself for one.
 
@@ -177,11 +240,14 @@ def wrap_model(
     take no gradient in a step, depending on its input: their gradients then stay unset, as in one process).
 
     With ``fsdp``, every module of ``units`` (e.g. the transformer blocks and projector heads) becomes its own
-    FSDP unit and the root holds the rest; parameters are then sharded in place, so the optimiser must be
-    built after this call.
+    FSDP unit and the root holds the rest; with ``find_unused`` as well, only ``shard_root`` (a module holding
+    the units, e.g. the frame tower) is sharded with them and the rest stays replicated
+    (:class:`PartlySharded`). Parameters are sharded in place, so the optimiser must be built after this call.
     """
     if env.world_size == 1:
         return model
+    if fsdp and find_unused:
+        return PartlySharded(model, units, shard_root)
     if fsdp:
         from torch.distributed.fsdp import fully_shard
 
@@ -196,13 +262,39 @@ def wrap_model(
     )
 
 
-def gradient_sync(net: torch.nn.Module, enabled: bool) -> contextlib.AbstractContextManager:
-    """Skip the gradient all-reduce on accumulation micro-steps (DDP ``no_sync`` / FSDP2 sync flag)."""
+@contextlib.contextmanager
+def gradient_sync(net: torch.nn.Module, enabled: bool) -> Iterator[None]:
+    """Around a micro-step's forward and backward: skip the gradient reduction on accumulation micro-steps
+    (DDP ``no_sync`` / FSDP2 sync flag); after the last one, average :class:`PartlySharded`'s replicated
+    gradients."""
     if isinstance(net, DistributedDataParallel):
-        return contextlib.nullcontext() if enabled else net.no_sync()
+        with contextlib.nullcontext() if enabled else net.no_sync():
+            yield
+        return
     if hasattr(net, "set_requires_gradient_sync"):
         cast(Callable[[bool], None], net.set_requires_gradient_sync)(enabled)
-    return contextlib.nullcontext()
+    yield
+    if enabled and isinstance(net, PartlySharded):
+        net.average_replicated_gradients()
+
+
+def clip_grad_norm(parameters: Iterable[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` for parameters that may be part sharded (DTensor), part not
+    (:class:`PartlySharded`): the norm over all of them; returns it before clipping."""
+    params = [p for p in parameters if p.grad is not None]
+    sharded = [p for p in params if isinstance(p.grad, DTensor)]
+    if not sharded or len(sharded) == len(params):
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    plain = [p for p in params if not isinstance(p.grad, DTensor)]
+    parts = torch.nn.utils.get_total_norm([p.grad for p in sharded])  # type: ignore[misc]
+    rest = torch.nn.utils.get_total_norm([p.grad for p in plain])  # type: ignore[misc]
+    total = torch.linalg.vector_norm(torch.stack([cast(DTensor, parts).full_tensor(), rest.to(parts.device)]))
+    if math.isfinite(max_norm):
+        coef = min(1.0, max_norm / (float(total) + 1e-6))
+        if coef < 1.0:
+            for p in params:
+                cast(torch.Tensor, p.grad).mul_(coef)
+    return total
 
 
 def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:

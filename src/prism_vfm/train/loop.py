@@ -11,8 +11,12 @@ and hands :func:`fit` a :class:`Loop`: the step function and how often to log, e
 The step function gets one micro-batch, the step and the micro-step index, and returns the loss and its
 terms (detached scalars, logged as ``loss/<name>``). The loop runs it under autocast and the gradient-sync
 context, backpropagates ``loss / accum`` (scaled in fp16), unscales and clips the gradients, steps the
-optimiser and the per-iteration schedule. It sets no random seed: a stage that wants the same weights
-whatever its number of processes seeds its own draws from (seed, step, shard) inside the step function.
+optimiser and the per-iteration schedule. With ``best_metric``, every evaluation that improves on the
+best score so far is saved as a checkpoint that ``checkpoints/best`` names (kept through pruning); the
+best score travels in every checkpoint, so a resumed run goes on comparing against it.
+
+It sets no random seed: a stage that wants the same weights whatever its number of processes seeds its own
+draws from (seed, step, shard) inside the step function.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import torch
 from torch import Tensor, nn
@@ -64,6 +68,8 @@ class Loop:
         desc: the progress bar's label.
         scalars: extra scalars at each log step, given the step (called on every process).
         evaluate: scalars of an evaluation, given the step, logged every ``eval_every`` steps (0: at the end).
+        best_metric: the key of ``evaluate``'s scalars whose best value names ``checkpoints/best`` ('': none).
+        best_mode: ``"max"`` (higher is better, e.g. top-1) or ``"min"`` (e.g. a loss).
         checkpoint_at: extra checkpoint steps (e.g. epoch ends).
         extra_state: entries added to each checkpoint's training state, given the step.
         restore_state: called with the saved training state on resume.
@@ -86,6 +92,8 @@ class Loop:
     scalars: Callable[[int], dict[str, float]] | None = None
     evaluate: Callable[[int], dict[str, float]] | None = None
     eval_every: int = 0
+    best_metric: str = ""
+    best_mode: Literal["max", "min"] = "max"
     checkpoint_at: Callable[[int], bool] | None = None
     extra_state: Callable[[int], dict[str, Any]] | None = None
     restore_state: Callable[[dict[str, Any]], None] | None = None
@@ -119,6 +127,15 @@ def _restore(
             group["lr"] = lr
 
 
+def _improves(value: float, best: dict[str, Any] | None, mode: str) -> bool:
+    """Whether ``value`` beats the best record so far (a NaN never does)."""
+    if value != value:
+        return False
+    if best is None:
+        return True
+    return value > best["value"] if mode == "max" else value < best["value"]
+
+
 def _due(done: int, every: int, end: int) -> bool:
     return done == end or (every > 0 and done % every == 0)
 
@@ -132,8 +149,9 @@ def fit(
     batches: Iterator[Any],
     loop: Loop,
     env: DistEnv,
-) -> None:
-    """Train from ``run.start_step`` to ``loop.end_step``.
+) -> dict[str, Any] | None:
+    """Train from ``run.start_step`` to ``loop.end_step``; returns the best record (``{"metric", "value",
+    "step", "checkpoint"}``, the checkpoint relative to the run folder) or None without ``best_metric``.
 
     ``model`` is the bare model (its state is saved, its gradients clipped), ``net`` what the step function
     calls (the model or its DDP/FSDP wrapper: its gradient sync is skipped on accumulation micro-steps).
@@ -141,7 +159,13 @@ def fit(
     end, so the last checkpoint is on disk when any of them goes on.
     """
     precision = MixedPrecision(loop.amp, env.device, sharded=loop.sharded)
+    if loop.best_mode not in ("max", "min"):
+        raise ValueError(f"best_mode must be 'max' or 'min', got {loop.best_mode!r}")
+    best: dict[str, Any] | None = None
     if run.resume_state is not None:
+        saved_best = run.resume_state.get("best")
+        if saved_best is not None and saved_best.get("metric") == loop.best_metric:
+            best = dict(saved_best)
         _restore(model, optimizer, scheduler, run.resume_state)
         precision.load_state_dict(run.resume_state.get("scaler", {}))
         if loop.restore_state is not None:
@@ -191,10 +215,23 @@ def fit(
             rate_label = "img_s" if loop.sample_name == "images" else f"{loop.sample_name}_s"
             bar.set_postfix(**shown, lr=f"{scalars['lr']:.2e}", **{rate_label: f"{rate:.1f}"})
             tic, seen = time.perf_counter(), 0
+        improved = False
         if loop.evaluate is not None and _due(done, loop.eval_every, loop.end_step):
-            log.scalars(done, loop.evaluate(done))
+            scores = loop.evaluate(done)
+            log.scalars(done, scores)
+            if loop.best_metric:
+                if loop.best_metric not in scores:
+                    raise KeyError(
+                        f"best_metric {loop.best_metric!r} is not among the evaluation's scores "
+                        f"({', '.join(sorted(scores))})"
+                    )
+                value = float(scores[loop.best_metric])
+                improved = _improves(value, best, loop.best_mode)
+                if improved:
+                    name = f"checkpoints/step_{done:08d}"
+                    best = {"metric": loop.best_metric, "value": value, "step": done, "checkpoint": name}
         extra = loop.checkpoint_at is not None and loop.checkpoint_at(done)
-        if extra or _due(done, loop.ckpt_every, loop.end_step):
+        if improved or extra or _due(done, loop.ckpt_every, loop.end_step):
             if loop.before_save is not None:
                 loop.before_save()
             weights, optim_state = full_state(model, optimizer)  # collective under FSDP
@@ -204,10 +241,14 @@ def fit(
                     "scheduler": scheduler.state_dict(),
                     "step": done,
                     "scaler": precision.state_dict(),  # the fp16 loss scale (empty otherwise)
+                    "best": best,
                 }
                 if loop.extra_state is not None:
                     state.update(loop.extra_state(done))
-                save_checkpoint(run.path, done, weights, state, loop.keep_last, loop.model_config)
+                save_checkpoint(
+                    run.path, done, weights, state, loop.keep_last, loop.model_config, best=improved
+                )
     bar.close()
     log.close()
     barrier()  # the last checkpoint is on disk before any rank returns
+    return best

@@ -16,6 +16,8 @@ from typing import Any, Literal, cast
 
 import torch
 
+from prism_vfm.train.distributed import clip_grad_norm
+
 AMP_CHOICES = ("auto", "bf16", "fp16", "fp32")
 Precision = Literal["bf16", "fp16", "fp32"]
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -81,7 +83,7 @@ class MixedPrecision:
     ) -> torch.Tensor:
         """Unscale (fp16), clip the gradient norm to ``max_norm``, step; returns the norm before clipping."""
         self.scaler.unscale_(optimizer)
-        norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+        norm = clip_grad_norm(parameters, max_norm)
         self.scaler.step(optimizer)
         self.scaler.update()
         return norm

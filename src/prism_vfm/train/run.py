@@ -39,7 +39,10 @@ RUN_FILES = (
 )
 """Everything a training run writes into its folder (and all that ``overwrite`` removes)."""
 
-RUN_CONTROL = frozenset({"out", "max_steps", "workers", "log_every", "ckpt_every", "keep_last", "val_every"})
+RUN_CONTROL = frozenset(
+    {"out", "max_steps", "workers", "log_every", "ckpt_every", "keep_last", "val_every"}
+    | {"fsdp", "best_metric"}  # how the processes share the model (same result); which checkpoint is kept
+)
 """Settings a resume may change freely (still recorded): where and how long a run goes, not what it learns."""
 
 

@@ -51,6 +51,8 @@ class TowerConfig:
 CLIP_TOWERS: dict[str, TowerConfig] = {
     "ViT-B/16": TowerConfig(16, 768, 12, 12, 512, timm_name="vit_base_patch16_clip_quickgelu_224"),
     "ViT-L/14": TowerConfig(14, 1024, 24, 16, 768, timm_name="vit_large_patch14_clip_quickgelu_224"),
+    # The VidPrism demo's CLIP stand-in (prism_vfm.video.demo.imagetext): 32-pixel frames, no hub weights.
+    "demo": TowerConfig(4, 64, 2, 1, 64, img_size=32),  # one head per 64 channels, as CLIP's
 }
 
 

@@ -45,6 +45,8 @@ class TextTowerConfig:
 CLIP_TEXT_TOWERS: dict[str, TextTowerConfig] = {
     "ViT-B/16": TextTowerConfig(512, 8, 12, 512, hub_repo=f"timm/vit_base_patch16_clip_224.{HUB_TAG}"),
     "ViT-L/14": TextTowerConfig(768, 12, 12, 768, hub_repo=f"timm/vit_large_patch14_clip_224.{HUB_TAG}"),
+    # The VidPrism demo's CLIP stand-in (prism_vfm.video.demo.imagetext): short captions, no hub weights.
+    "demo": TextTowerConfig(64, 1, 2, 64, context_length=24),
 }
 
 # Entries of an OpenAI CLIP file that are not text-tower weights.

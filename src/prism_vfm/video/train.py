@@ -10,6 +10,12 @@ Batches, frames and augmentations depend only on (seed, epoch, index) and the st
 number of processes do not change the data. Broken input (a video that does not open, a frame that does
 not decode) is counted: logged as ``data/bad_videos`` / ``data/bad_frames``, kept in every checkpoint so
 a resumed run goes on counting, and written to the run's ``summary.json``.
+
+Several processes train with DDP, or with ``fsdp`` the frame tower sharded over them (FSDP2, a unit per
+block; the head replicated, see :class:`~prism_vfm.train.distributed.PartlySharded`); the
+checkpoints hold full state dicts either way, so a run resumes under the other, or in one process. The
+checkpoint of the best validation top-1 so far is kept as ``checkpoints/best``
+(``prism_vfm.load(run, step="best")``) and recorded in ``summary.json``.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from prism_vfm.train.distributed import (
     all_gather_objects,
     all_reduce_sum,
     all_reduce_sums,
+    process_rank,
     shard_indices,
     wrap_model,
 )
@@ -123,6 +130,27 @@ def text_embeddings(cfg: VideoTrainConfig, class_names: list[str], device: torch
     return class_text_embeddings(encoder, class_names, ENSEMBLE_28).to(device)
 
 
+def check_video_train(cfg: VideoTrainConfig) -> str:
+    """Check ``cfg`` and read its label CSV and video lists (every listed video must exist) without building
+    or writing anything; a one-paragraph description of the run it would start. Errors name the key, or
+    the file and line."""
+    cfg = resolved(cfg)
+    validate_video_train(cfg)
+    d = cfg.data
+    names = read_label_csv(d.labels)
+    train = read_video_list(d.train_list, len(names), root=d.videos, drop_short=True)
+    val = read_video_list(d.val_list, len(names), root=d.videos) if d.val_list else []
+    engine = "FSDP (the tower's blocks sharded)" if cfg.fsdp else "DDP"
+    return (
+        f"{d.dataset}: {len(names)} classes, {len(train)} training videos ({d.train_list}), {len(val)} "
+        f"validation videos ({d.val_list or 'none'}); {cfg.model.tower} "
+        f"({'CLIP weights' if cfg.model.pretrained else 'random weights'}"
+        f"{', from ' + cfg.model.init if cfg.model.init else ''}), {d.num_frames} frames of {d.size}²; "
+        f"{cfg.epochs} epochs of batch {cfg.batch_size} per process × accum {cfg.accum}; several processes: "
+        f"{engine}; run folder {cfg.out}"
+    )
+
+
 def train_video(
     cfg: VideoTrainConfig, resume: bool = False, overwrite: bool = False, allow_config_change: bool = False
 ) -> Path:
@@ -133,7 +161,10 @@ def train_video(
     """
     cfg = resolved(cfg)
     validate_video_train(cfg)
-    env, run = start_run(cfg, resume=resume, overwrite=overwrite, allow_config_change=allow_config_change)
+    env, run = start_run(
+        cfg, resume=resume, overwrite=overwrite, allow_config_change=allow_config_change, sharded=cfg.fsdp
+    )
+    sharded = cfg.fsdp and env.world_size > 1
     torch.manual_seed(cfg.seed)
     d = cfg.data
 
@@ -180,7 +211,9 @@ def train_video(
     run.restore_weights(model)
     class_text = text_embeddings(cfg, class_names, env.device) if cfg.model.text_loss else None
     # Some head parameters take no gradient in a step, depending on the input (DBI's filter, §8).
-    net = wrap_model(model, env, fsdp=False, find_unused=True)
+    net = wrap_model(
+        model, env, cfg.fsdp, units=model.backbone.tower.blocks, find_unused=True, shard_root=model.backbone
+    )
 
     # optimiser: the tower at lr × clip_ratio, the head at lr; decay on all parameters as released
     groups = []
@@ -256,7 +289,7 @@ def train_video(
     if val_set is not None:
 
         def validation(done: int) -> dict[str, float]:
-            last_val.update(validate(model, val_set, cfg, env.device))
+            last_val.update(validate(model, val_set, cfg, env.device, sharded=sharded))
             return {f"val/{k}": v for k, v in last_val.items()}
 
     loop = Loop(
@@ -264,6 +297,7 @@ def train_video(
         forward_step,
         accum=cfg.accum,
         amp=cfg.amp,
+        sharded=sharded,
         clip_grad=cfg.clip_grad or None,
         log_every=cfg.log_every,
         ckpt_every=cfg.ckpt_every,
@@ -274,13 +308,14 @@ def train_video(
         scalars=lambda done: issue_totals(),
         evaluate=validation,
         eval_every=cfg.val_every * steps_per_epoch,
+        best_metric=f"val/{cfg.best_metric}" if cfg.best_metric else "",
         checkpoint_at=lambda done: done % steps_per_epoch == 0,
         extra_state=lambda done: {"epoch": done / steps_per_epoch, "data_issues": list(saved_issues)},
         restore_state=restore,
         before_save=gather_issues,
         model_config=cast("dict[str, Any] | None", model._hub_mixin_config),  # init kwargs: a dict
     )
-    fit(run, model, net, optimizer, scheduler, iter(loader), loop, env)
+    best = fit(run, model, net, optimizer, scheduler, iter(loader), loop, env)
 
     totals = issue_totals()
     if env.is_main:
@@ -289,6 +324,7 @@ def train_video(
             "epochs": end_step / steps_per_epoch,
             "data_issues": {k.removeprefix("data/"): int(v) for k, v in totals.items()},
             "validation": last_val,
+            "best": best,
         }
         (run.path / "summary.json").write_text(json.dumps(summary, indent=2))
         if totals["data/bad_videos"] or totals["data/bad_frames"]:
@@ -304,18 +340,39 @@ def train_video(
 
 @torch.no_grad()
 def validate(
-    model: VidPrism, dataset: VideoDataset, cfg: VideoTrainConfig, device: torch.device
+    model: VidPrism,
+    dataset: VideoDataset,
+    cfg: VideoTrainConfig,
+    device: torch.device,
+    sharded: bool = False,
 ) -> dict[str, float]:
     """Top-1 / top-5 of one centre view per video (the release's validation), summed over processes:
-    every process scores its part of the list; every process must call it."""
+    every process scores its part of the list; every process must call it.
+
+    ``sharded``: the model's blocks are sharded (FSDP), so every forward gathers them from every process:
+    a process whose part is a batch shorter repeats its last batch (its scores not counted), so that all
+    run the same number of forwards.
+    """
     was_training = model.training
     model.eval()
     meter = ClassificationMeter(model.head.cfg.num_classes)
     part = Subset(dataset, shard_indices(len(dataset)))
+    rounds = None
+    if sharded:
+        longest = -(-len(dataset) // process_rank()[1])  # rank 0's part
+        rounds = -(-longest // cfg.batch_size)
+    batch: dict[str, Any] | None = None
+    done = 0
     for batch in DataLoader(part, batch_size=cfg.batch_size, num_workers=cfg.data.workers):
         with autocast(cfg.amp, device):
             logits = model(batch["video"].to(device)).logits
         meter.update(average_views(logits[:, None]), batch["label"])
+        done += 1
+    if rounds is not None:
+        clips = batch["video"] if batch is not None else dataset[0]["video"][None]
+        for _ in range(rounds - done):
+            with autocast(cfg.amp, device):
+                model(clips.to(device))
     meter.load_state(all_reduce_sums(meter.state()))
     model.train(was_training)
     scores = meter.scores()

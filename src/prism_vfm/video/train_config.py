@@ -93,7 +93,13 @@ class VideoTrainConfig:
     amp: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: from the device (train/precision.py)
     clip_grad: float = 0.0  # global gradient-norm clip (0: none, as released)
     seed: int = 1024
+    # Several processes: DDP (every process holds the whole model, as released) or FSDP2 (the frame
+    # tower's blocks sharded over the processes, the rest replicated: ViT-L/14 on smaller GPUs).
+    fsdp: bool = False
     val_every: int = 1  # epochs between validations (0: only at the end)
+    # The validation score whose best value names checkpoints/best (kept through pruning), as the release
+    # keeps its best checkpoint by top-1; '' keeps none.
+    best_metric: Literal["top1", "top5", ""] = "top1"
     ckpt_every: int = 0  # steps between checkpoints besides every epoch end (0: none)
     keep_last: int = 3
     log_every: int = 20
@@ -216,3 +222,7 @@ def validate_video_train(cfg: VideoTrainConfig) -> None:
     require(cfg.weight_decay >= 0, "weight_decay", "a number >= 0", cfg.weight_decay)
     require(cfg.clip_grad >= 0, "clip_grad", "a number >= 0 (0: not clipped)", cfg.clip_grad)
     require(cfg.amp in AMP_CHOICES, "amp", f"one of {AMP_CHOICES}", cfg.amp)
+    require(
+        not (cfg.fsdp and cfg.amp == "fp16"), "amp", "bf16, fp32 or auto with fsdp (no fp16 scaling)", cfg.amp
+    )
+    require(cfg.best_metric in ("top1", "top5", ""), "best_metric", "top1, top5 or ''", cfg.best_metric)
