@@ -8,6 +8,11 @@ that short class names such as "a star moving left" are in-distribution). Withou
 size and brightness in its caption the image tower has no reason to keep them, and every video head
 built on it then fails on direction.
 
+:func:`frame_probe` measures what the frames' embeddings tell. At the default settings the model learns
+colour almost perfectly but shape and position barely above chance: a ViT this small learns rotated
+shapes slowly (a small CNN learns them in a few hundred steps), so a model that keeps them needs more
+steps or a larger tower than the default budget allows.
+
 The weights are cached beside the PRISM demo's teachers (:func:`prism_vfm.demo.teachers.save_cached`,
 file ``demo_imagetext-<config hash>.safetensors``) in OpenAI's CLIP layout (``visual.*``, text tower,
 ``logit_scale``), so they load through the same paths as a real CLIP file:
