@@ -1,6 +1,6 @@
 """Boundary odsF / oisF / AP (SPEC §9): ground-truth boundaries, NMS, matching, pooling and the meter.
 
-The protocol's tests run with both matchers (``MATCHERS``); the fast matcher's own tests are at the end."""
+The protocol's tests run with every matcher (``MATCHERS``); the fast matchers' own tests are at the end."""
 
 from __future__ import annotations
 
@@ -27,7 +27,16 @@ from prism_vfm.metrics.boundary import (  # noqa: E402
     image_counts,
     seg2bmap,
 )
+from prism_vfm.metrics.boundary_assignment import (  # noqa: E402
+    OUTLIER_COST,
+    OVERLAY_COST,
+    _min_cost_perfect_matching,
+    generator_state,
+    k_of_n_rows,
+    outlier_edges,
+)
 from prism_vfm.metrics.boundary_matching import (  # noqa: E402
+    bsds_assignment_counts,
     maximum_matching_counts,
     thin_stack,
     tolerance_offsets,
@@ -310,7 +319,7 @@ def test_a_folder_of_edge_pngs_scores_like_the_arrays(tmp_path):
     assert from_folder["odsF"] == from_arrays["odsF"]
 
 
-# The fast matcher (maximum bipartite matching, boundary_matching.py).
+# The fast matchers (boundary_matching.py, boundary_assignment.py).
 
 
 def test_thinning_a_stack_equals_scikit_image_thin_map_by_map():
@@ -340,8 +349,8 @@ def points(shape: tuple[int, int], *coordinates: tuple[int, int]) -> np.ndarray:
     return image
 
 
-def bsds_matched(prediction: np.ndarray, ground_truth: np.ndarray, ratio: float) -> int:
-    boundary._reseed_matcher()
+def bsds_matched(prediction: np.ndarray, ground_truth: np.ndarray, ratio: float, seed: int = 1) -> int:
+    boundary._reseed_matcher(seed)
     _, matched_gt, _, _ = boundary.pyedgeeval().correspond_pixels(prediction, ground_truth, max_dist=ratio)
     return int((matched_gt > 0).sum())
 
@@ -362,10 +371,11 @@ HAND_MADE = {
 
 
 @pytest.mark.parametrize("case", list(HAND_MADE))
-def test_fast_matcher_finds_the_maximum_matching_of_hand_made_cases_as_the_bsds_matcher(case):
+def test_fast_matchers_find_the_maximum_matching_of_hand_made_cases_as_the_bsds_matcher(case):
     shape, ratio, predicted, truth, expected = HAND_MADE[case]
     prediction, ground_truth = points(shape, *predicted), points(shape, *truth)
     assert maximum_matching_counts(prediction[None], ground_truth, ratio).tolist() == [expected]
+    assert bsds_assignment_counts(prediction[None], ground_truth, ratio, seed=1).tolist() == [expected]
     assert bsds_matched(prediction, ground_truth, ratio) == expected
 
 
@@ -401,35 +411,158 @@ def test_fast_matcher_equals_a_plain_augmenting_path_matching_on_random_pixels()
         assert counts.tolist() == [kuhn_matching(p, ground_truth, ratio) for p in predictions]
 
 
-def test_fast_counts_are_each_thresholds_thinned_map_matched_on_its_own():
+@pytest.mark.parametrize("matcher", ["fast", "maximum"])
+def test_fast_counts_are_each_thresholds_thinned_map_matched_on_its_own(matcher):
     edges, labels = noisy_images(2, seed=4)
     for edge, label in zip(edges, labels, strict=True):
-        counts = image_counts(edge, label, NYUD, "fast")
+        counts = image_counts(edge, label, NYUD, matcher)
         gt = boundary_ground_truth(label)
         levels = edge_nms(edge).astype(np.float64) / 255
         for k in range(0, len(THRESHOLDS), 7):
             pred = boundary.thin(levels >= THRESHOLDS[k])
-            matched = maximum_matching_counts(pred[None], gt, NYUD)[0]
+            if matcher == "fast":
+                matched = bsds_assignment_counts(pred[None], gt, NYUD, boundary.MATCHER_SEED)[0]
+            else:
+                matched = maximum_matching_counts(pred[None], gt, NYUD)[0]
             assert counts[:, k].tolist() == [matched, gt.sum(), matched, pred.sum()]
 
 
 @pytest.mark.parametrize("ratio", [PASCAL, NYUD])
-def test_fast_counts_agree_with_the_bsds_matcher_on_generated_maps(ratio):
+def test_fast_counts_equal_the_bsds_matchers_and_maximum_ones_exceed_them_by_a_pixel_or_two(ratio):
     edges, labels = noisy_images(4, seed=5)
     fast = count_boundaries(edges, labels, ratio, workers=0, progress=False, matcher="fast")
+    maximum = count_boundaries(edges, labels, ratio, workers=0, progress=False, matcher="maximum")
     bsds = count_boundaries(edges, labels, ratio, workers=0, progress=False, matcher="bsds")
+    np.testing.assert_array_equal(fast, bsds)
     # Same maps, same totals; a maximum matching is never smaller than the BSDS matcher's assignment, and
     # the BSDS matcher's random outlier graph leaves at most a pixel or two more unmatched (here, with a
     # few hundred pixels per map, on about a third of the thresholds).
-    np.testing.assert_array_equal(fast[:, [1, 3]], bsds[:, [1, 3]])
-    np.testing.assert_array_equal(fast[:, 0], fast[:, 2])
-    gap = fast[:, [0, 2]] - bsds[:, [0, 2]]
+    np.testing.assert_array_equal(maximum[:, [1, 3]], bsds[:, [1, 3]])
+    np.testing.assert_array_equal(maximum[:, 0], maximum[:, 2])
+    gap = maximum[:, [0, 2]] - bsds[:, [0, 2]]
     assert gap.min() >= 0 and gap.max() <= 2
     for key in ("odsF", "oisF"):
-        assert boundary_scores(fast)[key] == pytest.approx(boundary_scores(bsds)[key], abs=0.5)
+        assert boundary_scores(maximum)[key] == pytest.approx(boundary_scores(bsds)[key], abs=0.5)
 
 
-def test_fast_counts_are_deterministic():
+def bsds_library() -> tuple:
+    """pyEdgeEval's compiled generator and ``kOfN``, or a skip where their symbols are not exported."""
+    import ctypes
+    import sys
+
+    library = ctypes.CDLL(sys.modules[boundary.pyedgeeval().correspond_pixels.__module__].__file__)
+    try:
+        generator = ctypes.addressof(ctypes.c_char.in_dll(library, "_ZN6Random4randE"))
+        reseed, k_of_n = library._ZN6Random6reseedEm, library._Z4kOfNiiPi
+    except (AttributeError, ValueError):
+        pytest.skip("pyEdgeEval's extension does not export its generator under GCC's names")
+    reseed.argtypes, reseed.restype = [ctypes.c_void_p, ctypes.c_uint64], None
+    k_of_n.argtypes, k_of_n.restype = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p], None
+    return generator, reseed, k_of_n
+
+
+@pytest.mark.parametrize("seed", [1, 2, 12345])
+def test_k_of_n_draws_what_the_bsds_matchers_compiled_sampler_draws(seed):
+    generator, reseed, k_of_n = bsds_library()
+    # Both samplers (the halving one for k log2 k < n // 2, the sequential one otherwise), at their edges.
+    for k, n in [
+        (6, 5000),
+        (6, 32),
+        (6, 31),
+        (6, 6),
+        (5, 24),
+        (5, 23),
+        (2, 6),
+        (2, 5),
+        (1, 1),
+        (1, 7),
+        (0, 4),
+    ]:
+        reseed(generator, seed)
+        expected = np.zeros((53, max(k, 1)), dtype=np.int32)
+        for row in expected:
+            k_of_n(k, n, row.ctypes.data)
+        state = generator_state(seed)
+        np.testing.assert_array_equal(k_of_n_rows(k, n, 50, state), expected[:50, :k])
+        # The state goes on from where those draws left it.
+        np.testing.assert_array_equal(k_of_n_rows(k, n, 3, state), expected[50:, :k])
+
+
+def test_outlier_graph_has_the_bsds_degrees_and_no_pixel_to_its_own_outlier_node():
+    n1, n2 = 40, 25
+    left, right = outlier_edges(n1, n2, seed=1)
+    first, second, third = slice(0, 6 * n1), slice(6 * n1, 6 * (n1 + n2)), slice(6 * (n1 + n2), None)
+    assert len(left) == 6 * n1 + 6 * n2 + 6 * max(n1, n2)
+    # Predicted pixel i to 6 distinct outlier nodes n2 + j, j != i.
+    assert (np.bincount(left[first], minlength=n1) == 6).all() and (right[first] - n2 != left[first]).all()
+    assert len(set(zip(left[first].tolist(), right[first].tolist(), strict=True))) == 6 * n1
+    # Ground-truth pixel j from 6 distinct outlier nodes n1 + i, i != j.
+    assert (np.bincount(right[second], minlength=n2) == 6).all() and (
+        left[second] - n1 != right[second]
+    ).all()
+    # Every outlier node of the larger side (here the predicted pixels', n2 + i) to 6 of the smaller.
+    assert (np.bincount(right[third] - n2, minlength=n1) == 6).all()
+    assert ((left[third] >= n1) & (left[third] < n1 + n2)).all()
+    again = outlier_edges(n1, n2, seed=1)
+    other = outlier_edges(n1, n2, seed=2)
+    assert np.array_equal(left, again[0]) and np.array_equal(right, again[1])
+    assert not np.array_equal(right, other[1])
+
+
+def test_min_cost_perfect_matching_agrees_with_scipy_on_random_graphs():
+    from scipy.optimize import linear_sum_assignment
+
+    rng = np.random.default_rng(11)
+    for _ in range(40):
+        n = int(rng.integers(1, 30))
+        costs = rng.choice([0, OUTLIER_COST, OVERLAY_COST], size=(n, n), p=[0.15, 0.25, 0.6])
+        present = rng.random((n, n)) < rng.uniform(0.1, 0.5)
+        np.fill_diagonal(present, True)  # a perfect matching exists, as the overlay makes sure
+        rows, cols = np.nonzero(present)
+        indptr = np.concatenate([[0], np.cumsum(present.sum(axis=1))])
+        match = _min_cost_perfect_matching(
+            indptr, cols.astype(np.int64), costs[rows, cols].astype(np.int64), n
+        )
+        assert sorted(match.tolist()) == list(range(n))
+        assert present[np.arange(n), match].all()
+        dense = np.where(present, costs, 10**6)
+        best = dense[linear_sum_assignment(dense)].sum()
+        assert costs[np.arange(n), match].sum() == best
+
+
+def random_boundaries(rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarray:
+    """A thinned map of random curves."""
+    field = ndimage.gaussian_filter(rng.standard_normal(shape), rng.uniform(1.5, 4))
+    return boundary.thin(seg2bmap(field > rng.uniform(-0.2, 0.2)))
+
+
+def near_copies(rng: np.random.Generator, truth: np.ndarray, k: int) -> np.ndarray:
+    """``k`` thinned predictions of ``truth``: shifted by a pixel, some pixels lost, specks added."""
+    maps = np.zeros((k, *truth.shape), dtype=bool)
+    for i in range(k):
+        moved = np.roll(truth, tuple(rng.integers(-1, 2, size=2)), axis=(0, 1))
+        noisy = (moved & (rng.random(truth.shape) > rng.uniform(0, 0.1))) | (rng.random(truth.shape) < 0.01)
+        maps[i] = boundary.thin(noisy)
+    return maps
+
+
+@pytest.mark.parametrize("seed", [1, 2, 7])
+def test_fast_counts_equal_the_bsds_matchers_with_the_same_seed_on_random_boundaries(seed):
+    rng = np.random.default_rng(seed)
+    deficits = 0
+    for trial in range(6):
+        shape = (int(rng.integers(60, 120)), int(rng.integers(60, 120)))
+        ratio = [PASCAL, NYUD, 0.02][trial % 3]
+        ground_truth = random_boundaries(rng, shape)
+        predictions = near_copies(rng, ground_truth, 3)
+        counts = bsds_assignment_counts(predictions, ground_truth, ratio, seed)
+        expected = [bsds_matched(p, ground_truth, ratio, seed) for p in predictions]
+        assert counts.tolist() == expected
+        deficits += int((maximum_matching_counts(predictions, ground_truth, ratio) > counts).sum())
+    assert deficits > 0  # cases where the random outlier graph keeps the BSDS matcher below the maximum
+
+
+def test_fast_counts_are_deterministic():  # and the same for every order of the images
     edges, labels = noisy_images(2, seed=6)
     first = count_boundaries(edges, labels, PASCAL, workers=0, progress=False)
     again = count_boundaries(edges[::-1], labels[::-1], PASCAL, workers=0, progress=False)[::-1]
@@ -453,3 +586,17 @@ def test_scores_of_a_coarser_threshold_grid():
     assert coarse["odsF"] <= boundary_scores(counts)["odsF"]
     with pytest.raises(ValueError, match="counts must be"):
         boundary_scores(counts[:, :, every_tenth])
+
+
+def test_the_fast_matcher_without_numba_names_the_extra(monkeypatch):
+    import sys
+
+    from prism_vfm.errors import MissingExtraError
+
+    monkeypatch.setitem(sys.modules, "prism_vfm.metrics.boundary_assignment", None)  # as if not importable
+    prediction = points(SIZE, (10, 10))
+    with pytest.raises(MissingExtraError, match=r"numba: pip install 'prism-vfm\[eval\]'"):
+        bsds_assignment_counts(prediction[None], prediction, NYUD, seed=1)
+    with pytest.raises(MissingExtraError, match="numba"):
+        BoundaryMeter("nyud")
+    BoundaryMeter("nyud", matcher="maximum")  # the other matchers do not need it

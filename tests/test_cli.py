@@ -69,8 +69,8 @@ def test_evaluate_command_passes_the_boundary_matcher_down(monkeypatch, capsys):
     common = ["evaluate", "--checkpoint", "ckpt", "--dataset", "pascal", "--data", "data"]
     main(common)
     main([*common, "--matcher", "bsds"])
-    main([*common, "--matcher", "fast"])
-    assert seen == ["bsds", "bsds", "fast"]  # the reference is the default
+    main([*common, "--matcher", "maximum"])
+    assert seen == ["fast", "bsds", "maximum"]  # the fast BSDS assignment is the default
     try:
         main([*common, "--matcher", "hungarian"])
     except SystemExit as exit_:

@@ -74,6 +74,68 @@ def test_quick_demo_report_shows_analysis_and_states_its_limits(quick):
     assert all(0.5 <= v <= 1.0 for v in analysis["lambda_mean_tasks"].values())
 
 
+def test_quick_demo_compares_expert_specialisation_with_a_shuffled_context_control(quick):
+    summary = json.loads((quick.out / "summary.json").read_text())
+    cfg = demo_config(quick=True)
+    seeds = cfg.seeds(0)
+    for kind, own in (("teacher", "assigned"), ("task", "own")):
+        spec = summary["specialisation"][kind]
+        assert set(spec["summary"]) == {own, "shuffled"}, kind
+        for contexts in (own, "shuffled"):
+            stats = spec["summary"][contexts]
+            assert stats["seeds"] == seeds and stats["min"] <= stats["mean"] <= stats["max"]
+            for run in spec["runs"][contexts].values():
+                assert [int(b) for b in run["per_layer"]] == list(cfg.moe_layers)
+                assert all(0.0 <= v <= 1.0 for v in run["per_layer"].values())
+    for folder in ("stage1", "stage2_routing"):
+        for seed in seeds:  # every seed trained twice: with its contexts and shuffled
+            assert (quick.out / folder / f"seed{seed}").is_dir(), (folder, seed)
+            assert (quick.out / folder / f"seed{seed}_shuffled").is_dir(), (folder, seed)
+    report = quick.report.read_text()
+    assert report.count("| shuffled (control) |") == 2 * len(seeds)
+    assert "with shuffled contexts" in report
+
+
+def test_quick_demo_reports_targets_on_the_classes_the_scenes_hold_as_found(quick):
+    from prism_vfm.data.scenes import SCENE_CLASSES
+
+    summary = json.loads((quick.out / "summary.json").read_text())
+    saved = json.loads((quick.out / "eval" / "metrics.json").read_text())["scores"]
+    semseg = summary["present_classes"]["semseg"]
+    assert 0 in semseg["classes"] and set(semseg["classes"]) <= {c.voc for c in SCENE_CLASSES}
+    assert semseg["mIoU"] == pytest.approx(sum(semseg["IoU"]) / len(semseg["IoU"]))
+    rows = {r["task"]: r for r in summary["targets"]}
+    assert set(rows) == set(dataset_tasks("pascalcontext"))
+    assert rows["semseg"]["value"] == pytest.approx(semseg["mIoU"])
+    assert rows["normals"]["value"] == pytest.approx(saved["normals"]["mErr"])
+    assert rows["edge"]["value"] == pytest.approx(saved["edge"]["odsF"])
+    for row in rows.values():
+        assert row["met"] == (
+            row["value"] <= row["target"] if row["task"] == "normals" else row["value"] >= row["target"]
+        )
+    report = quick.report.read_text()
+    met = sum(r["met"] for r in rows.values())
+    assert f"met {met} of {len(rows)}" in report
+
+
+def test_quick_demo_predicts_foreground_where_the_scenes_have_it(quick):
+    """The quick run learns something: its saliency puts more foreground probability on the scenes' true
+    foreground than on their background."""
+    from prism_vfm.data.dense_transforms import DenseTestTransform
+    from prism_vfm.data.pascal_context import PascalContext
+    from prism_vfm.models.load import load
+    from prism_vfm.train.checkpoint import latest_checkpoint
+
+    size = (demo_config(quick=True).img_size,) * 2
+    model = load(latest_checkpoint(quick.out / "stage2"), img_size=size, multitask=True)[0].eval()
+    reader = PascalContext(quick.out / "data" / "PASCALContext", "val", ["sal"], DenseTestTransform(size))
+    truth = torch.stack([reader[i]["sal"][0] for i in range(len(reader))])
+    with torch.no_grad():
+        images = torch.stack([reader[i]["image"] for i in range(len(reader))])
+        foreground = model(images).predictions["sal"].softmax(1)[:, 1]
+    assert foreground[truth == 1].mean() > foreground[truth == 0].mean() + 0.05
+
+
 def test_teachers_are_cached_and_loaded_through_the_registry(tmp_path):
     cfg = DemoTeacherConfig(width=16, depth=2, scenes=4, steps=2, batch_size=2, img_size=32)
     weights = prepare_teachers(cfg, tmp_path, progress=False)

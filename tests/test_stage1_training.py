@@ -170,3 +170,32 @@ def test_a_bf16_autocast_step_runs_on_the_cpu_and_trains(images, tmp_path, monke
     for key in ("blocks.1.moe.experts.w1", "blocks.1.moe.router.gate.weight", "blocks.0.attn.qkv.weight"):
         assert trained[key].dtype == torch.float32  # the weights stay fp32 under autocast
         assert not torch.equal(trained[key], initial[key]), key
+
+
+def test_shuffled_router_contexts_hide_the_teacher_from_the_router_only(images, tmp_path, monkeypatch):
+    from prism_vfm.models.prism_vit import PrismViT
+
+    seen: dict[str, list[torch.Tensor]] = {"router": [], "teacher": []}
+    forward, project = PrismViT.forward, PrismViT.project_by_teacher
+
+    def spy_forward(self, x, context=None, *args, **kwargs):
+        seen["router"].append(torch.as_tensor(context).clone())
+        return forward(self, x, context, *args, **kwargs)
+
+    def spy_project(self, taps, ctx, grid):
+        seen["teacher"].append(torch.as_tensor(ctx).clone())
+        return project(self, taps, ctx, grid)
+
+    monkeypatch.setattr(PrismViT, "forward", spy_forward)
+    monkeypatch.setattr(PrismViT, "project_by_teacher", spy_project)
+    runs = {}
+    for mode in ("assigned", "shuffled"):
+        seen["router"], seen["teacher"] = [], []
+        train_stage1(tiny_cfg(images, tmp_path / mode, ("max_steps", 3), ("teachers.router_contexts", mode)))
+        runs[mode] = (torch.cat(seen["router"]), torch.cat(seen["teacher"]))
+    router, teacher = runs["assigned"]
+    assert torch.equal(router, teacher)  # the default: the router sees the distilling teacher's id
+    shuffled_router, shuffled_teacher = runs["shuffled"]
+    assert torch.equal(shuffled_teacher, teacher)  # the same samples go to the same teachers
+    assert not torch.equal(shuffled_router, teacher)  # but the router is told something else
+    assert set(shuffled_router.tolist()) <= {0, 1, 2}

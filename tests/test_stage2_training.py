@@ -164,3 +164,24 @@ def test_a_bf16_autocast_step_runs_on_the_cpu_and_trains(setup, tmp_path):
         assert trained[f"student.{key}"].dtype == torch.float32
         assert not torch.equal(trained[f"student.{key}"], initial[key]), key
     assert any(k.startswith("heads.") for k in trained)
+
+
+def test_shuffled_task_contexts_route_each_task_pass_under_random_task_ids(setup, tmp_path, monkeypatch):
+    from prism_vfm.models.prism_vit import PrismViT
+
+    calls: list[list] = []
+    forward_passes = PrismViT.forward_passes
+
+    def spy(self, x, passes, **kwargs):
+        calls.append([c for kind, c in passes if kind == "task"])
+        return forward_passes(self, x, passes, **kwargs)
+
+    monkeypatch.setattr(PrismViT, "forward_passes", spy)
+    train_stage2(cfg_for(setup, tmp_path / "own", ("max_steps", 2)))
+    assert calls and all(task_ids == [0, 1, 2, 3, 4] for task_ids in calls)  # each pass its own task
+    calls.clear()
+    train_stage2(cfg_for(setup, tmp_path / "shuffled", ("max_steps", 2), ("task_contexts", "shuffled")))
+    training = [c for c in calls if isinstance(c[0], list)]  # validation routes by the tasks' own ids
+    ids = torch.tensor(training)  # (steps, tasks, batch): one random id per sample and pass
+    assert ids.shape == (2, 5, 2) and set(ids.flatten().tolist()) <= set(range(5))
+    assert not torch.equal(ids, torch.arange(5)[None, :, None].expand_as(ids))

@@ -1,9 +1,11 @@
 """``prism demo``: the whole method on rendered scenes, on a laptop CPU, with no downloads.
 
 data (rendered scenes in the release layouts) → three tiny teachers (pretrained once, cached) → Stage 1
-(distil them into a tiny PRISM student) → Stage 2 (multi-task fine-tuning on the PASCAL-Context layout,
-plus one single-task run per task, trained the same way, as the Δm baselines) → evaluation (every metric,
-odsF included) → analysis (routing affinity and λ per layer) → a Markdown report with figures.
+(distil them into a tiny PRISM student; three seeds, each also with shuffled teacher contexts as the
+control for expert specialisation) → Stage 2 (multi-task fine-tuning on the PASCAL-Context layout; short
+runs over three seeds with task contexts and with shuffled ones; one single-task run per task as the Δm
+baselines) → evaluation (every metric, odsF included) → analysis (routing affinity and λ per layer) → a
+Markdown report with figures.
 
 Every stage is the library's own code path (``train_stage1``, ``train_stage2``, ``evaluate``,
 ``prism_vfm.analysis``); only the sizes are small.
@@ -20,7 +22,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Literal, cast
 
 from prism_vfm.data.registry import HEADLINE_METRICS, dataset_tasks
 from prism_vfm.data.scene_sets import write_scene_images, write_scene_nyud, write_scene_pascal
@@ -31,10 +33,13 @@ from prism_vfm.train.checkpoint import latest_checkpoint
 
 DATASET: Final = "pascalcontext"
 OUTPUTS = (
-    *("data", "stage1", "stage2", "single_task", "eval", "figures"),
+    *("data", "stage1", "stage2", "stage2_routing", "single_task", "eval", "figures"),
     *("report.md", "analysis.json", "summary.json"),
 )
 """What a demo writes under its output folder (replaced when a demo runs there again)."""
+
+CONTROL: Final = "shuffled"
+"""The name of the control runs, whose routers are given random context ids."""
 
 MARKER = ".prism_demo"
 """The file that marks a folder as a demo's output: only then are its ``OUTPUTS`` replaced."""
@@ -69,35 +74,52 @@ class DemoConfig:
     """Sizes and lengths of every stage of the demo."""
 
     img_size: int = 64
-    stage1_images: int = 1024
-    stage1_steps: int = 240
-    stage1_batch: int = 24
-    train_images: int = 160  # PASCAL-Context layout, train split (Stage 2)
+    # Patch 4 gives a 16×16 token grid: boundaries, parts and thin objects need it more than width.
+    patch_size: int = 4
+    stage1_images: int = 512
+    stage1_steps: int = 80
+    stage1_batch: int = 12
+    stage1_lr: float = 2e-3
+    routing_seeds: int = 3  # Stage-1 and short Stage-2 runs per kind of context (own / shuffled)
+    train_images: int = 320  # PASCAL-Context layout, train split (Stage 2)
     val_images: int = 32  # its val split (evaluation)
     nyud_images: int = 16  # the NYUD-v2 layout is written too, for `prism finetune --dataset nyud`
-    stage2_steps: int = 200
+    stage2_steps: int = 300
     stage2_batch: int = 8
-    width: int = 96
+    stage2_lr: float = 1e-3
+    routing_steps: int = 20  # the short Stage-2 runs that test expert specialisation by task
+    single_task_steps: int = 120  # each single-task baseline (Δm)
+    single_task_distill: bool = False  # baselines without the distillation regulariser: 3× cheaper
+    width: int = 64
     depth: int = 6
     moe_layers: tuple[int, ...] = (1, 3, 5)
     num_experts: int = 8
     top_k: int = 2
     teachers: DemoTeacherConfig = field(default_factory=DemoTeacherConfig)
 
+    def seeds(self, seed: int) -> list[int]:
+        """The seeds of the specialisation runs: the demo's seed first."""
+        return [seed + i for i in range(self.routing_seeds)]
+
 
 def demo_config(quick: bool = False, seed: int = 0) -> DemoConfig:
-    """The full demo (about seven minutes on two CPU cores) or the ``quick`` one (seconds; for tests)."""
+    """The full demo (under ten minutes on two CPU cores) or the ``quick`` one (seconds; for tests)."""
     if not quick:
-        return DemoConfig(teachers=DemoTeacherConfig(seed=seed))
+        return DemoConfig(teachers=DemoTeacherConfig(steps=300, seed=seed))
     return DemoConfig(
+        patch_size=8,
         stage1_images=48,
-        stage1_steps=16,
+        stage1_steps=8,
         stage1_batch=6,
-        train_images=12,
+        routing_seeds=2,
+        train_images=24,
         val_images=4,
         nyud_images=4,
-        stage2_steps=6,
-        stage2_batch=2,
+        stage2_steps=120,
+        stage2_batch=4,
+        stage2_lr=2e-3,
+        routing_steps=3,
+        single_task_steps=4,
         width=32,
         depth=4,
         moe_layers=(1, 2, 3),
@@ -113,10 +135,17 @@ def default_cache_dir() -> Path:
     return Path(base) / "prism_vfm" / "demo_teachers"
 
 
-def stage1_config(cfg: DemoConfig, data: Path, out: Path, weights: Path, seed: int) -> Stage1Config:
+def run_name(contexts: str, seed: int) -> str:
+    """The folder of one specialisation run: ``seed<N>`` or ``seed<N>_shuffled``."""
+    return f"seed{seed}" if contexts != CONTROL else f"seed{seed}_{CONTROL}"
+
+
+def stage1_config(
+    cfg: DemoConfig, data: Path, out: Path, weights: Path, seed: int, router_contexts: str = "assigned"
+) -> Stage1Config:
     """Stage 1 as the presets run it, at demo size. The student starts from random weights, so its
     pretrained-parameter group learns at the full rate (the presets slow it for an ImageNet-initialised
-    backbone)."""
+    backbone). ``router_contexts="shuffled"`` is the control run."""
     epochs = cfg.stage1_steps * cfg.stage1_batch / cfg.stage1_images
     return Stage1Config(
         preset="demo",
@@ -135,7 +164,7 @@ def stage1_config(cfg: DemoConfig, data: Path, out: Path, weights: Path, seed: i
             img_size=cfg.img_size,
             init="none",
             overrides=dict(
-                patch_size=8,
+                patch_size=cfg.patch_size,
                 embed_dim=cfg.width,
                 depth=cfg.depth,
                 num_heads=max(1, cfg.width // 32),
@@ -144,18 +173,37 @@ def stage1_config(cfg: DemoConfig, data: Path, out: Path, weights: Path, seed: i
                 top_k=cfg.top_k,
             ),
         ),
-        teachers=TeacherConfig(names=DEMO_TEACHERS, weights=str(weights)),
+        teachers=TeacherConfig(
+            names=DEMO_TEACHERS,
+            weights=str(weights),
+            router_contexts=cast(Literal["assigned", "shuffled"], router_contexts),
+        ),
         optim=OptimConfig(
-            lr=1e-3, lr_reference_batch=cfg.stage1_batch, pretrained_lr_scale=1.0, warmup_epochs=0.1 * epochs
+            lr=cfg.stage1_lr,
+            lr_reference_batch=cfg.stage1_batch,
+            max_lr=cfg.stage1_lr,
+            pretrained_lr_scale=1.0,
+            warmup_epochs=0.1 * epochs,
         ),
     )
 
 
 def stage2_config(
-    cfg: DemoConfig, data: Path, init: Path, out: Path, weights: Path, seed: int, tasks: tuple[str, ...] = ()
+    cfg: DemoConfig,
+    data: Path,
+    init: Path,
+    out: Path,
+    weights: Path,
+    seed: int,
+    tasks: tuple[str, ...] = (),
+    steps: int | None = None,
+    task_contexts: str = "own",
+    distill: bool = True,
 ) -> Stage2Config:
-    """Stage 2 at demo size: every task (or ``tasks``), distillation kept on, no held-out validation (the
-    demo evaluates the val split once at the end)."""
+    """Stage 2 at demo size: every task (or ``tasks``) for ``steps`` (default ``cfg.stage2_steps``), the
+    distillation regulariser on unless ``distill`` is false, no held-out validation (the demo evaluates the
+    val split once at the end). ``task_contexts="shuffled"`` is the control run."""
+    steps = steps or cfg.stage2_steps
     return Stage2Config(
         dataset=DATASET,
         data=str(data),
@@ -163,17 +211,18 @@ def stage2_config(
         out=str(out),
         tasks=tasks,
         img_size=(cfg.img_size, cfg.img_size),
-        iters=cfg.stage2_steps,
+        iters=steps,
         batch_size=cfg.stage2_batch,
         workers=0,
         seed=seed,
         amp="fp32",
-        lr=1e-3,
+        lr=cfg.stage2_lr,
+        task_contexts=cast(Literal["own", "shuffled"], task_contexts),
         holdout=0.0,
-        ckpt_every=cfg.stage2_steps,
+        ckpt_every=steps,
         keep_last=1,
         log_every=10,
-        distill=DistillConfig(teachers=DEMO_TEACHERS, weights=str(weights)),
+        distill=DistillConfig(alpha=1.0 if distill else 0.0, teachers=DEMO_TEACHERS, weights=str(weights)),
     )
 
 
@@ -189,11 +238,12 @@ class DemoResult:
 
 
 @contextlib.contextmanager
-def _stage(timings: dict[str, float], name: str) -> Iterator[None]:
+def _stage(timings: dict[str, float], name: str, cpu: dict[str, float]) -> Iterator[None]:
     print(f"[demo] {name}", flush=True)
-    tic = time.perf_counter()
+    tic, cpu_tic = time.perf_counter(), time.process_time()
     yield
     timings[name] = time.perf_counter() - tic
+    cpu[name] = time.process_time() - cpu_tic
 
 
 def run_demo(
@@ -215,35 +265,72 @@ def run_demo(
     prepare_output(out)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     timings: dict[str, float] = {}
+    cpu: dict[str, float] = {}  # CPU seconds of this process (all its threads): load-independent
     size = (cfg.img_size, cfg.img_size)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
 
-    with _stage(timings, "data"):
+    with _stage(timings, "data", cpu):
         images = write_scene_images(out / "data" / "images", cfg.stage1_images, size, seed, progress=True)
         pascal = write_scene_pascal(
             out / "data" / "PASCALContext", cfg.train_images, cfg.val_images, size, seed
         )
         write_scene_nyud(out / "data" / "NYUDv2", cfg.nyud_images, max(1, cfg.nyud_images // 4), size, seed)
-    with _stage(timings, "teachers"):
+    with _stage(timings, "teachers", cpu):
         weights = prepare_teachers(cfg.teachers, cache)
-    with _stage(timings, "stage 1"):
-        run1 = train_stage1(stage1_config(cfg, images, out / "stage1", weights, seed))
+    seeds = cfg.seeds(seed)
+    stage1_runs: dict[tuple[str, int], Path] = {}
+    with _stage(timings, f"stage 1 ({len(seeds)} seeds, teacher and shuffled contexts)", cpu):
+        for s in seeds:
+            for contexts in ("assigned", CONTROL):
+                config1 = stage1_config(
+                    cfg, images, out / "stage1" / run_name(contexts, s), weights, s, contexts
+                )
+                stage1_runs[(contexts, s)] = train_stage1(config1)
+        run1 = stage1_runs[("assigned", seed)]
         student = latest_checkpoint(run1)
         assert student is not None  # every stage saves a checkpoint at its last step
     tasks = tuple(dataset_tasks(DATASET))
-    with _stage(timings, "stage 2 (multi-task)"):
+    with _stage(timings, "stage 2 (multi-task)", cpu):
         multi = latest_checkpoint(
             train_stage2(stage2_config(cfg, pascal.root, student, out / "stage2", weights, seed))
         )
         assert multi is not None
+    routing_runs: dict[tuple[str, int], Path] = {}
+    with _stage(timings, f"stage 2 ({len(seeds)} seeds × task and shuffled contexts, short)", cpu):
+        for s in seeds:
+            for contexts in ("own", CONTROL):
+                folder = out / "stage2_routing" / run_name(contexts, s)
+                config2 = stage2_config(
+                    cfg,
+                    pascal.root,
+                    student,
+                    folder,
+                    weights,
+                    s,
+                    steps=cfg.routing_steps,
+                    task_contexts=contexts,
+                )
+                ckpt = latest_checkpoint(train_stage2(config2))
+                assert ckpt is not None
+                routing_runs[(contexts, s)] = ckpt
     singles: dict[str, Path] = {}
-    with _stage(timings, "stage 2 (single-task baselines)"):
+    with _stage(timings, "stage 2 (single-task baselines)", cpu):
         for task in tasks:
-            run = stage2_config(cfg, pascal.root, student, out / "single_task" / task, weights, seed, (task,))
-            single = latest_checkpoint(train_stage2(run))
+            config2 = stage2_config(
+                cfg,
+                pascal.root,
+                student,
+                out / "single_task" / task,
+                weights,
+                seed,
+                (task,),
+                steps=cfg.single_task_steps,
+                distill=cfg.single_task_distill,
+            )
+            single = latest_checkpoint(train_stage2(config2))
             assert single is not None
             singles[task] = single
-    with _stage(timings, "evaluation"):
+    with _stage(timings, "evaluation", cpu):
         baselines = {}
         for task, ckpt in singles.items():
             result = evaluate(
@@ -259,18 +346,43 @@ def run_demo(
         metrics = evaluate(
             multi, DATASET, pascal.root, out=out / "eval", workers=0, baselines=baselines, img_size=size
         )
-    with _stage(timings, "analysis and report"):
+    with _stage(timings, "analysis and report", cpu):
         from prism_vfm.demo.report import write_report
 
-        figures = write_report(out, cfg, run1, multi, pascal.root, metrics, baselines, timings, weights, seed)
+        stage1_ckpts = {k: _last(v) for k, v in stage1_runs.items()}
+        figures, analysis = write_report(
+            out,
+            cfg,
+            stage1_ckpts,
+            routing_runs,
+            multi,
+            pascal.root,
+            metrics,
+            baselines,
+            timings,
+            weights,
+            seed,
+            cpu,
+        )
     timings["total"] = time.perf_counter() - start
+    cpu["total"] = time.process_time() - cpu_start
     summary = {
         "config": dataclasses.asdict(cfg),
         "seed": seed,
         "timings_s": timings,
+        "cpu_s": cpu,
         "scores": metrics["scores"],
+        "present_classes": analysis["present_classes"],
+        "targets": analysis["targets"],
         "single_task": baselines,
         "delta_m": metrics["delta_m"],
+        "specialisation": analysis["specialisation"],
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return DemoResult(out, out / "report.md", metrics, timings, figures)
+
+
+def _last(run: Path) -> Path:
+    ckpt = latest_checkpoint(run)
+    assert ckpt is not None  # every stage saves a checkpoint at its last step
+    return ckpt

@@ -34,6 +34,9 @@ class TeacherConfig:
     assignment: Literal["balanced", "single"] = (
         "balanced"  # per-sample split (official) / one per step (paper)
     )
+    # "shuffled": the router is given a random teacher id per sample, drawn apart from the teacher the sample
+    # is distilled toward, so the id says nothing about it — the control run for expert specialisation.
+    router_contexts: Literal["assigned", "shuffled"] = "assigned"
 
 
 @dataclass

@@ -58,11 +58,17 @@ def param_groups(model: PrismViT, lr: float, pretrained_scale: float, weight_dec
     return groups
 
 
-def _assign(cfg: Stage1Config, batch: int, n_teachers: int, step: int, shard: int) -> Tensor:
+def _assign(cfg: Stage1Config, batch: int, n_teachers: int, step: int, shard: int) -> tuple[Tensor, Tensor]:
+    """The teacher of each sample, and the ids its router is given (the same unless shuffled)."""
     g = torch.Generator().manual_seed(mix_seed(cfg.seed, step, shard, 0))
     if cfg.teachers.assignment == "single":
-        return single_teacher(batch, n_teachers, g)
-    return balanced_teacher_split(batch, n_teachers, g)
+        ctx = single_teacher(batch, n_teachers, g)
+    else:
+        ctx = balanced_teacher_split(batch, n_teachers, g)
+    if cfg.teachers.router_contexts == "assigned":
+        return ctx, ctx
+    shuffled = torch.Generator().manual_seed(mix_seed(cfg.seed, step, shard, 2))
+    return ctx, torch.randint(n_teachers, (batch,), generator=shuffled)
 
 
 def build_criterion(cfg: Stage1Config) -> DistillLoss:
@@ -84,15 +90,16 @@ def distill_loss(
     x: Tensor,
     ctx: Tensor,
     lb_weight: float,
+    router_ctx: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor], dict[str, Any]]:
     """One Stage-1 forward: the student (``net``, ``model`` or its DDP/FSDP wrapper) on teacher contexts
     ``ctx`` (on the host, where they are checked), its projections, the frozen teachers on their own
-    samples, and the loss.
+    samples, and the loss. ``router_ctx`` (default ``ctx``) are the ids the router is given instead.
 
     Returns the loss, its terms (detached, ``"aux"`` included) and the student's routing statistics
     (:meth:`PrismViT.routing_stats`, on the device).
     """
-    out = net(x, ctx, return_routing=True)
+    out = net(x, ctx if router_ctx is None else router_ctx, return_routing=True)
     aux = out.aux_loss
     student = model.project_by_teacher(out.taps, ctx, model.grid_size(x))
     with torch.no_grad():
@@ -177,10 +184,12 @@ def train_stage1(
     def forward_step(batch: Tensor, step: int, micro: int) -> tuple[Tensor, dict[str, Tensor]]:
         x = batch.to(env.device, non_blocking=True)
         shard = sampler.shard(micro)
-        ctx = _assign(cfg, x.shape[0], len(teachers), step, shard)
+        ctx, router_ctx = _assign(cfg, x.shape[0], len(teachers), step, shard)
         # The student's own randomness (expert dropout, router noise) is tied to (step, shard) too.
         torch.manual_seed(mix_seed(cfg.seed, step, shard, 1))
-        loss, terms, stats = distill_loss(net, model, teachers, criterion, x, ctx, cfg.loss.lb_weight)
+        loss, terms, stats = distill_loss(
+            net, model, teachers, criterion, x, ctx, cfg.loss.lb_weight, router_ctx
+        )
         routing.update(stats)
         return loss, terms
 

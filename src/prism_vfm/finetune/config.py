@@ -50,6 +50,9 @@ class Stage2Config:
     clip_grad: float = 10.0
     # Official quirk: row 3 of the fresh task table is a copy of the DINOv2 teacher embedding.
     task_table_init: Literal["fresh", "copy_dinov2"] = "fresh"
+    # "shuffled": each task pass routes every sample under a random task id (its head still learns its own
+    # task), so the id says nothing about the task — the control run for expert specialisation by task.
+    task_contexts: Literal["own", "shuffled"] = "own"
     holdout: float = 0.05  # fraction of train held out for validation (never the test split)
     val_every: int = 2000  # steps between validations (0: only at the end)
     ckpt_every: int = 2000  # steps between checkpoints (0: only at the end)

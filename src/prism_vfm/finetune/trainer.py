@@ -58,13 +58,21 @@ class MultiTaskStep(nn.Module):
         self.model = model
 
     def forward(
-        self, x: Tensor, teacher_ids: Tensor | Sequence[int] | None
+        self,
+        x: Tensor,
+        teacher_ids: Tensor | Sequence[int] | None,
+        task_ids: Sequence[Sequence[int]] | None = None,
     ) -> tuple[dict[str, Tensor], dict[int, list[Tensor]] | None, Tensor, Tensor]:
         """``teacher_ids`` best on the host (a list stays there under DDP): they are checked there, and
-        grouping the projections by teacher then reads nothing back from the device."""
+        grouping the projections by teacher then reads nothing back from the device. ``task_ids``: per task
+        pass, the task id of each sample its router is given (default: the task's own id)."""
         model, student = self.model, self.model.student
         tasks = model.task_names
-        passes: list[tuple[ContextKind, Context]] = [("task", model.task_id(t)) for t in tasks]
+        passes: list[tuple[ContextKind, Context]] = (
+            [("task", model.task_id(t)) for t in tasks]
+            if task_ids is None
+            else [("task", list(ids)) for ids in task_ids]
+        )
         if teacher_ids is not None:
             teacher_ids = torch.as_tensor(teacher_ids)
             passes.append(("teacher", teacher_ids))
@@ -191,8 +199,12 @@ def train_stage2(
         if teachers:
             g = torch.Generator().manual_seed(mix_seed(cfg.seed, step, shard, 0))
             ids = balanced_teacher_split(x.shape[0], len(teachers), g)
+        routed = None
+        if cfg.task_contexts == "shuffled":
+            g = torch.Generator().manual_seed(mix_seed(cfg.seed, step, shard, 2))
+            routed = torch.randint(len(cfg.tasks), (len(cfg.tasks), x.shape[0]), generator=g).tolist()
         torch.manual_seed(mix_seed(cfg.seed, step, shard, 1))
-        outputs, projections, aux_tasks, aux_teacher = net(x, None if ids is None else ids.tolist())
+        outputs, projections, aux_tasks, aux_teacher = net(x, None if ids is None else ids.tolist(), routed)
         tasks = task_loss({t: o.float() for t, o in outputs.items()}, labels)
         terms = {f"task/{t}": v for t, v in tasks.weighted.items()}
         loss = tasks.total

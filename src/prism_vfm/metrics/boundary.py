@@ -8,19 +8,21 @@ scikit-image supplies the thinning, identical to MATLAB's ``bwmorph(b, 'thin', I
 pre-processing is not used: its package imports OpenCV, which nothing else here needs, and its
 ``binary_thin`` stops as soon as one sub-iteration changes nothing, leaving some maps thicker than MATLAB's.
 
-Two matchers (``MATCHERS``) give the counts. ``"bsds"``, the default, runs pyEdgeEval's
-``correspondPixels`` at every threshold, as SEISM does: the reference, for numbers to compare with published
-ones. ``"fast"`` thins the maps of all thresholds together and counts a maximum bipartite matching per
-threshold (``boundary_matching``), in about 2 % of the BSDS matcher's time. Its counts are never lower than
-the BSDS matcher's and, on more than half of the (image, threshold) pairs of realistic maps, higher by one
-to a few pixels, which raises odsF / OIS / AP by about 0.1 point (benchmarks/README.md), so it is an
-option, not the default.
+Three matchers (``MATCHERS``) give the counts. ``"bsds"`` runs pyEdgeEval's ``correspondPixels`` at every
+threshold, as SEISM does: the reference. ``"fast"``, the default, gives the same counts in 3-5 % of its
+CPU time: it thins the maps of all thresholds together and computes, per threshold, what the BSDS
+assignment keeps — the most pixel pairs within the tolerance that the matcher's random outlier graph,
+drawn here by the same generator calls from the same seed, can complete to a perfect matching
+(``boundary_assignment``); on 200 realistic maps its counts equal the reference's on every (image,
+threshold) pair compared (benchmarks/README.md). ``"maximum"`` counts a maximum bipartite matching
+instead (``boundary_matching``): what any assignment without the random graph's shortfalls would keep,
+one to a few pixels per image above the BSDS counts (about +0.1 point of odsF / OIS / AP).
 
 Counts, per image and threshold (``COUNT_FIELDS``): ground-truth boundary pixels matched and in total,
 predicted boundary pixels matched and in total. Recall and precision pool them over all images; empty sets
 follow SEISM (no ground truth: recall 1, precision 0; no prediction: recall 0, precision 1). The BSDS
-matcher costs about a CPU-minute per 512 x 512 image, the fast one about a second; both spread the images
-over a process pool.
+matcher costs 35-60 CPU-seconds per 512 x 512 image, the fast one 1-2 (after its kernels' one-time
+compilation, cached on disk); all spread the images over a process pool.
 """
 
 from __future__ import annotations
@@ -46,7 +48,12 @@ from tqdm import tqdm
 
 from prism_vfm.data.registry import get_dataset
 from prism_vfm.errors import MissingExtraError
-from prism_vfm.metrics.boundary_matching import maximum_matching_counts, thin_stack
+from prism_vfm.metrics.boundary_matching import (
+    assignment_module,
+    bsds_assignment_counts,
+    maximum_matching_counts,
+    thin_stack,
+)
 
 THRESHOLDS: np.ndarray = np.arange(1, 100) / 100.0
 """The 99 binarisation thresholds 0.01 ... 0.99, each the double nearest to k / 100 as MATLAB parses it."""
@@ -54,16 +61,18 @@ THRESHOLDS: np.ndarray = np.arange(1, 100) / 100.0
 COUNT_FIELDS = ("matched_gt", "total_gt", "matched_pred", "total_pred")
 """The rows of a counts array ``(..., 4, len(THRESHOLDS))``."""
 
-MATCHERS = ("fast", "bsds")
-"""Boundary matchers: maximum bipartite matching and the BSDS correspondence matcher (the reference)."""
+MATCHERS = ("fast", "maximum", "bsds")
+"""Boundary matchers: the BSDS assignment computed fast (the default), maximum bipartite matching, and the
+BSDS correspondence matcher itself (the reference)."""
 
-DEFAULT_MATCHER = "bsds"
+DEFAULT_MATCHER = "fast"
 
 NMS_SMOOTHING_RADIUS = 1
 NMS_ORIENTATION_RADIUS = 4
 
 MATCHER_SEED = 1
-"""Seed of the matcher's random outlier connections, set again before every match."""
+"""Seed of the BSDS matcher's random outlier connections, set again before every match (``"bsds"``, and
+the same draws in ``"fast"``)."""
 
 
 def pyedgeeval() -> Any:
@@ -75,8 +84,8 @@ def pyedgeeval() -> Any:
     return pyEdgeEval
 
 
-def _matcher_seeder() -> Callable[[], None]:
-    """A function that reseeds the random generator of pyEdgeEval's matcher with ``MATCHER_SEED``.
+def _matcher_seeder() -> Callable[[int], None]:
+    """A function that reseeds the random generator of pyEdgeEval's matcher with the seed it is given.
 
     The BSDS matcher joins unmatched pixels through randomly drawn outlier edges, and pyEdgeEval (like
     MATLAB's ``correspondPixels``) seeds that generator from the clock, so one image's matched counts can
@@ -94,20 +103,21 @@ def _matcher_seeder() -> Callable[[], None]:
             RuntimeWarning,
             stacklevel=2,
         )
-        return lambda: None
+        return lambda seed: None
     reseed.argtypes = [ctypes.c_void_p, ctypes.c_uint64]
     reseed.restype = None
-    return lambda: reseed(generator, MATCHER_SEED)
+    return lambda seed: reseed(generator, seed)
 
 
-_seeders: list[Callable[[], None]] = []
+_seeders: list[Callable[[int], None]] = []
 
 
-def _reseed_matcher() -> None:
-    """Reseed the matcher (the seeder is looked up once per process, on first use)."""
+def _reseed_matcher(seed: int | None = None) -> None:
+    """Reseed the matcher with ``seed`` (default ``MATCHER_SEED``); the seeder is looked up once per
+    process, on first use."""
     if not _seeders:
         _seeders.append(_matcher_seeder())
-    _seeders[0]()
+    _seeders[0](MATCHER_SEED if seed is None else seed)
 
 
 def _conv_tri(image: np.ndarray, radius: int) -> np.ndarray:
@@ -186,8 +196,8 @@ def image_counts(
         raise ValueError(f"prediction {edge.shape} and ground truth {ground_truth.shape} differ in size")
     gt = boundary_ground_truth(ground_truth)
     levels = edge_nms(edge)
-    if matcher == "fast":
-        return _fast_counts(levels, gt, max_dist_ratio)
+    if matcher != "bsds":
+        return _fast_counts(levels, gt, max_dist_ratio, matcher)
     levels = levels.astype(np.float64) / 255
     counts = np.zeros((len(COUNT_FIELDS), len(THRESHOLDS)), dtype=np.int64)
     total_gt = int(gt.sum())
@@ -211,15 +221,21 @@ def image_counts(
 _THRESHOLD_LEVELS = np.argmax(np.arange(256)[None, :] / 255 >= THRESHOLDS[:, None], axis=1)
 
 
-def _fast_counts(levels: np.ndarray, gt: np.ndarray, max_dist_ratio: float) -> np.ndarray:
-    """``image_counts`` of an 8-bit NMS map by the fast matcher: every distinct binarised map is thinned
-    in one stack and matched by maximum matching (``boundary_matching``)."""
+def _fast_counts(
+    levels: np.ndarray, gt: np.ndarray, max_dist_ratio: float, matcher: str, seed: int = MATCHER_SEED
+) -> np.ndarray:
+    """``image_counts`` of an 8-bit NMS map by the ``"fast"`` (BSDS matcher reseeded with ``seed``) or
+    ``"maximum"`` matcher: every distinct binarised map is thinned in one stack and matched
+    (``boundary_matching``)."""
     # Pixels at or above each 8-bit level; thresholds keeping as many pixels keep the same (nested) map.
     at_or_above = np.cumsum(np.bincount(levels.ravel(), minlength=256)[::-1])[::-1]
     totals = at_or_above[_THRESHOLD_LEVELS]
     _, first, which = np.unique(totals, return_index=True, return_inverse=True)
     maps = thin_stack(levels[None] >= _THRESHOLD_LEVELS[first][:, None, None])
-    matched = maximum_matching_counts(maps, gt, max_dist_ratio)[which]
+    if matcher == "fast":
+        matched = bsds_assignment_counts(maps, gt, max_dist_ratio, seed)[which]
+    else:
+        matched = maximum_matching_counts(maps, gt, max_dist_ratio)[which]
     total_pred = maps.sum(axis=(1, 2))[which]
     total_gt = np.full(len(THRESHOLDS), int(gt.sum()))
     return np.stack([matched, total_gt, matched, total_pred]).astype(np.int64)
@@ -382,6 +398,8 @@ class BoundaryMeter:
         self.dataset = dataset
         self.max_dist_ratio = dataset_max_dist_ratio(dataset)
         self.matcher = check_matcher(matcher)
+        if matcher == "fast":
+            assignment_module()
         self.workers = workers
         self.progress = progress
         self.reset()

@@ -1,16 +1,19 @@
-"""The fast boundary matcher: thinning of every threshold at once and maximum bipartite matchings.
+"""The fast boundary matchers: thinning of every threshold at once, the candidate pixel pairs found once
+per image, then per threshold either the BSDS matcher's assignment (``bsds_assignment_counts``, matcher
+``"fast"``) or a maximum bipartite matching (``maximum_matching_counts``, matcher ``"maximum"``).
 
 The BSDS matcher (``correspondPixels``) solves a minimum-cost assignment in which a predicted or
-ground-truth pixel left unmatched costs 100 x the tolerance, far more than any match within it. The counts
-the metrics use are then those of a maximum matching in the bipartite graph of predicted and ground-truth
-boundary pixels at most the tolerance apart, which is what this module computes, exactly, as a maximum flow
-(SciPy's Dinic). The two differ where the BSDS solution is not of maximum size, so the BSDS counts are
-never higher: (a) its unmatched pixels must pair up through a sparse random graph of outlier edges (6 per
-node), which often has no perfect matching on what a maximum matching leaves over, so that one to a few
-more pixels stay unmatched (on most (image, threshold) pairs of realistic maps; it moves with the
-matcher's random seed); (b) in principle, an augmenting path that re-matches a long chain of pixels, each
-a little farther apart, can cost more distance than one outlier saves (over ~100 re-matched pixels for
-one more match) — not what happens in practice: on the map checked, a 100x outlier cost changed nothing.
+ground-truth pixel left unmatched costs 100 x the tolerance, far more than any match within it. Its counts
+would be those of a maximum matching in the bipartite graph of predicted and ground-truth boundary pixels
+at most the tolerance apart, which ``maximum_matching_counts`` computes exactly, as a maximum flow (SciPy's
+Dinic), but for two things, which keep the BSDS counts at or below it: (a) its unmatched pixels must pair
+up through a sparse random graph of outlier edges (6 per node), which often has no perfect matching on
+what a maximum matching leaves over, so that one to a few more pixels stay unmatched (on most (image,
+threshold) pairs of realistic maps; it moves with the matcher's random seed) — ``boundary_assignment``
+draws the same graph and finds exactly that count; (b) in principle, an augmenting path that re-matches a
+long chain of pixels, each a little farther apart, can cost more distance than one outlier saves (over
+~100 re-matched pixels for one more match) — not what happens in practice: on the map checked, a 100x
+outlier cost changed nothing, and the assignment counts equal the BSDS matcher's on every pair compared.
 
 SciPy's ``maximum_bipartite_matching`` is not used: its depth-first search may revisit vertices within a
 phase, which takes minutes on the dense layered graphs of noisy boundary maps; its Dinic flow advances a
@@ -19,11 +22,15 @@ current-arc pointer per vertex and stays near linear here.
 
 from __future__ import annotations
 
+import importlib
 import math
+from typing import Any
 
 import numpy as np
 from scipy import sparse
 from scipy.sparse.csgraph import maximum_flow
+
+from prism_vfm.errors import MissingExtraError
 
 # Neighbour order of the thinning code, bit 0 first: E, NE, N, NW, W, SW, S, SE (scikit-image's weights).
 _NEIGHBOURS = ((0, 1), (-1, 1), (-1, 0), (-1, -1), (0, -1), (1, -1), (1, 0), (1, 1))
@@ -119,23 +126,21 @@ def _matching_size(rows: np.ndarray, cols: np.ndarray, n_rows: int, n_cols: int)
     return int(maximum_flow(graph, 0, 1, method="dinic").flow_value)
 
 
-def maximum_matching_counts(
+def _candidate_pairs(
     predictions: np.ndarray, ground_truth: np.ndarray, max_dist_ratio: float
-) -> np.ndarray:
-    """Matched counts of a stack of thinned predictions ``(K, H, W)`` against one thinned ground truth
-    ``(H, W)``: int64 ``(K,)``, the size of a maximum matching between predicted and ground-truth pixels
-    within the tolerance (``tolerance_offsets``), i.e. both the matched ground-truth and the matched
-    predicted pixels.
+) -> tuple[np.ndarray, np.ndarray, int, int, np.ndarray]:
+    """The pairs within the tolerance of a stack of predictions ``(K, H, W)`` and one ground truth.
 
-    The candidate pairs are found once, from the union of the predictions, with the grid offsets around
-    every ground-truth pixel; each map's graph is the part of them whose predicted pixel it holds, and
-    only pixels with a partner within the tolerance enter it.
+    Found once, from the union of the predictions, with the grid offsets around every ground-truth pixel.
+    Returns the pairs' ground-truth and predicted pixel ids (sorted by ground-truth id), how many of each
+    have a partner at some threshold, and which of those predicted pixels each map holds ``(K, n_pred)``.
+    Pixels are numbered column by column (x, then y), as the BSDS matcher numbers its nodes.
     """
-    k, h, w = predictions.shape
-    gt_y, gt_x = np.nonzero(ground_truth)
+    _, h, w = predictions.shape
+    gt_x, gt_y = np.nonzero(ground_truth.T)
     union = predictions.any(axis=0)
     index = np.full((h, w), -1, dtype=np.int64)
-    pred_y, pred_x = np.nonzero(union)
+    pred_x, pred_y = np.nonzero(union.T)
     index[pred_y, pred_x] = np.arange(len(pred_y))
     offsets = tolerance_offsets((h, w), max_dist_ratio)
     y = gt_y[:, None] + offsets[:, 0]
@@ -145,15 +150,58 @@ def maximum_matching_counts(
     pred_of = index[y[inside], x[inside]]
     paired = pred_of >= 0
     gt_of, pred_of = gt_of[paired], pred_of[paired]  # sorted by ground-truth pixel
-    # Keep only the pixels that have a partner at some threshold, numbered densely.
+    # Keep only the pixels that have a partner at some threshold, numbered densely in the same order.
     gt_of, n_gt = _renumber(gt_of, len(gt_y))
     pred_ids = np.flatnonzero(np.bincount(pred_of, minlength=len(pred_y)))
     pred_of, n_pred = _renumber(pred_of, len(pred_y))
     present = predictions[:, pred_y[pred_ids], pred_x[pred_ids]]
-    counts = np.zeros(k, dtype=np.int64)
-    for i in range(k):
+    return gt_of, pred_of, n_gt, n_pred, present
+
+
+def maximum_matching_counts(
+    predictions: np.ndarray, ground_truth: np.ndarray, max_dist_ratio: float
+) -> np.ndarray:
+    """Matched counts of a stack of thinned predictions ``(K, H, W)`` against one thinned ground truth
+    ``(H, W)``: int64 ``(K,)``, the size of a maximum matching between predicted and ground-truth pixels
+    within the tolerance (``tolerance_offsets``), i.e. both the matched ground-truth and the matched
+    predicted pixels.
+
+    Each map's graph is the part of the candidate pairs (``_candidate_pairs``) whose predicted pixel it
+    holds; only pixels with a partner within the tolerance enter it.
+    """
+    gt_of, pred_of, n_gt, n_pred, present = _candidate_pairs(predictions, ground_truth, max_dist_ratio)
+    counts = np.zeros(len(predictions), dtype=np.int64)
+    for i in range(len(predictions)):
         edges = present[i, pred_of]
         counts[i] = _matching_size(gt_of[edges], pred_of[edges], n_gt, n_pred)
+    return counts
+
+
+def assignment_module() -> Any:
+    """``boundary_assignment`` (compiled with Numba, of the ``eval`` extra); MissingExtraError naming the
+    extra when Numba is absent."""
+    try:
+        return importlib.import_module("prism_vfm.metrics.boundary_assignment")
+    except ImportError as error:
+        raise MissingExtraError("the fast boundary matcher", "numba", "eval") from error
+
+
+def bsds_assignment_counts(
+    predictions: np.ndarray, ground_truth: np.ndarray, max_dist_ratio: float, seed: int
+) -> np.ndarray:
+    """Matched counts of a stack of thinned predictions ``(K, H, W)`` against one thinned ground truth
+    ``(H, W)`` as the BSDS matcher (``correspondPixels``) reseeded with ``seed`` finds them: int64
+    ``(K,)``, the most pixel pairs within the tolerance that its random outlier graph lets it keep
+    (``boundary_assignment``); never more than ``maximum_matching_counts``."""
+    matched_count = assignment_module().bsds_matched_count
+    gt_of, pred_of, n_gt, n_pred, present = _candidate_pairs(predictions, ground_truth, max_dist_ratio)
+    counts = np.zeros(len(predictions), dtype=np.int64)
+    for i in range(len(predictions)):
+        edges = present[i, pred_of]
+        # The map's nodes: its pixels with a partner within the tolerance, in the same (column) order.
+        pred, n1 = _renumber(pred_of[edges], n_pred)
+        gt, n2 = _renumber(gt_of[edges], n_gt)
+        counts[i] = matched_count(pred, gt, n1, n2, seed)
     return counts
 
 
