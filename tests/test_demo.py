@@ -58,6 +58,9 @@ def test_quick_demo_trainings_in_two_workers_equal_those_run_one_after_another(q
 
     summary = json.loads((quick.out / "summary.json").read_text())
     assert summary["parallel"]["workers"] == 2 and summary["parallel"]["critical_path_cpu_s"] > 0
+    multi_cpu = summary["parallel"]["runs"]["stage2"]["cpu_s"]  # the workers' CPU time is reported per stage
+    assert multi_cpu > 0 and summary["cpu_s"]["stage 2 (multi-task)"] == multi_cpu
+    assert "| – stage 2 (multi-task) |" in quick.report.read_text()
     cfg, data = demo_config(quick=True), quick.out / "data"
     jobs = training_jobs(
         cfg,

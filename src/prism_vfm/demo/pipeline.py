@@ -257,7 +257,8 @@ def run_demo(
 ) -> DemoResult:
     """Run the whole demo into ``out`` and return where the report and figures are. The trainings run
     side by side in ``workers`` processes of one thread each (default: one per usable core); their results
-    do not depend on ``workers``."""
+    do not depend on ``workers``. The processes are spawned: a script calling this with more than one
+    worker must do so under ``if __name__ == "__main__":``."""
     from prism_vfm.evaluate import evaluate
 
     if seed < 0:
@@ -284,6 +285,8 @@ def run_demo(
     jobs = training_jobs(cfg, images, pascal.root, out, weights, cache, seed)
     with _stage(timings, f"training ({len(jobs)} runs)", cpu):
         results = run_jobs(jobs, workers, log=lambda line: print(f"[demo] {line}", flush=True))
+    in_workers = sum(r.cpu_s for r in results.values() if r.worker != os.getpid())
+    cpu[f"training ({len(jobs)} runs)"] += in_workers
     for group, names in job_groups(jobs).items():
         cpu[group] = sum(results[n].cpu_s for n in names)  # in the workers: not in this process's time
     parallel = {
@@ -336,9 +339,7 @@ def run_demo(
             cpu,
         )
     timings["total"] = time.perf_counter() - start
-    cpu["total"] = (
-        time.process_time() - cpu_start + sum(r.cpu_s for r in results.values() if r.worker != os.getpid())
-    )
+    cpu["total"] = time.process_time() - cpu_start + in_workers  # the workers' time is not this process's
     summary = {
         "config": dataclasses.asdict(cfg),
         "seed": seed,
