@@ -186,6 +186,17 @@ def test_teachers_are_cached_and_loaded_through_the_registry(tmp_path):
     assert other.key() != cfg.key()
 
 
+def test_teachers_pretrained_in_two_workers_equal_those_trained_here(tmp_path):
+    from safetensors.torch import load_file
+
+    cfg = DemoTeacherConfig(width=16, depth=2, scenes=4, steps=3, batch_size=2, img_size=32)
+    here = prepare_teachers(cfg, tmp_path / "here", progress=False, workers=1)
+    there = prepare_teachers(cfg, tmp_path / "there", progress=False, workers=2)
+    for name in DEMO_TEACHERS:
+        ours, theirs = (load_file(root / cfg.file_name(name)) for root in (here, there))
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours), name
+
+
 def test_demo_refuses_a_negative_seed(tmp_path, capsys):
     with pytest.raises(SystemExit, match="seed"):
         main(["demo", "--quick", "--seed", "-1", "--out", str(tmp_path)])

@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import resource
 import shutil
 import time
 from collections.abc import Iterator
@@ -241,10 +242,16 @@ class DemoResult:
 @contextlib.contextmanager
 def _stage(timings: dict[str, float], name: str, cpu: dict[str, float]) -> Iterator[None]:
     print(f"[demo] {name}", flush=True)
-    tic, cpu_tic = time.perf_counter(), time.process_time()
+    tic, cpu_tic = time.perf_counter(), _cpu_time()
     yield
     timings[name] = time.perf_counter() - tic
-    cpu[name] = time.process_time() - cpu_tic
+    cpu[name] = _cpu_time() - cpu_tic
+
+
+def _cpu_time() -> float:
+    """CPU seconds of this process and of its finished worker processes (all their threads)."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
 
 
 def run_demo(
@@ -268,9 +275,9 @@ def run_demo(
     prepare_output(out)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     timings: dict[str, float] = {}
-    cpu: dict[str, float] = {}  # CPU seconds of this process (all its threads): load-independent
+    cpu: dict[str, float] = {}  # CPU seconds of this process and its workers: load-independent
     size = (cfg.img_size, cfg.img_size)
-    start, cpu_start = time.perf_counter(), time.process_time()
+    start, cpu_start = time.perf_counter(), _cpu_time()
 
     with _stage(timings, "data", cpu):
         images = write_scene_images(out / "data" / "images", cfg.stage1_images, size, seed, progress=True)
@@ -279,14 +286,12 @@ def run_demo(
         )
         write_scene_nyud(out / "data" / "NYUDv2", cfg.nyud_images, max(1, cfg.nyud_images // 4), size, seed)
     with _stage(timings, "teachers", cpu):
-        weights = prepare_teachers(cfg.teachers, cache)
+        weights = prepare_teachers(cfg.teachers, cache, workers=workers)
     seeds = cfg.seeds(seed)
     tasks = tuple(dataset_tasks(DATASET))
     jobs = training_jobs(cfg, images, pascal.root, out, weights, cache, seed)
     with _stage(timings, f"training ({len(jobs)} runs)", cpu):
         results = run_jobs(jobs, workers, log=lambda line: print(f"[demo] {line}", flush=True))
-    in_workers = sum(r.cpu_s for r in results.values() if r.worker != os.getpid())
-    cpu[f"training ({len(jobs)} runs)"] += in_workers
     for group, names in job_groups(jobs).items():
         cpu[group] = sum(results[n].cpu_s for n in names)  # in the workers: not in this process's time
     parallel = {
@@ -339,7 +344,7 @@ def run_demo(
             cpu,
         )
     timings["total"] = time.perf_counter() - start
-    cpu["total"] = time.process_time() - cpu_start + in_workers  # the workers' time is not this process's
+    cpu["total"] = _cpu_time() - cpu_start
     summary = {
         "config": dataclasses.asdict(cfg),
         "seed": seed,
