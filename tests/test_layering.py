@@ -31,7 +31,7 @@ TIERS: list[set[str]] = [
     {"distill", "video.train_config"},
     {"finetune", "smoke", "video.train"},
     {"evaluate", "analysis"},
-    {"video.evaluate"},
+    {"video.evaluate", "video.expert_report"},
     {"ablation", "demo", "video.zeroshot"},
     {"video.fewshot"},
     {"video.demo"},

@@ -202,8 +202,10 @@ def _video_train_config(args: argparse.Namespace, command: str) -> VideoTrainCon
     if getattr(args, "fsdp", False):
         direct.append(("fsdp", True))
     cfg = apply_overrides(cfg, [(k, v) for k, v in direct if v is not None] + list(args.set))
-    if not (cfg.data.root or cfg.data.train_list):
-        raise SystemExit(f"prism video {command}: give the data set folder (--data) or data.train_list")
+    if not (cfg.data.root or cfg.data.train_list or cfg.data.features):
+        raise SystemExit(
+            f"prism video {command}: give the data set folder (--data), data.train_list or data.features"
+        )
     return cfg
 
 
@@ -252,6 +254,36 @@ def cmd_video_evaluate(args: argparse.Namespace) -> None:
     )
     if env.is_main:
         print(json.dumps({"scores": result["scores"], "views": result["views"]}, indent=2))
+
+
+def cmd_video_analyze(args: argparse.Namespace) -> None:
+    from prism_vfm.models.load import load
+    from prism_vfm.video.expert_report import analyse_head
+    from prism_vfm.video.feature_model import FeatureClassifier
+
+    model, report = load(args.run)
+    if not isinstance(model, FeatureClassifier):
+        raise SystemExit(
+            f"prism video analyze: {args.run} holds a {type(model).__name__} ({report.kind}); expected a "
+            "head trained on cached features (prism video train with data.features)"
+        )
+    result = analyse_head(model, args.features, args.split, args.out)
+    shown = {k: result[k] for k in ("accuracy", "reversal") if k in result}
+    print(json.dumps(shown, indent=2))
+    if args.out:
+        print(f"analysis: {Path(args.out) / 'analysis.json'}")
+
+
+def cmd_video_demo(args: argparse.Namespace) -> None:
+    from prism_vfm.video.demo.pipeline import run_video_demo
+
+    if args.seed < 0:
+        raise SystemExit(f"prism video demo: --seed must be >= 0, got {args.seed}")
+    result = run_video_demo(
+        args.out, quick=args.quick, seed=args.seed, cache_dir=args.cache_dir, finetune=args.finetune
+    )
+    print(json.dumps(result.headline, indent=2))
+    print(f"report: {result.report} (figures in {result.out / 'figures'})")
 
 
 def cmd_video_zeroshot(args: argparse.Namespace) -> None:
@@ -694,6 +726,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_video_zeroshot)
+
+    p = video_sub.add_parser(
+        "analyze",
+        help="what a head's experts do: accuracy per group, read-out with one expert hidden, attention "
+        "mass per token, linear probes of each expert, time-reversal flips",
+    )
+    p.add_argument("run", help="a head trained on cached features: its run or checkpoint folder")
+    p.add_argument(
+        "--features", required=True, help="features folder: <split>.safetensors, labels.csv, classes.csv"
+    )
+    p.add_argument("--split", default="test", help="split to analyse (default test; probes fit on train)")
+    p.add_argument("--out", help="folder for analysis.json and the figures")
+    p.set_defaults(func=cmd_video_analyze)
+
+    p = video_sub.add_parser(
+        "demo",
+        help="VidPrism on rendered clips on a CPU: a tiny image-text model, baseline and VidPrism heads, "
+        "evaluation, expert analyses and a report (under 10 minutes; --quick under 2)",
+    )
+    p.add_argument("--quick", action="store_true", help="smaller and shorter, one seed (checks the pipeline)")
+    p.add_argument(
+        "--out", default="runs/video_demo", help="folder for the data, runs, figures and report.md"
+    )
+    p.add_argument("--seed", type=int, default=0, help="data and first head seed (full: seeds N, N+1, N+2)")
+    p.add_argument(
+        "--cache-dir",
+        help="where the image-text model is cached (default: ~/.cache/prism_vfm/demo_teachers)",
+    )
+    p.add_argument(
+        "--finetune",
+        action="store_true",
+        help="also train VidPrism end to end on the videos, the image encoder fine-tuned at the released "
+        "learning-rate ratio (slower)",
+    )
+    p.set_defaults(func=cmd_video_demo)
 
     for name, func, shots, what in (
         ("fewshot", cmd_video_fewshot, "2 4 8 16", "train and score K-shot lists: shots × seeds, mean ± std"),

@@ -45,6 +45,9 @@ class HeadConfig:
     # "released": 1 - cosine between batch samples' per-expert summaries (what the release computes);
     # "inter_expert": mean squared cosine between different experts of a sample (the intended form).
     diversity: Diversity = "released"
+    # -1 (released): expert i reads stream i. i >= 0: every expert reads stream i (after DBI), the
+    # homogeneous-expert control that tells what the streams' different rates contribute.
+    shared_stream: int = -1
 
     def __post_init__(self) -> None:
         self.rates = tuple(int(r) for r in self.rates)
@@ -69,6 +72,11 @@ class HeadConfig:
             raise ValueError(
                 f"HeadConfig.num_experts={self.num_experts}: expected one expert per rate, "
                 f"{len(self.rates)} for rates={self.rates}"
+            )
+        if not -1 <= self.shared_stream < len(self.rates):
+            raise ValueError(
+                f"HeadConfig.shared_stream={self.shared_stream}: expected -1 (one stream per expert) or a "
+                f"stream index in [0, {len(self.rates) - 1}]"
             )
         fast = [r for r in self.rates if r < self.slow_rate]
         slow = [r for r in self.rates if r >= self.slow_rate]

@@ -9,6 +9,7 @@ and the projection act on f. The three released variants are configurations of t
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -89,11 +90,15 @@ class VidPrismHead(nn.Module):
             if class_text.dim() != 2 or class_text.shape[-1] != d:
                 raise ValueError(f"VidPrismHead: class_text must be (C, {d}); got {tuple(class_text.shape)}")
 
-    def forward(self, features: Tensor, class_text: Tensor | None = None) -> HeadOutput:
+    def forward(
+        self, features: Tensor, class_text: Tensor | None = None, drop_experts: Sequence[int] = ()
+    ) -> HeadOutput:
         """Classify clips from frame features (B, T, D).
 
         The text variant needs ``class_text`` (C, D) and returns cosine logits against it; the other
-        variants ignore it (the text loss takes it separately, see :func:`released_loss`)."""
+        variants ignore it (the text loss takes it separately, see :func:`released_loss`).
+        ``drop_experts`` hides those experts from the read-out (a test-time ablation, see
+        :class:`~prism_vfm.video.readout.Combination`)."""
         self._check(features, class_text)
         with torch.no_grad():
             frame_norm = features.norm(dim=-1)
@@ -102,8 +107,10 @@ class VidPrismHead(nn.Module):
         tokens = [s.tokens for s in streams]
         dbi = self.dbi(tokens) if self.cfg.dbi else None
         expert_in = dbi.streams if dbi is not None else tokens
+        if self.cfg.shared_stream >= 0:
+            expert_in = [expert_in[self.cfg.shared_stream]] * len(expert_in)
         expert_out = [expert(x) for expert, x in zip(self.experts, expert_in, strict=True)]
-        fused, gates, attention = self.readout(expert_out)
+        fused, gates, attention = self.readout(expert_out, drop_experts)
         summaries = torch.stack([x.mean(dim=1) for x in expert_out], dim=1)
         diversity = DIVERSITY[self.cfg.diversity](summaries)
         z = self.projection(fused) if self.projection is not None else None

@@ -18,6 +18,7 @@ from torch import nn
 from prism_vfm.models.load import LoadReport, SourceKind, fill_from_state, register_source_kind
 from prism_vfm.utils.io import read_safetensors_file
 from prism_vfm.video.backbone import tower_state_dict
+from prism_vfm.video.feature_model import FeatureClassifier
 from prism_vfm.video.model import VidPrism, infer_tower_config, read_released_checkpoint
 from prism_vfm.video.official import load_official_head
 
@@ -74,6 +75,29 @@ VIDPRISM = register_source_kind(
         describes_folder=lambda config: _CONFIG_KEYS <= config.keys(),
         load_folder=load_folder,
         describes_file=lambda contents: _RELEASED_KEYS <= contents.keys(),
+        load_file=load_released,
+    )
+)
+
+
+def load_head_folder(
+    folder: Path, config: dict[str, Any], kind: str, allow_fresh: Sequence[str], overrides: dict[str, Any]
+) -> tuple[nn.Module, LoadReport]:
+    """The :class:`FeatureClassifier` (a temporal head on cached frame features) a folder holds."""
+    if overrides:
+        raise ValueError(f"{folder}: a head on frame features takes no load options, got {sorted(overrides)}")
+    model = FeatureClassifier(**config)
+    state = read_safetensors_file(folder / "model.safetensors")
+    report = fill_from_state(model, state, str(folder), f"VidPrism head-only {kind}", allow_fresh)
+    return model.eval(), report
+
+
+HEAD_ONLY = register_source_kind(
+    SourceKind(
+        name="VidPrism head on frame features",
+        describes_folder=lambda config: {"kind", "head"} <= config.keys() and "tower" not in config,
+        load_folder=load_head_folder,
+        describes_file=lambda contents: False,
         load_file=load_released,
     )
 )

@@ -7,6 +7,8 @@ feed the balance loss and analysis only, they scale nothing in the forward pass.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -21,8 +23,13 @@ class Combination(nn.Module):
         self.attn = nn.MultiheadAttention(dim, num_heads, batch_first=True)  # holds the weights
         self.norm = nn.LayerNorm(dim)
 
-    def forward(self, expert_outputs: list[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-        """Return fused f (B, D), gates (B, N) and the head-averaged attention of the query (B, ΣL)."""
+    def forward(
+        self, expert_outputs: list[Tensor], drop: Sequence[int] = ()
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Return fused f (B, D), gates (B, N) and the head-averaged attention of the query (B, ΣL).
+
+        ``drop`` lists experts whose tokens the query does not see (a test-time ablation): the attention
+        is renormalised over the remaining experts' tokens and the dropped experts' gates are 0."""
         tokens = torch.cat(expert_outputs, dim=1)
         batch, length, dim = tokens.shape
         heads = self.attn.num_heads
@@ -31,13 +38,24 @@ class Combination(nn.Module):
         # the query is the same for every clip: project it once; scale as nn.MultiheadAttention does
         q = F.linear(self.query.view(1, dim), w_q, b_q).view(heads, dim // heads) * (dim // heads) ** -0.5
         k, v = F.linear(tokens, w_kv, b_kv).view(batch, length, 2, heads, dim // heads).unbind(2)
-        weights = torch.softmax(torch.einsum("hc,blhc->bhl", q, k), dim=-1)
+        scores = torch.einsum("hc,blhc->bhl", q, k)
+        lengths = [x.shape[1] for x in expert_outputs]
+        if drop:
+            if not set(drop) < set(range(len(expert_outputs))):
+                raise ValueError(
+                    f"Combination: drop={list(drop)} must name some but not all of the "
+                    f"{len(expert_outputs)} experts"
+                )
+            hidden = torch.cat(
+                [torch.full((n,), i in drop, dtype=torch.bool) for i, n in enumerate(lengths)]
+            ).to(scores.device)
+            scores = scores.masked_fill(hidden, float("-inf"))
+        weights = torch.softmax(scores, dim=-1)
         pooled = F.linear(
             torch.einsum("bhl,blhc->bhc", weights, v).reshape(batch, dim),
             self.attn.out_proj.weight,
             self.attn.out_proj.bias,
         )
         attention = weights.mean(dim=1)
-        lengths = [x.shape[1] for x in expert_outputs]
         gates = torch.stack([part.sum(dim=-1) for part in attention.split(lengths, dim=-1)], dim=-1)
         return self.norm(pooled), gates, attention

@@ -45,9 +45,13 @@ from prism_vfm.train.optim import decay_split
 from prism_vfm.train.precision import autocast
 from prism_vfm.train.run import start_run
 from prism_vfm.train.schedule import warmup_cosine_epochs
+from prism_vfm.utils.io import read_safetensors_file
+from prism_vfm.video.backbone import load_tower_weights
 from prism_vfm.video.config import HeadConfig
 from prism_vfm.video.data.dataset import DataIssues, VideoDataset
+from prism_vfm.video.data.features import FeatureDataset, read_feature_set
 from prism_vfm.video.data.lists import read_label_csv, read_video_list
+from prism_vfm.video.feature_model import FeatureClassifier
 from prism_vfm.video.losses import released_loss
 from prism_vfm.video.metrics import ClassificationMeter, average_views
 from prism_vfm.video.model import VidPrism
@@ -56,6 +60,9 @@ from prism_vfm.video.text import TextEncoder, class_text_embeddings, load_text_w
 from prism_vfm.video.train_config import TOWERS, VideoTrainConfig, resolved, validate_video_train
 
 logger = logging.getLogger(__name__)
+
+INPUT_KEY: dict[type, str] = {VidPrism: "video", FeatureClassifier: "features"}
+"""The batch entry each model reads: clips for VidPrism, frame features for a head alone."""
 
 
 def released_step_epoch(step: int, steps_per_epoch: int, every: int = 10) -> float:
@@ -89,24 +96,65 @@ class _EpochIndexed(Dataset):
 
 
 def build_model(cfg: VideoTrainConfig, num_classes: int) -> VidPrism:
-    """The CLIP tower (OpenAI's weights unless ``model.pretrained`` is false) and a fresh head; then, with
+    """The CLIP tower (``model.clip_weights``, else OpenAI's unless ``model.pretrained`` is false) and a
+    fresh head; then, with
     ``model.init``, every entry of a previous VidPrism whose name and shape match (the classifier starts
     fresh when the class count differs)."""
     m = cfg.model
     tower, _ = TOWERS[m.tower]
     head = HeadConfig(
-        dim=tower.output_dim, num_classes=num_classes, dbi_update=m.dbi_update, diversity=m.diversity
+        dim=tower.output_dim,
+        num_classes=num_classes,
+        dbi=m.dbi,
+        dbi_update=m.dbi_update,
+        diversity=m.diversity,
+        shared_stream=m.shared_stream,
     )
     model = VidPrism(
         tower,
         head,
         img_size=cfg.data.size,
         grad_checkpointing=m.grad_checkpointing,
-        pretrained=m.pretrained,
+        pretrained=m.pretrained and not m.clip_weights,
     )
+    if m.clip_weights:
+        load_tower_weights(model.backbone, m.clip_weights)
     if m.init:
         logger.info("init: %s", transfer_init(model, m.init).summary())
     return model
+
+
+def build_feature_model(
+    cfg: VideoTrainConfig, num_classes: int, dim: int, num_frames: int
+) -> FeatureClassifier:
+    """A head alone on cached frame features (``data.features``): VidPrism's head as configured by
+    ``model.*``, or a baseline (``model.head``); then ``model.init`` as for :func:`build_model`."""
+    m = cfg.model
+    head = HeadConfig(
+        dim=dim,
+        num_classes=num_classes,
+        dbi=m.dbi,
+        dbi_update=m.dbi_update,
+        diversity=m.diversity,
+        shared_stream=m.shared_stream,
+    )
+    model = FeatureClassifier(m.head, head, num_frames=num_frames)
+    if m.init:
+        donor, found = load(m.init)
+        report = fill_from_state(
+            model, donor.state_dict(), m.init, f"{found.kind}, transfer", allow_fresh=("head.classifier.*",)
+        )
+        logger.info("init: %s", report.summary())
+    return model
+
+
+def read_class_text(path: Path, num_classes: int) -> Tensor:
+    """The ``class_text`` (C, D) entry of a features folder's ``class_text.safetensors``."""
+    text = read_safetensors_file(path).get("class_text")
+    if text is None or text.dim() != 2 or text.shape[0] != num_classes:
+        shape = None if text is None else tuple(text.shape)
+        raise ValueError(f"{path}: expected an entry 'class_text' of shape ({num_classes}, D), found {shape}")
+    return text.float()
 
 
 def transfer_init(model: VidPrism, source: str | Path) -> LoadReport:
@@ -124,7 +172,9 @@ def text_embeddings(cfg: VideoTrainConfig, class_names: list[str], device: torch
     the tower is dropped afterwards)."""
     _, text_tower = TOWERS[cfg.model.tower]
     encoder = TextEncoder(text_tower)
-    if cfg.model.pretrained:
+    if cfg.model.clip_weights:
+        load_text_weights(encoder, cfg.model.clip_weights)
+    elif cfg.model.pretrained:
         load_text_weights(encoder, "hub")
     encoder.requires_grad_(False).eval()
     return class_text_embeddings(encoder, class_names, ENSEMBLE_28).to(device)
@@ -137,6 +187,20 @@ def check_video_train(cfg: VideoTrainConfig) -> str:
     cfg = resolved(cfg)
     validate_video_train(cfg)
     d = cfg.data
+    if d.features:
+        folder = Path(d.features)
+        names = read_label_csv(folder / "labels.csv")
+        x, _ = read_feature_set(folder / "train.safetensors", len(names))
+        n_val = (
+            len(read_feature_set(folder / "val.safetensors", len(names))[1])
+            if (folder / "val.safetensors").is_file()
+            else 0
+        )
+        return (
+            f"{len(names)} classes, {len(x)} training clips of cached features {tuple(x.shape[1:])} "
+            f"({folder}), {n_val} validation clips; the {cfg.model.head} head alone; {cfg.epochs} epochs "
+            f"of batch {cfg.batch_size} per process × accum {cfg.accum}; run folder {cfg.out}"
+        )
     names = read_label_csv(d.labels)
     train = read_video_list(d.train_list, len(names), root=d.videos, drop_short=True)
     val = read_video_list(d.val_list, len(names), root=d.videos) if d.val_list else []
@@ -168,57 +232,92 @@ def train_video(
     torch.manual_seed(cfg.seed)
     d = cfg.data
 
-    # data
-    class_names = read_label_csv(d.labels)
-    train_samples = read_video_list(d.train_list, len(class_names), root=d.videos, drop_short=True)
-    train_set = VideoDataset(
-        d.videos,
-        train_samples,
-        "train",
-        d.num_frames,
-        d.size,
-        d.scale_size,
-        decoder=d.decoder,
-        seed=cfg.seed,
-        dataset=d.dataset,
-    )
-    val_set = None
-    if d.val_list:
-        val_samples = read_video_list(d.val_list, len(class_names), root=d.videos)
-        val_set = VideoDataset(
-            d.videos,
-            val_samples,
-            "val",
-            d.num_frames,
-            d.size,
-            d.scale_size,
-            decoder=d.decoder,
-            seed=cfg.seed,
-            dataset=d.dataset,
+    # data: videos as released, or cached frame features of a frozen encoder (a head trained alone)
+    train_set: Dataset
+    val_set: Dataset | None = None
+    if d.features:
+        class_names = read_label_csv(Path(d.features) / "labels.csv")
+        train_set = FeatureDataset(
+            *read_feature_set(Path(d.features) / "train.safetensors", len(class_names))
         )
+        if (Path(d.features) / "val.safetensors").is_file():
+            val_set = FeatureDataset(
+                *read_feature_set(Path(d.features) / "val.safetensors", len(class_names))
+            )
+    else:
+        class_names = read_label_csv(d.labels)
+        train_samples = read_video_list(d.train_list, len(class_names), root=d.videos, drop_short=True)
+        train_set = _EpochIndexed(
+            VideoDataset(
+                d.videos,
+                train_samples,
+                "train",
+                d.num_frames,
+                d.size,
+                d.scale_size,
+                decoder=d.decoder,
+                seed=cfg.seed,
+                dataset=d.dataset,
+            )
+        )
+        if d.val_list:
+            val_samples = read_video_list(d.val_list, len(class_names), root=d.videos)
+            val_set = VideoDataset(
+                d.videos,
+                val_samples,
+                "val",
+                d.num_frames,
+                d.size,
+                d.scale_size,
+                decoder=d.decoder,
+                seed=cfg.seed,
+                dataset=d.dataset,
+            )
     global_batch = cfg.batch_size * env.world_size * cfg.accum
-    steps_per_epoch = len(train_samples) // global_batch
+    train_size = len(train_set)  # type: ignore[arg-type]
+    steps_per_epoch = train_size // global_batch
     if steps_per_epoch == 0:
         raise ValueError(
-            f"{d.train_list}: {len(train_samples)} videos, fewer than one global batch of {global_batch} "
+            f"{d.features or d.train_list}: {train_size} clips, fewer than one global batch of "
+            f"{global_batch} "
             f"(batch_size {cfg.batch_size} × {env.world_size} processes × accum {cfg.accum})"
         )
     total_steps = cfg.epochs * steps_per_epoch
     end_step = min(total_steps, cfg.max_steps) if cfg.max_steps > 0 else total_steps
 
     # model and the class prompts' text embeddings
-    model = build_model(cfg, len(class_names)).to(env.device).train()
+    model: VidPrism | FeatureClassifier
+    class_text: Tensor | None = None
+    if d.features:
+        sample = train_set[(0, 0)]["features"]
+        model = build_feature_model(cfg, len(class_names), sample.shape[-1], sample.shape[0])
+        if cfg.model.text_loss:
+            class_text = read_class_text(Path(d.features) / "class_text.safetensors", len(class_names))
+            class_text = class_text.to(env.device)
+    else:
+        model = build_model(cfg, len(class_names))
+        if cfg.model.text_loss:
+            class_text = text_embeddings(cfg, class_names, env.device)
+    model.to(env.device).train()
     run.restore_weights(model)
-    class_text = text_embeddings(cfg, class_names, env.device) if cfg.model.text_loss else None
     # Some head parameters take no gradient in a step, depending on the input (DBI's filter, §8).
-    net = wrap_model(
-        model, env, cfg.fsdp, units=model.backbone.tower.blocks, find_unused=True, shard_root=model.backbone
-    )
+    if isinstance(model, VidPrism):
+        net = wrap_model(
+            model,
+            env,
+            cfg.fsdp,
+            units=model.backbone.tower.blocks,
+            find_unused=True,
+            shard_root=model.backbone,
+        )
+    else:  # a head alone: nothing to shard (data.features refuses fsdp)
+        net = wrap_model(model, env, False, find_unused=True)
 
     # optimiser: the tower at lr × clip_ratio, the head at lr; decay on all parameters as released
     groups = []
+    tower = list(model.backbone.parameters()) if isinstance(model, VidPrism) else []
     for name, params, lr in (
-        ("backbone", list(model.backbone.parameters()), cfg.lr * cfg.clip_ratio),
+        ("backbone", tower, cfg.lr * cfg.clip_ratio),
         ("head", list(model.head.parameters()), cfg.lr),
     ):
         split = decay_split(model, params)
@@ -236,7 +335,7 @@ def train_video(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
     sampler = ShardedBatchSampler(
-        len(train_set),
+        train_size,
         cfg.batch_size,
         end_step,
         cfg.seed,
@@ -246,7 +345,7 @@ def train_video(
         run.start_step,
     )
     loader = DataLoader(
-        _EpochIndexed(train_set),
+        train_set,
         batch_sampler=sampler,
         num_workers=d.workers,
         pin_memory=env.device.type == "cuda",
@@ -257,7 +356,7 @@ def train_video(
 
     def forward_step(batch: dict[str, Any], step: int, micro: int) -> tuple[Tensor, dict[str, Tensor]]:
         issues.update(batch)
-        clips = batch["video"].to(env.device, non_blocking=True)
+        clips = batch[INPUT_KEY[type(model)]].to(env.device, non_blocking=True)
         labels = batch["label"].to(env.device, non_blocking=True)
         torch.manual_seed(mix_seed(cfg.seed, step, sampler.shard(micro), 1))
         out = net(clips)
@@ -340,8 +439,8 @@ def train_video(
 
 @torch.no_grad()
 def validate(
-    model: VidPrism,
-    dataset: VideoDataset,
+    model: VidPrism | FeatureClassifier,
+    dataset: Dataset,
     cfg: VideoTrainConfig,
     device: torch.device,
     sharded: bool = False,
@@ -356,16 +455,18 @@ def validate(
     was_training = model.training
     model.eval()
     meter = ClassificationMeter(model.head.cfg.num_classes)
-    part = Subset(dataset, shard_indices(len(dataset)))
+    size = len(dataset)  # type: ignore[arg-type]
+    part = Subset(dataset, shard_indices(size))
     rounds = None
     if sharded:
-        longest = -(-len(dataset) // process_rank()[1])  # rank 0's part
+        longest = -(-size // process_rank()[1])  # rank 0's part
         rounds = -(-longest // cfg.batch_size)
     batch: dict[str, Any] | None = None
     done = 0
-    for batch in DataLoader(part, batch_size=cfg.batch_size, num_workers=cfg.data.workers):
+    workers = 0 if isinstance(model, FeatureClassifier) else cfg.data.workers
+    for batch in DataLoader(part, batch_size=cfg.batch_size, num_workers=workers):
         with autocast(cfg.amp, device):
-            logits = model(batch["video"].to(device)).logits
+            logits = model(batch[INPUT_KEY[type(model)]].to(device)).logits
         meter.update(average_views(logits[:, None]), batch["label"])
         done += 1
     if rounds is not None:

@@ -28,6 +28,7 @@ from prism_vfm.config import require
 from prism_vfm.data.registry import get_video_dataset
 from prism_vfm.train.precision import AMP_CHOICES
 from prism_vfm.video.backbone import CLIP_TOWERS, TowerConfig
+from prism_vfm.video.feature_model import HEAD_KINDS
 from prism_vfm.video.text import CLIP_TEXT_TOWERS, TextTowerConfig
 
 TINY_TOWER = TowerConfig(patch_size=8, width=32, depth=2, heads=2, output_dim=16, img_size=32)
@@ -55,12 +56,19 @@ class VideoDataConfig:
     scale_size: int = 256
     decoder: Literal["pyav", "decord"] = "pyav"
     workers: int = 8
+    # Train a head alone on cached frame features of a frozen encoder instead of videos: a folder with
+    # train.safetensors, labels.csv and optionally val.safetensors and class_text.safetensors
+    # (prism_vfm.video.data.features). The tower options and the video paths are then unused.
+    features: str = ""
 
 
 @dataclass
 class VideoModelConfig:
     tower: str = "ViT-B/16"  # ViT-B/16, ViT-L/14 or tiny (random weights)
     pretrained: bool = True  # OpenAI's CLIP weights from the Hub for both towers
+    # A CLIP weight file (OpenAI's layout, or any layout load_tower_weights reads) for both towers instead
+    # of the Hub's, e.g. a local copy or the video demo's image-text model. Empty: see pretrained.
+    clip_weights: str = ""
     grad_checkpointing: bool = True
     # A previous VidPrism to start from (transfer): a run folder (its latest checkpoint), a checkpoint or
     # save_pretrained folder, or a released training checkpoint (.pt). Entries whose name and shape match
@@ -70,6 +78,11 @@ class VideoModelConfig:
     diversity: Literal["released", "inter_expert"] = "released"
     text_loss: bool = True  # the released L_con against the class prompts' text embeddings
     text_scale: float = 1.0  # temperature of L_con's cosine logits (released: 1)
+    # On cached features (data.features) the head may be a baseline instead of VidPrism's:
+    # "mean_pool" or "temporal_transformer" (prism_vfm.video.baselines).
+    head: Literal["vidprism", "mean_pool", "temporal_transformer"] = "vidprism"
+    dbi: bool = True  # False: no DBI (the head is then blind to the order of frames)
+    shared_stream: int = -1  # >= 0: every expert reads that stream (the homogeneous-expert control)
 
 
 @dataclass
@@ -189,15 +202,36 @@ def validate_video_train(cfg: VideoTrainConfig) -> None:
         get_video_dataset(d.dataset)
     except ValueError as exc:
         require(False, "data.dataset", f"a registered video data set ({exc})", d.dataset)
-    require(
-        bool(d.videos) and Path(d.videos).is_dir(), "data.videos", "an existing folder of videos", d.videos
-    )
-    for key in ("train_list", "labels"):
-        value = getattr(d, key)
-        require(bool(value) and Path(value).is_file(), f"data.{key}", "an existing file", value)
-    require(
-        not d.val_list or Path(d.val_list).is_file(), "data.val_list", "an existing file or ''", d.val_list
-    )
+    require(m.head in HEAD_KINDS, "model.head", f"one of {', '.join(HEAD_KINDS)}", m.head)
+    require(m.shared_stream >= -1, "model.shared_stream", "-1 or a stream index", m.shared_stream)
+    if d.features:
+        require(not cfg.fsdp, "fsdp", "false with data.features (a head alone has no tower to shard)", True)
+        folder = Path(d.features)
+        for name in ("train.safetensors", "labels.csv"):
+            require((folder / name).is_file(), "data.features", f"a folder holding {name}", d.features)
+        require(
+            not m.text_loss or (folder / "class_text.safetensors").is_file(),
+            "model.text_loss",
+            f"false, or class_text.safetensors in data.features ({d.features})",
+            m.text_loss,
+        )
+    else:
+        require(m.head == "vidprism", "model.head", "vidprism when training on videos", m.head)
+        require(
+            bool(d.videos) and Path(d.videos).is_dir(),
+            "data.videos",
+            "an existing folder of videos",
+            d.videos,
+        )
+        for key in ("train_list", "labels"):
+            value = getattr(d, key)
+            require(bool(value) and Path(value).is_file(), f"data.{key}", "an existing file", value)
+        require(
+            not d.val_list or Path(d.val_list).is_file(),
+            "data.val_list",
+            "an existing file or ''",
+            d.val_list,
+        )
     require(d.split in (1, 2, 3), "data.split", "1, 2 or 3", d.split)
     for key in ("num_frames", "size", "scale_size"):
         require(getattr(d, key) >= 1, f"data.{key}", "an integer >= 1", getattr(d, key))
@@ -205,6 +239,12 @@ def validate_video_train(cfg: VideoTrainConfig) -> None:
     require(d.workers >= 0, "data.workers", "an integer >= 0", d.workers)
     require(m.tower in TOWERS, "model.tower", f"one of {', '.join(TOWERS)}", m.tower)
     require(not (m.tower == "tiny" and m.pretrained), "model.pretrained", "false for the tiny tower", True)
+    require(
+        not m.clip_weights or Path(m.clip_weights).is_file(),
+        "model.clip_weights",
+        "'' or an existing CLIP weight file",
+        m.clip_weights,
+    )
     require(not m.init or Path(m.init).exists(), "model.init", "'' or an existing run, folder or .pt", m.init)
     require(m.text_scale > 0, "model.text_scale", "a number > 0", m.text_scale)
     for key in ("epochs", "batch_size", "accum", "log_every", "lr_every"):
