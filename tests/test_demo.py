@@ -30,7 +30,7 @@ FIGURES = (
 def quick(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
     torch.manual_seed(0)
-    return run_demo(root / "run", quick=True, seed=0, cache_dir=root / "cache")
+    return run_demo(root / "run", quick=True, seed=0, cache_dir=root / "cache", workers=2)
 
 
 @pytest.mark.timeout(600)
@@ -45,6 +45,41 @@ def test_quick_demo_writes_metrics_of_every_task_with_delta_m(quick):
         assert (quick.out / "single_task" / task / "eval" / "metrics.json").is_file()
     summary = json.loads((quick.out / "summary.json").read_text())
     assert summary["timings_s"]["total"] > 0 and set(summary["single_task"]) == set(tasks)
+
+
+def test_quick_demo_trainings_in_two_workers_equal_those_run_one_after_another(quick, tmp_path):
+    """The fixture trained in two worker processes; the same runs (all but the multi-task one, the longest)
+    rerun here one after another give bit-identical checkpoints."""
+    from safetensors.torch import load_file
+
+    from prism_vfm.demo.pipeline import training_jobs
+    from prism_vfm.train.checkpoint import latest_checkpoint
+    from prism_vfm.utils.parallel import run_jobs
+
+    summary = json.loads((quick.out / "summary.json").read_text())
+    assert summary["parallel"]["workers"] == 2 and summary["parallel"]["critical_path_cpu_s"] > 0
+    multi_cpu = summary["parallel"]["runs"]["stage2"]["cpu_s"]  # the workers' CPU time is reported per stage
+    assert multi_cpu > 0 and summary["cpu_s"]["stage 2 (multi-task)"] == multi_cpu
+    assert "| – stage 2 (multi-task) |" in quick.report.read_text()
+    cfg, data = demo_config(quick=True), quick.out / "data"
+    jobs = training_jobs(
+        cfg,
+        data / "images",
+        data / "PASCALContext",
+        tmp_path,
+        quick.out.parent / "cache",
+        quick.out.parent / "cache",
+        0,
+    )
+    names = ["stage1/seed0", "stage1/seed1_shuffled", "stage2_routing/seed1_shuffled", "single_task/edge"]
+    assert set(names) < set(summary["parallel"]["runs"])
+    run_jobs([j for j in jobs if j.name in names], workers=1, log=None)
+    for name in names:
+        ours, theirs = (
+            load_file(latest_checkpoint(root / name) / "model.safetensors") for root in (tmp_path, quick.out)
+        )
+        assert ours.keys() == theirs.keys(), name
+        assert all(torch.equal(ours[k], theirs[k]) for k in ours), name
 
 
 def test_quick_demo_figures_are_valid_pngs(quick):
@@ -149,6 +184,17 @@ def test_teachers_are_cached_and_loaded_through_the_registry(tmp_path):
     assert not torch.allclose(maps[0][-1], maps[1][-1])  # different objectives, different features
     other = DemoTeacherConfig(width=16, depth=2, scenes=4, steps=2, batch_size=2, img_size=32, seed=1)
     assert other.key() != cfg.key()
+
+
+def test_teachers_pretrained_in_two_workers_equal_those_trained_here(tmp_path):
+    from safetensors.torch import load_file
+
+    cfg = DemoTeacherConfig(width=16, depth=2, scenes=4, steps=3, batch_size=2, img_size=32)
+    here = prepare_teachers(cfg, tmp_path / "here", progress=False, workers=1)
+    there = prepare_teachers(cfg, tmp_path / "there", progress=False, workers=2)
+    for name in DEMO_TEACHERS:
+        ours, theirs = (load_file(root / cfg.file_name(name)) for root in (here, there))
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours), name
 
 
 def test_demo_refuses_a_negative_seed(tmp_path, capsys):

@@ -129,7 +129,11 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
     if args.seed < 0:
         raise SystemExit(f"prism demo: --seed must be >= 0, got {args.seed}")
-    result = run_demo(args.out, quick=args.quick, seed=args.seed, cache_dir=args.cache_dir)
+    if args.workers is not None and args.workers < 1:
+        raise SystemExit(f"prism demo: --workers must be >= 1, got {args.workers}")
+    result = run_demo(
+        args.out, quick=args.quick, seed=args.seed, cache_dir=args.cache_dir, workers=args.workers
+    )
     scores = {t: round(s[HEADLINE_METRICS[t]], 3) for t, s in result.metrics["scores"].items()}
     print(json.dumps({"scores": scores, "delta_m": round(result.metrics["delta_m"], 3)}, indent=2))
     print(f"report: {result.report} (figures in {result.out / 'figures'})")
@@ -596,6 +600,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--cache-dir", help="where the tiny teachers are cached (default: ~/.cache/prism_vfm/demo_teachers)"
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        help="trainings run side by side in this many one-thread processes (default: one per usable core)",
     )
     p.set_defaults(func=cmd_demo)
 

@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import resource
 import shutil
 import time
 from collections.abc import Iterator
@@ -30,6 +31,7 @@ from prism_vfm.demo.teachers import DEMO_TEACHERS, DemoTeacherConfig, prepare_te
 from prism_vfm.distill.config import OptimConfig, Stage1Config, StudentConfig, TeacherConfig
 from prism_vfm.finetune.config import DistillConfig, Stage2Config
 from prism_vfm.train.checkpoint import latest_checkpoint
+from prism_vfm.utils.parallel import Job, critical_path, run_jobs
 
 DATASET: Final = "pascalcontext"
 OUTPUTS = (
@@ -240,10 +242,16 @@ class DemoResult:
 @contextlib.contextmanager
 def _stage(timings: dict[str, float], name: str, cpu: dict[str, float]) -> Iterator[None]:
     print(f"[demo] {name}", flush=True)
-    tic, cpu_tic = time.perf_counter(), time.process_time()
+    tic, cpu_tic = time.perf_counter(), _cpu_time()
     yield
     timings[name] = time.perf_counter() - tic
-    cpu[name] = time.process_time() - cpu_tic
+    cpu[name] = _cpu_time() - cpu_tic
+
+
+def _cpu_time() -> float:
+    """CPU seconds of this process and of its finished worker processes (all their threads)."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
 
 
 def run_demo(
@@ -252,11 +260,13 @@ def run_demo(
     seed: int = 0,
     cache_dir: str | Path | None = None,
     config: DemoConfig | None = None,
+    workers: int | None = None,
 ) -> DemoResult:
-    """Run the whole demo into ``out`` and return where the report and figures are."""
-    from prism_vfm.distill.trainer import train_stage1
+    """Run the whole demo into ``out`` and return where the report and figures are. The trainings run
+    side by side in ``workers`` processes of one thread each (default: one per usable core); their results
+    do not depend on ``workers``. The processes are spawned: a script calling this with more than one
+    worker must do so under ``if __name__ == "__main__":``."""
     from prism_vfm.evaluate import evaluate
-    from prism_vfm.finetune.trainer import train_stage2
 
     if seed < 0:
         raise ValueError(f"seed must be >= 0, got {seed}")
@@ -265,9 +275,9 @@ def run_demo(
     prepare_output(out)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     timings: dict[str, float] = {}
-    cpu: dict[str, float] = {}  # CPU seconds of this process (all its threads): load-independent
+    cpu: dict[str, float] = {}  # CPU seconds of this process and its workers: load-independent
     size = (cfg.img_size, cfg.img_size)
-    start, cpu_start = time.perf_counter(), time.process_time()
+    start, cpu_start = time.perf_counter(), _cpu_time()
 
     with _stage(timings, "data", cpu):
         images = write_scene_images(out / "data" / "images", cfg.stage1_images, size, seed, progress=True)
@@ -276,60 +286,29 @@ def run_demo(
         )
         write_scene_nyud(out / "data" / "NYUDv2", cfg.nyud_images, max(1, cfg.nyud_images // 4), size, seed)
     with _stage(timings, "teachers", cpu):
-        weights = prepare_teachers(cfg.teachers, cache)
+        weights = prepare_teachers(cfg.teachers, cache, workers=workers)
     seeds = cfg.seeds(seed)
-    stage1_runs: dict[tuple[str, int], Path] = {}
-    with _stage(timings, f"stage 1 ({len(seeds)} seeds, teacher and shuffled contexts)", cpu):
-        for s in seeds:
-            for contexts in ("assigned", CONTROL):
-                config1 = stage1_config(
-                    cfg, images, out / "stage1" / run_name(contexts, s), weights, s, contexts
-                )
-                stage1_runs[(contexts, s)] = train_stage1(config1)
-        run1 = stage1_runs[("assigned", seed)]
-        student = latest_checkpoint(run1)
-        assert student is not None  # every stage saves a checkpoint at its last step
     tasks = tuple(dataset_tasks(DATASET))
-    with _stage(timings, "stage 2 (multi-task)", cpu):
-        multi = latest_checkpoint(
-            train_stage2(stage2_config(cfg, pascal.root, student, out / "stage2", weights, seed))
-        )
-        assert multi is not None
-    routing_runs: dict[tuple[str, int], Path] = {}
-    with _stage(timings, f"stage 2 ({len(seeds)} seeds × task and shuffled contexts, short)", cpu):
-        for s in seeds:
-            for contexts in ("own", CONTROL):
-                folder = out / "stage2_routing" / run_name(contexts, s)
-                config2 = stage2_config(
-                    cfg,
-                    pascal.root,
-                    student,
-                    folder,
-                    weights,
-                    s,
-                    steps=cfg.routing_steps,
-                    task_contexts=contexts,
-                )
-                ckpt = latest_checkpoint(train_stage2(config2))
-                assert ckpt is not None
-                routing_runs[(contexts, s)] = ckpt
-    singles: dict[str, Path] = {}
-    with _stage(timings, "stage 2 (single-task baselines)", cpu):
-        for task in tasks:
-            config2 = stage2_config(
-                cfg,
-                pascal.root,
-                student,
-                out / "single_task" / task,
-                weights,
-                seed,
-                (task,),
-                steps=cfg.single_task_steps,
-                distill=cfg.single_task_distill,
-            )
-            single = latest_checkpoint(train_stage2(config2))
-            assert single is not None
-            singles[task] = single
+    jobs = training_jobs(cfg, images, pascal.root, out, weights, cache, seed)
+    with _stage(timings, f"training ({len(jobs)} runs)", cpu):
+        results = run_jobs(jobs, workers, log=lambda line: print(f"[demo] {line}", flush=True))
+    for group, names in job_groups(jobs).items():
+        cpu[group] = sum(results[n].cpu_s for n in names)  # in the workers: not in this process's time
+    parallel = {
+        "workers": len({r.worker for r in results.values()}),
+        "critical_path_cpu_s": critical_path(results),
+        "runs": {n: {"cpu_s": r.cpu_s, "wall_s": r.wall_s, "worker": r.worker} for n, r in results.items()},
+    }
+    stage1_runs = {
+        (c, s): results[f"stage1/{run_name(c, s)}"].value for s in seeds for c in ("assigned", CONTROL)
+    }
+    multi = _last(results["stage2"].value)
+    routing_runs = {
+        (c, s): _last(results[f"stage2_routing/{run_name(c, s)}"].value)
+        for s in seeds
+        for c in ("own", CONTROL)
+    }
+    singles = {task: _last(results[f"single_task/{task}"].value) for task in tasks}
     with _stage(timings, "evaluation", cpu):
         baselines = {}
         for task, ckpt in singles.items():
@@ -365,7 +344,7 @@ def run_demo(
             cpu,
         )
     timings["total"] = time.perf_counter() - start
-    cpu["total"] = time.process_time() - cpu_start
+    cpu["total"] = _cpu_time() - cpu_start
     summary = {
         "config": dataclasses.asdict(cfg),
         "seed": seed,
@@ -377,9 +356,84 @@ def run_demo(
         "single_task": baselines,
         "delta_m": metrics["delta_m"],
         "specialisation": analysis["specialisation"],
+        "parallel": parallel,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return DemoResult(out, out / "report.md", metrics, timings, figures)
+
+
+def train_run(
+    stage: Literal["stage1", "stage2"], config: Any, teachers: DemoTeacherConfig, cache: Path
+) -> Path:
+    """One demo training in any process: registers the (cached) demo teachers there, then runs
+    ``train_stage1`` or ``train_stage2`` with ``config`` (a Stage-2 ``init`` naming a run folder starts
+    from that run's latest checkpoint); returns its run folder."""
+    from prism_vfm.distill.trainer import train_stage1
+    from prism_vfm.finetune.trainer import train_stage2
+
+    prepare_teachers(teachers, cache, progress=False)  # cached by now: only registers them
+    if stage == "stage1":
+        return train_stage1(config)
+    return train_stage2(dataclasses.replace(config, init=str(_last(Path(config.init)))))
+
+
+def training_jobs(
+    cfg: DemoConfig, images: Path, pascal: Path, out: Path, weights: Path, cache: Path, seed: int
+) -> list[Job]:
+    """Every training of the demo as a job, longest first where it matters: the demo seed's Stage 1,
+    which all of Stage 2 starts from; the multi-task Stage 2 (the longest run); the other Stage-1 runs;
+    the short Stage-2 specialisation runs; the single-task baselines."""
+    seeds = cfg.seeds(seed)
+    first = f"stage1/{run_name('assigned', seed)}"
+    student = out / "stage1" / run_name("assigned", seed)  # a run folder: its checkpoint once it has run
+
+    def job(name: str, stage: Literal["stage1", "stage2"], config: Any, after: tuple[str, ...] = ()) -> Job:
+        return Job(name, train_run, (stage, config, cfg.teachers, cache), after=after)
+
+    def stage1(contexts: str, s: int) -> Job:
+        name = run_name(contexts, s)
+        return job(
+            f"stage1/{name}",
+            "stage1",
+            stage1_config(cfg, images, out / "stage1" / name, weights, s, contexts),
+        )
+
+    def stage2(name: str, s: int, **kwargs: Any) -> Job:
+        config = stage2_config(cfg, pascal, student, out / name, weights, s, **kwargs)
+        return job(name, "stage2", config, after=(first,))
+
+    jobs = [stage1("assigned", seed), stage2("stage2", seed)]
+    jobs += [stage1(c, s) for s in seeds for c in ("assigned", CONTROL) if (c, s) != ("assigned", seed)]
+    jobs += [
+        stage2(f"stage2_routing/{run_name(c, s)}", s, steps=cfg.routing_steps, task_contexts=c)
+        for s in seeds
+        for c in ("own", CONTROL)
+    ]
+    jobs += [
+        stage2(
+            f"single_task/{task}",
+            seed,
+            tasks=(task,),
+            steps=cfg.single_task_steps,
+            distill=cfg.single_task_distill,
+        )
+        for task in dataset_tasks(DATASET)
+    ]
+    return jobs
+
+
+def job_groups(jobs: list[Job]) -> dict[str, list[str]]:
+    """The demo's training jobs by stage, for the CPU seconds per stage."""
+    labels = {
+        "stage1": "stage 1 (seeds × teacher and shuffled contexts)",
+        "stage2": "stage 2 (multi-task)",
+        "stage2_routing": "stage 2 (seeds × task and shuffled contexts, short)",
+        "single_task": "stage 2 (single-task baselines)",
+    }
+    groups: dict[str, list[str]] = {}
+    for j in jobs:
+        groups.setdefault(labels[j.name.split("/")[0]], []).append(j.name)
+    return groups
 
 
 def _last(run: Path) -> Path:

@@ -510,12 +510,14 @@ def write_markdown(
         "",
         "## Time per stage (the analysis and this report come after, see `summary.json`)",
         "",
-        "Wall-clock seconds depend on what else the machine runs; CPU seconds (this process, all its "
-        "threads) do not.",
+        "Wall-clock seconds depend on what else the machine runs; CPU seconds (this process and the "
+        "worker processes of the trainings, all their threads) do not. The trainings run side by side; "
+        "their CPU seconds per stage are listed below them.",
         "",
         "| stage | wall s | CPU s |",
         "|---|---|---|",
         *[f"| {k} | {v:.1f} | {cpu.get(k, float('nan')):.1f} |" for k, v in timings.items()],
+        *[f"| – {k} | | {v:.1f} |" for k, v in cpu.items() if k not in timings],
         "",
     ]
     path = out / "report.md"

@@ -192,9 +192,20 @@ def pretrain_teacher(
     return {k: v.detach().contiguous() for k, v in vit.state_dict().items()}
 
 
-def prepare_teachers(cfg: DemoTeacherConfig, cache_dir: str | Path, progress: bool = True) -> Path:
+def pretrain_cached(
+    name: str, cfg: DemoTeacherConfig, data: dict[str, Tensor], path: Path, progress: bool
+) -> Path:
+    """Pretrain teacher ``name`` (``pretrain_teacher``) and write it to ``path`` in the cache."""
+    return save_cached(path, pretrain_teacher(name, cfg, data, progress), cfg, teacher=name)
+
+
+def prepare_teachers(
+    cfg: DemoTeacherConfig, cache_dir: str | Path, progress: bool = True, workers: int | None = 1
+) -> Path:
     """Register the three demo teachers and make sure their weights are in ``cache_dir``, pretraining the
-    missing ones; returns the folder to pass as the teachers' ``weights``."""
+    missing ones (side by side in ``workers`` one-thread processes, default one per usable core; each
+    teacher is seeded by its own name, so its weights do not depend on ``workers``); returns the folder to
+    pass as the teachers' ``weights``."""
     cache = Path(cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
     for name in DEMO_TEACHERS:
@@ -206,9 +217,16 @@ def prepare_teachers(cfg: DemoTeacherConfig, cache_dir: str | Path, progress: bo
     size = (cfg.img_size, cfg.img_size)
     scenes = [render_scene(cfg.seed, i, size, _TEACHER_STREAM) for i in range(cfg.scenes)]
     data = scene_targets(scenes)
-    for name in missing:
-        state = pretrain_teacher(name, cfg, data, progress)
-        save_cached(cache / cfg.file_name(name), state, cfg, teacher=name)
+    if workers == 1:
+        for name in missing:
+            pretrain_cached(name, cfg, data, cache / cfg.file_name(name), progress)
+        return cache
+    from prism_vfm.utils.parallel import Job, run_jobs
+
+    jobs = [
+        Job(f"teacher {n}", pretrain_cached, (n, cfg, data, cache / cfg.file_name(n), False)) for n in missing
+    ]
+    run_jobs(jobs, workers, log=(lambda line: print(f"[demo] {line}", flush=True)) if progress else None)
     return cache
 
 
