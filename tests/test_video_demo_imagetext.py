@@ -150,3 +150,15 @@ def test_clip_features_are_the_frozen_towers_per_frame_features_in_order(short_m
     torch.testing.assert_close(embeddings.norm(dim=-1), torch.ones(48))
     gaps = (embeddings[:, None] - embeddings[None]).abs().amax(-1) + torch.eye(48)
     assert gaps.min() > 0  # every class its own text embedding
+
+
+def test_the_cache_key_changes_with_the_renderer_and_the_caption_sampling(monkeypatch):
+    from prism_vfm.video.demo import imagetext
+
+    cfg = imagetext_config(quick=True)
+    before = cfg.key()
+    monkeypatch.setattr(imagetext, "RENDERER_VERSION", imagetext.RENDERER_VERSION + 1)
+    assert cfg.key() != before
+    monkeypatch.undo()
+    monkeypatch.setattr(imagetext, "KEEP_P", 0.9)
+    assert cfg.key() != before

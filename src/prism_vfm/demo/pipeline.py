@@ -17,7 +17,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import resource
 import shutil
 import time
 from collections.abc import Iterator
@@ -250,6 +249,10 @@ def _stage(timings: dict[str, float], name: str, cpu: dict[str, float]) -> Itera
 
 def _cpu_time() -> float:
     """CPU seconds of this process and of its finished worker processes (all their threads)."""
+    try:
+        import resource  # Unix only; elsewhere the workers' CPU seconds are not counted
+    except ImportError:
+        return time.process_time()
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
     return time.process_time() + children.ru_utime + children.ru_stime
 

@@ -42,6 +42,8 @@ from prism_vfm.video.data.lists import VideoSample, write_label_csv, write_video
 from prism_vfm.video.data.synthetic import CODECS, write_video
 
 NUM_FRAMES = 32
+# Raised whenever what a seed renders changes, so cached models trained on older frames are not reused.
+RENDERER_VERSION = 2
 FRAME_SIZE = 32
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "cross", "ring", "diamond", "star", "bar")

@@ -57,6 +57,7 @@ from prism_vfm.video.demo.clips import (
     ALL_MOTIONS,
     CAPTION_ATTRIBUTES,
     COLOURS,
+    RENDERER_VERSION,
     SHAPES,
     FrameState,
     clip_seed,
@@ -101,7 +102,7 @@ class ImageTextConfig:
 
     def key(self) -> str:
         """A short hash of the configuration and the preset towers (cache file names)."""
-        return config_key(_Keyed(self, _tower_geometry()))
+        return config_key(_Keyed(self, _tower_geometry(), _frame_source()))
 
     def file_name(self) -> str:
         """The cached weight file."""
@@ -112,6 +113,13 @@ class ImageTextConfig:
 class _Keyed:
     config: ImageTextConfig
     towers: dict
+    frames: dict
+
+
+def _frame_source() -> dict:
+    # What the training frames and captions depend on beyond the configuration: a renderer or caption
+    # change must not reuse a model cached before it.
+    return {"renderer": RENDERER_VERSION, "keep_p": KEEP_P}
 
 
 def _tower_geometry() -> dict:
