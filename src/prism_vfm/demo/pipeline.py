@@ -17,7 +17,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ from prism_vfm.demo.teachers import DEMO_TEACHERS, DemoTeacherConfig, prepare_te
 from prism_vfm.distill.config import OptimConfig, Stage1Config, StudentConfig, TeacherConfig
 from prism_vfm.finetune.config import DistillConfig, Stage2Config
 from prism_vfm.train.checkpoint import latest_checkpoint
+from prism_vfm.utils.io import prepare_marked_output
 from prism_vfm.utils.parallel import Job, critical_path, run_jobs
 
 DATASET: Final = "pascalcontext"
@@ -47,27 +47,9 @@ MARKER = ".prism_demo"
 
 
 def prepare_output(out: Path) -> None:
-    """Make ``out`` ready for a demo: a previous demo's outputs are removed, nothing else is touched.
-
-    Raises:
-        FileExistsError: ``out`` is a file, or holds one of the demo's output names without the marker
-            of a previous demo (it is someone else's; the message names the path).
-    """
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"demo output {out} is a file, not a folder")
-    present = [out / name for name in OUTPUTS if (out / name).exists()]
-    if present and not (out / MARKER).is_file():
-        raise FileExistsError(
-            f"{present[0]} exists but {out} holds no demo marker ({MARKER}): the demo replaces only what a "
-            "demo wrote; choose another --out or move it away"
-        )
-    for path in present:
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
-    out.mkdir(parents=True, exist_ok=True)
-    (out / MARKER).write_text("written by `prism demo`: its outputs here are replaced by the next demo run\n")
+    """Make ``out`` ready: a previous demo's outputs are removed, nothing else is touched
+    (see :func:`prism_vfm.utils.io.prepare_marked_output`)."""
+    prepare_marked_output(out, OUTPUTS, MARKER, "prism demo")
 
 
 @dataclass

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -96,3 +97,30 @@ def read_safetensors_file(path: str | os.PathLike) -> dict[str, Tensor]:
             f"{path} is not a readable safetensors file; it may be truncated (copy or download it again) "
             f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
         ) from None
+
+
+def prepare_marked_output(out: Path, outputs: tuple[str, ...], marker: str, command: str) -> None:
+    """Make ``out`` ready for a command that owns the names ``outputs`` in it, marked by file ``marker``.
+
+    A previous run's outputs (the folder carries the marker) are removed; nothing else is touched.
+
+    Raises:
+        FileExistsError: ``out`` is a file, or holds one of ``outputs`` without the marker (someone
+            else's; the message names the path).
+    """
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{command} output {out} is a file, not a folder")
+    present = [out / name for name in outputs if (out / name).exists()]
+    if present and not (out / marker).is_file():
+        what = command.removeprefix("prism ")
+        raise FileExistsError(
+            f"{present[0]} exists but {out} holds no {what} marker ({marker}): `{command}` replaces only "
+            "what it wrote; choose another --out or move it away"
+        )
+    for path in present:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / marker).write_text(f"written by `{command}`: its outputs here are replaced by its next run\n")

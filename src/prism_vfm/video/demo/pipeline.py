@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -28,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from prism_vfm.models.load import load
-from prism_vfm.utils.io import atomic_save_safetensors
+from prism_vfm.utils.io import atomic_save_safetensors, prepare_marked_output
 from prism_vfm.video.analysis import accuracy_by_group, collect, pair_accuracy
 from prism_vfm.video.data.features import read_feature_set, write_feature_set
 from prism_vfm.video.demo import clips as demo_clips
@@ -105,29 +104,9 @@ def video_demo_config(quick: bool = False, finetune: bool = False) -> VideoDemoC
 
 
 def prepare_output(out: Path) -> None:
-    """Make ``out`` ready: a previous video demo's outputs are removed, nothing else is touched.
-
-    Raises:
-        FileExistsError: ``out`` is a file, or holds one of the demo's output names without the marker
-            of a previous video demo (the message names the path).
-    """
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"video demo output {out} is a file, not a folder")
-    present = [out / name for name in OUTPUTS if (out / name).exists()]
-    if present and not (out / MARKER).is_file():
-        raise FileExistsError(
-            f"{present[0]} exists but {out} holds no video demo marker ({MARKER}): the demo replaces only "
-            "what a video demo wrote; choose another --out or move it away"
-        )
-    for path in present:
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
-    out.mkdir(parents=True, exist_ok=True)
-    (out / MARKER).write_text(
-        "written by `prism video demo`: its outputs here are replaced by the next video demo run\n"
-    )
+    """Make ``out`` ready: a previous demo's outputs are removed, nothing else is touched
+    (see :func:`prism_vfm.utils.io.prepare_marked_output`)."""
+    prepare_marked_output(out, OUTPUTS, MARKER, "prism video demo")
 
 
 @dataclass
