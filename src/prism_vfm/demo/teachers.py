@@ -218,8 +218,15 @@ def prepare_teachers(
     scenes = [render_scene(cfg.seed, i, size, _TEACHER_STREAM) for i in range(cfg.scenes)]
     data = scene_targets(scenes)
     if workers == 1:
-        for name in missing:
-            pretrain_cached(name, cfg, data, cache / cfg.file_name(name), progress)
+        # One thread, as in the worker processes: a teacher's weights must not depend on ``workers``
+        # (sums split over threads round differently).
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            for name in missing:
+                pretrain_cached(name, cfg, data, cache / cfg.file_name(name), progress)
+        finally:
+            torch.set_num_threads(threads)
         return cache
     from prism_vfm.utils.parallel import Job, run_jobs
 
