@@ -87,6 +87,9 @@ def test_quick_video_demo_report_has_every_section_and_valid_figures(quick):
             assert image.format == "PNG" and min(image.size) > 100
     for spec in RUNS.values():
         assert spec.label in report
+    # The stream-ablation table: the full read-out and one row per hidden expert, with numbers.
+    table = [line for line in report.splitlines() if line.startswith(("| none |", "| expert "))]
+    assert len(table) == 5 and all(line.count("|") == 9 for line in table)
     assert (quick.out / "data" / "train.txt").is_file() and (quick.out / "features" / "classes.csv").is_file()
 
 

@@ -197,6 +197,19 @@ def _ablation_sentence(analysis: dict[str, Any]) -> str:
     )
 
 
+def _ablation_table(analysis: dict[str, Any]) -> list[str]:
+    """Motion accuracy per group with each expert hidden from the read-out (rows), as a markdown table."""
+    accuracy = analysis["stream_ablation"]["accuracy"]
+    groups = analysis["stream_ablation"]["groups"]
+    lines = [
+        "| hidden from the read-out (% motion) | " + " | ".join(groups) + " |",
+        "|---|" + "---|" * len(groups),
+    ]
+    for hidden, row in accuracy.items():
+        lines.append(f"| {hidden} | " + " | ".join(f"{row[g]:.1f}" for g in groups) + " |")
+    return lines
+
+
 def _gate_sentence(analysis: dict[str, Any]) -> str:
     gate = analysis["gate_mass_per_token"]
     overall = gate["by_group"]["all"]
@@ -341,6 +354,7 @@ def write_markdown(
     ]
     for target, values in first["probes"]["accuracy"].items():
         lines.append(f"| {target} | " + " | ".join(f"{v:.1f}" for v in values) + " |")
+    lines += ["", *_ablation_table(first)]
     lines += [
         "",
         "Motion accuracy with each expert hidden from the read-out (expert i reads the stream of rate "
