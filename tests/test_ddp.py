@@ -94,6 +94,7 @@ def _partly_sharded_worker(rank: int, port: int, out: str) -> None:
             {"grads": grads, "norm": norm, "sharded": [type(m.weight).__name__ for m in (*model.a, model.b)]},
             f"{out}/grads.pt",
         )
+    dist.barrier()  # both ranks leave together: a rank torn down while the other still talks aborts gloo
     dist.destroy_process_group()
 
 
