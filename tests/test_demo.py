@@ -202,6 +202,14 @@ def test_demo_refuses_a_negative_seed(tmp_path, capsys):
         main(["demo", "--quick", "--seed", "-1", "--out", str(tmp_path)])
 
 
+def test_demo_refuses_teachers_pretrained_on_other_framing(tmp_path):
+    cfg = demo_config(quick=True)
+    cfg.zoom = 1.5
+    with pytest.raises(ValueError, match="zoom 1.0 .* zoom 1.5"):
+        run_demo(tmp_path / "run", config=cfg, cache_dir=tmp_path / "cache")
+    assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()  # refused before any work
+
+
 def test_demo_refuses_a_folder_holding_outputs_another_program_wrote(tmp_path, capsys):
     mine = tmp_path / "data" / "measurements.csv"
     mine.parent.mkdir()

@@ -14,7 +14,7 @@ from prism_vfm.data.scene_sets import (
     write_scene_nyud,
     write_scene_pascal,
 )
-from prism_vfm.data.scenes import CLASS_INDEX, SCENE_CLASSES, render_scene
+from prism_vfm.data.scenes import BACKGROUND_CLASSES, CLASS_INDEX, SCENE_CLASSES, render_scene
 
 SIZE = (48, 64)
 
@@ -145,7 +145,21 @@ def test_scenes_are_deterministic_per_seed(tmp_path):
 def test_bad_sizes_and_counts_are_refused(tmp_path):
     with pytest.raises(ValueError, match="size"):
         render_scene(0, 0, (4, 64))
+    with pytest.raises(ValueError, match="zoom"):
+        render_scene(0, 0, SIZE, zoom=0.0)
     with pytest.raises(ValueError, match="at least one"):
         write_scene_pascal(tmp_path, n_train=0, n_val=1)
     with pytest.raises(ValueError, match="at least one"):
         write_scene_images(tmp_path, n=0)
+
+
+def test_zoom_frames_the_same_scenes_closer():
+    def foreground(zoom: float) -> float:
+        fractions = []
+        for index in range(12):
+            labels = render_scene(3, index, SIZE, zoom=zoom).labels
+            fractions.append(np.isin(labels, sorted(BACKGROUND_CLASSES), invert=True).mean())
+        return float(np.mean(fractions))
+
+    assert foreground(1.6) > 1.5 * foreground(1.0)
+    assert np.array_equal(render_scene(3, 0, SIZE, zoom=1.0).image, render_scene(3, 0, SIZE).image)

@@ -69,9 +69,7 @@ def run_sweep(
     settings = {"stage1": to_dict(stage1), "stage2": to_dict(stage2) if stage2 is not None else None}
     rows: list[dict[str, Any]] = []
     for name in variants:
-        rows.append(
-            _run_variant(name, stage1, out / name, stage2, split, baselines, eval_workers, device)
-        )
+        rows.append(_run_variant(name, stage1, out / name, stage2, split, baselines, eval_workers, device))
         if is_main_process():
             write_comparison(out, rows, settings)
     barrier()  # the table is written before any process returns

@@ -63,9 +63,11 @@ def write_scene_pascal(
     n_val: int = 16,
     size: tuple[int, int] = (64, 64),
     seed: int = 0,
+    zoom: float = 1.0,
 ) -> TinyDenseSet:
     """Write a PASCAL-Context release folder of rendered scenes (all five tasks: semseg, human parts from
-    the figure, normals, boundaries of the ``LabelMap``, saliency = objects and figure)."""
+    the figure, normals, boundaries of the ``LabelMap``, saliency = objects and figure).
+    ``zoom`` frames the scenes (:func:`render_scene`)."""
     _check(n_train, n_val, size)
     root = Path(root)
     splits = {
@@ -78,7 +80,7 @@ def write_scene_pascal(
     for split, ids in splits.items():
         caches[split] = {}
         for sample_id in ids:
-            scene = render_scene(seed, index, size, STREAMS["pascalcontext"])
+            scene = render_scene(seed, index, size, STREAMS["pascalcontext"], zoom)
             objects = pascal_objects(scene)
             write_pascal_record(
                 root,
@@ -108,9 +110,11 @@ def write_scene_nyud(
     n_val: int = 16,
     size: tuple[int, int] = (64, 64),
     seed: int = 0,
+    zoom: float = 1.0,
 ) -> TinyDenseSet:
     """Write an NYUD-v2 release folder of rendered scenes (semseg in NYU-40 classes, normals, boundaries of
-    the segmentation, depth in metres; every pixel valid)."""
+    the segmentation, depth in metres; every pixel valid).
+    ``zoom`` frames the scenes (:func:`render_scene`)."""
     _check(n_train, n_val, size)
     root = Path(root)
     splits = {
@@ -118,7 +122,7 @@ def write_scene_nyud(
         "val": [f"{i:04d}" for i in range(n_train, n_train + n_val)],
     }
     for index, sample_id in enumerate(splits["train"] + splits["val"]):
-        scene = render_scene(seed, index, size, STREAMS["nyud"])
+        scene = render_scene(seed, index, size, STREAMS["nyud"], zoom)
         segmentation = _NYU[scene.labels].astype(np.uint8)
         write_nyud_record(root, sample_id, scene.image, segmentation, scene.normals, scene.depth)
     write_nyud_index(root, splits)
@@ -131,14 +135,15 @@ def write_scene_images(
     size: tuple[int, int] = (64, 64),
     seed: int = 0,
     progress: bool = False,
+    zoom: float = 1.0,
 ) -> Path:
     """Write ``n`` unlabelled scene photos ``<root>/<index>.png`` (a flat Stage-1 image folder); returns
-    ``root``. ``progress`` shows a progress bar."""
+    ``root``. ``progress`` shows a progress bar; ``zoom`` frames the scenes (:func:`render_scene`)."""
     if n < 1:
         raise ValueError(f"an image folder needs at least one image, got n={n}")
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     for index in tqdm(range(n), desc="render images", unit="img", disable=not progress, leave=False):
-        scene = render_scene(seed, index, size, STREAMS["images"])
+        scene = render_scene(seed, index, size, STREAMS["images"], zoom)
         Image.fromarray(scene.image).save(root / f"{index:06d}.png")
     return root

@@ -318,13 +318,18 @@ def _room(rng: np.random.Generator) -> tuple[list[_Surface], tuple[float, float,
     return surfaces, (back, left, right)
 
 
-def render_scene(seed: int, index: int, size: tuple[int, int] = (64, 64), stream: int = 0) -> Scene:
-    """Render scene ``index`` of ``(seed, stream)`` at ``size`` (H, W)."""
+def render_scene(
+    seed: int, index: int, size: tuple[int, int] = (64, 64), stream: int = 0, zoom: float = 1.0
+) -> Scene:
+    """Render scene ``index`` of ``(seed, stream)`` at ``size`` (H, W). ``zoom`` is the focal length in
+    image widths (1: a 53° field of view; larger frames the objects closer, from the same random draws)."""
     if len(size) != 2 or min(size) < 8:
         raise ValueError(f"scene size must be (H, W) with both sides >= 8, got {size}")
+    if not zoom > 0:
+        raise ValueError(f"zoom must be > 0, got {zoom}")
     rng = np.random.default_rng([seed, stream, index])
     height, width = size
-    focal = 1.0 * width
+    focal = zoom * width
     cam_h, pitch = rng.uniform(1.3, 1.7), rng.uniform(0.15, 0.35)
     origin = np.array([0.0, cam_h, 0.0])
     # Camera axes in the world (columns): right, down, forward; the camera looks down by ``pitch``.

@@ -57,6 +57,7 @@ class DemoConfig:
     """Sizes and lengths of every stage of the demo."""
 
     img_size: int = 64
+    zoom: float = 1.0  # focal length in image widths (``render_scene``): larger frames the objects closer
     # Patch 4 gives a 16×16 token grid: boundaries, parts and thin objects need it more than width.
     patch_size: int = 4
     stage1_images: int = 512
@@ -256,6 +257,11 @@ def run_demo(
     if seed < 0:
         raise ValueError(f"seed must be >= 0, got {seed}")
     cfg = config or demo_config(quick, seed)
+    if cfg.teachers.zoom != cfg.zoom:
+        raise ValueError(
+            f"the demo teachers are pretrained on scenes of zoom {cfg.teachers.zoom} but the demo renders "
+            f"zoom {cfg.zoom}: set DemoConfig.teachers.zoom to {cfg.zoom}"
+        )
     out = Path(out)
     prepare_output(out)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
@@ -265,11 +271,14 @@ def run_demo(
     start, cpu_start = time.perf_counter(), _cpu_time()
 
     with _stage(timings, "data", cpu):
-        images = write_scene_images(out / "data" / "images", cfg.stage1_images, size, seed, progress=True)
-        pascal = write_scene_pascal(
-            out / "data" / "PASCALContext", cfg.train_images, cfg.val_images, size, seed
+        images = write_scene_images(
+            out / "data" / "images", cfg.stage1_images, size, seed, progress=True, zoom=cfg.zoom
         )
-        write_scene_nyud(out / "data" / "NYUDv2", cfg.nyud_images, max(1, cfg.nyud_images // 4), size, seed)
+        pascal = write_scene_pascal(
+            out / "data" / "PASCALContext", cfg.train_images, cfg.val_images, size, seed, cfg.zoom
+        )
+        nyud_val = max(1, cfg.nyud_images // 4)
+        write_scene_nyud(out / "data" / "NYUDv2", cfg.nyud_images, nyud_val, size, seed, cfg.zoom)
     with _stage(timings, "teachers", cpu):
         weights = prepare_teachers(cfg.teachers, cache, workers=workers)
     seeds = cfg.seeds(seed)

@@ -65,6 +65,7 @@ class DemoTeacherConfig:
     batch_size: int = 32
     lr: float = 2e-3
     seed: int = 0
+    zoom: float = 1.0  # framing of the pretraining scenes (``render_scene``); the demo uses its own
 
     def key(self) -> str:
         """A short hash of the configuration (cache file names)."""
@@ -215,7 +216,7 @@ def prepare_teachers(
         logger.info("demo teachers found in %s", cache)
         return cache
     size = (cfg.img_size, cfg.img_size)
-    scenes = [render_scene(cfg.seed, i, size, _TEACHER_STREAM) for i in range(cfg.scenes)]
+    scenes = [render_scene(cfg.seed, i, size, _TEACHER_STREAM, cfg.zoom) for i in range(cfg.scenes)]
     data = scene_targets(scenes)
     if workers == 1:
         # One thread, as in the worker processes: a teacher's weights must not depend on ``workers``
@@ -247,7 +248,9 @@ def teacher_probe(
 
     prepare_teachers(cfg, cache_dir, progress=False)
     size = (cfg.img_size, cfg.img_size)
-    data = scene_targets([render_scene(cfg.seed, i, size, _TEACHER_STREAM + 1) for i in range(scenes)])
+    data = scene_targets(
+        [render_scene(cfg.seed, i, size, _TEACHER_STREAM + 1, cfg.zoom) for i in range(scenes)]
+    )
     grid = cfg.img_size // cfg.patch_size
 
     def per_patch(x: Tensor) -> Tensor:  # (B, C, H, W) → (B·h·w, C) patch means

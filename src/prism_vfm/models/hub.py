@@ -61,9 +61,7 @@ class HubMixin(PyTorchModelHubMixin):
         state = read_safetensors_file(fetch(SAFETENSORS_SINGLE_FILE))
         model = cls(**model_kwargs)
         _resample_saved_grid(cast(nn.Module, model), state, saved.get("student_args", saved))
-        model.load_state_dict_resampled(
-            {k: v.to(map_location) for k, v in state.items()}, strict=strict
-        )
+        model.load_state_dict_resampled({k: v.to(map_location) for k, v in state.items()}, strict=strict)
         # Every class using the mixin is an nn.Module.
         return cast(nn.Module, model).eval()
 

@@ -30,9 +30,7 @@ class PrismMultiTask(
     a sequence of (name, channels) pairs; ``config.json`` stores the pairs, as JSON objects lose their order).
     """
 
-    def __init__(
-        self, student_args: dict[str, Any], tasks: dict[str, int] | Sequence[Sequence[Any]]
-    ) -> None:
+    def __init__(self, student_args: dict[str, Any], tasks: dict[str, int] | Sequence[Sequence[Any]]) -> None:
         super().__init__()
         pairs = list(tasks.items()) if isinstance(tasks, dict) else [(str(t), int(c)) for t, c in tasks]
         self.tasks = dict(pairs)
