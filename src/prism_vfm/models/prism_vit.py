@@ -605,6 +605,15 @@ class PrismViT(
             groups["new" if is_new else "pretrained"].append(p)
         return groups
 
+    def routing_parameters(self) -> list[nn.Parameter]:
+        """The parameters that carry the context into the routing: the context tables and every MoE router
+        (FiLM, input gate, gate, noise) — what the ``router_lr_scale`` options speed up."""
+        return [
+            p
+            for name, p in self.named_parameters()
+            if name.startswith(("teacher_embed", "task_embed")) or ".moe.router." in name
+        ]
+
     def count_parameters(self, active: bool = False, backbone_only: bool = False) -> int:
         """Parameters in total, or active for one token (only top-k of the routed experts run).
 
