@@ -234,3 +234,41 @@ def test_a_demo_replaces_only_what_a_previous_demo_wrote(tmp_path):
     (out / "notes.txt").write_text("the user's")
     prepare_output(out)
     assert sorted(p.name for p in out.iterdir()) == sorted([MARKER, "notes.txt"])
+
+
+def test_routing_settings_reach_the_student_and_both_optimisers(tmp_path):
+    import dataclasses
+
+    from prism_vfm.demo.pipeline import stage1_config, training_jobs
+    from prism_vfm.distill.student import build_student
+
+    released = demo_config()
+    s1 = stage1_config(released, tmp_path, tmp_path / "s1", tmp_path, 0)
+    assert s1.optim.router_lr_scale == 1.0
+    model = build_student(s1.student, teacher_dims=(8, 8, 8))
+    assert model.moe_config.expert_init == "copy" and model.moe_config.noisy_gating
+    cfg = dataclasses.replace(
+        released,
+        expert_init="random",
+        expert_dropout=0.0,
+        noisy_gating=False,
+        lambda_bias_init=0.0,
+        context_init_std=0.05,
+        router_lr_scale=10.0,
+        routing_router_lr_scale=20.0,
+        routing_distill=False,
+    )
+    s1 = stage1_config(cfg, tmp_path, tmp_path / "s1", tmp_path, 0)
+    assert s1.optim.router_lr_scale == 10.0
+    model = build_student(s1.student, teacher_dims=(8, 8, 8))
+    moe = model.moe_config
+    assert (moe.expert_init, moe.expert_dropout, moe.noisy_gating) == ("random", 0.0, False)
+    assert model.blocks[cfg.moe_layers[0]].lambda_gate.bias.detach().item() == 0.0
+    jobs = {
+        j.name: j.args[1] for j in training_jobs(cfg, tmp_path, tmp_path, tmp_path, tmp_path, tmp_path, 0)
+    }
+    assert jobs["stage2_routing/seed0"].router_lr_scale == 20.0
+    assert jobs["stage2_routing/seed1_shuffled"].router_lr_scale == 20.0
+    assert jobs["stage2_routing/seed2"].distill.alpha == 0.0
+    assert jobs["stage2"].router_lr_scale == 1.0  # the multi-task run keeps the released rate
+    assert jobs["stage2"].distill.alpha == 1.0

@@ -109,6 +109,27 @@ def test_experts_start_as_copies_of_the_dense_mlp():
     torch.testing.assert_close(moe.shared(u), mlp(u))
 
 
+def test_random_expert_init_leaves_the_experts_different_from_the_dense_mlp_and_each_other():
+    from timm.models.vision_transformer import Block
+
+    from prism_vfm.layers.dual_stream import DualStreamBlock
+
+    u = torch.randn(7, 32)
+    for init, copies in (("copy", True), ("random", False)):
+        block = Block(32, 2)
+        cfg = MoEConfig(num_experts=3, top_k=2, expert_mlp_ratio=4.0, expert_init=init)
+        moe = DualStreamBlock(block, cfg).moe
+        outs = [
+            F.gelu(u @ moe.experts.w1[e] + moe.experts.b1[e]) @ moe.experts.w2[e] + moe.experts.b2[e]
+            for e in range(3)
+        ]
+        assert torch.allclose(outs[0], block.mlp(u), atol=1e-5) is copies
+        assert torch.allclose(outs[0], outs[1], atol=1e-5) is copies
+        assert torch.allclose(moe.shared(u), block.mlp(u), atol=1e-5) is copies
+    with pytest.raises(ValueError, match="expert_init"):
+        ConditionedMoE(32, MoEConfig(expert_init="zeros"))
+
+
 def test_no_token_is_dropped_under_heavy_imbalance():
     moe = make_moe("loop", double=False)
     u = torch.randn(50, 32)

@@ -75,6 +75,32 @@ def test_param_groups_give_pretrained_modules_a_hundredth_and_decay_to_weights_o
     assert any(p is anchor for p in groups["pretrained"]["params"])
 
 
+def test_router_lr_scale_moves_only_the_routers_and_context_tables_to_a_faster_group():
+    from prism_vfm import PrismMultiTask
+    from prism_vfm.train.optim import scale_lr, weight_decay_groups
+
+    model = PrismMultiTask(dict(TINY), {"semseg": 21, "normals": 3})
+    names = {id(p): n for n, p in model.named_parameters()}
+    routing = {names[id(p)] for p in model.student.routing_parameters()}
+    assert {"student.task_embed.weight", "student.blocks.1.moe.router.film.weight"} <= routing
+    assert {"student.teacher_embed.weight", "student.blocks.3.moe.router.gate.bias"} <= routing
+    assert not any(".experts." in n or "lambda_gate" in n or "projectors" in n for n in routing)
+    for groups in (
+        weight_decay_groups(model, 1e-6),  # Stage 2: the groups take the optimiser's rate, 1e-3 here
+        param_groups(model.student, 1e-3, 0.01, 1e-6),  # Stage 1: each group has its own rate
+    ):
+        before = {g["name"]: g for g in groups}
+        after = {g["name"]: g for g in scale_lr(groups, model.student.routing_parameters(), 10.0, 1e-3)}
+        moved = {names[id(p)] for n, g in after.items() if n.endswith("_scaled") for p in g["params"]}
+        assert moved == routing
+        for name, group in after.items():
+            if name.endswith("_scaled"):
+                source = before[name.removesuffix("_scaled")]
+                assert group["lr"] == pytest.approx(10 * source.get("lr", 1e-3))
+                assert group["weight_decay"] == source["weight_decay"]
+        assert sum(len(g["params"]) for g in after.values()) == sum(len(g["params"]) for g in groups)
+
+
 def test_stage2_weight_decay_spares_every_bias_and_norm_parameter():
     from prism_vfm import PrismMultiTask
     from prism_vfm.train.optim import weight_decay_groups

@@ -67,6 +67,19 @@ def test_non_square_inputs_and_dynamic_size():
     assert dyn(torch.randn(1, 3, 48, 64), 1).taps[0].shape == (1, 1 + 6 * 8, 32)
 
 
+def test_initialisation_options_scale_the_context_tables_and_are_saved_with_the_model(tmp_path):
+    torch.manual_seed(0)
+    released = tiny_student(num_tasks=2)
+    assert released.teacher_embed.weight.detach().std().item() == pytest.approx(0.02, rel=0.3)
+    wide = tiny_student(num_tasks=2, context_init_std=0.5, expert_init="random")
+    for table in (wide.teacher_embed, wide.task_embed):
+        assert table.weight.detach().std().item() == pytest.approx(0.5, rel=0.3)
+    wide.save_pretrained(tmp_path)
+    # Stage 2 builds its fresh task table from the saved arguments.
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["context_init_std"] == 0.5 and saved["expert_init"] == "random"
+
+
 def test_context_changes_routing_only_through_the_router():
     model = tiny_student().eval()
     with torch.no_grad():  # FiLM starts at zero; give it weight so contexts differ

@@ -80,6 +80,19 @@ class DemoConfig:
     num_experts: int = 8
     top_k: int = 2
     teachers: DemoTeacherConfig = field(default_factory=DemoTeacherConfig)
+    # The student's routing (PrismViT arguments; defaults as released) and the learning-rate multiplier of
+    # its routers and context tables in Stage 1 (``optim.router_lr_scale``) and in the short Stage-2 runs
+    # (``router_lr_scale``): what expert specialisation in a short run from random weights depends on.
+    expert_init: str = "copy"
+    expert_dropout: float = 0.1
+    noisy_gating: bool = True
+    lambda_bias_init: float = 2.0
+    context_init_std: float = 0.02
+    router_lr_scale: float = 1.0
+    routing_router_lr_scale: float = 1.0
+    # The short Stage-2 runs with the distillation regulariser (as released) or without: without, a step
+    # costs about half as much, and the teacher pass no longer pulls on the routers the task passes train.
+    routing_distill: bool = True
 
     def seeds(self, seed: int) -> list[int]:
         """The seeds of the specialisation runs: the demo's seed first."""
@@ -155,6 +168,11 @@ def stage1_config(
                 moe_layers=cfg.moe_layers,
                 num_experts=cfg.num_experts,
                 top_k=cfg.top_k,
+                expert_init=cfg.expert_init,
+                expert_dropout=cfg.expert_dropout,
+                noisy_gating=cfg.noisy_gating,
+                lambda_bias_init=cfg.lambda_bias_init,
+                context_init_std=cfg.context_init_std,
             ),
         ),
         teachers=TeacherConfig(
@@ -167,6 +185,7 @@ def stage1_config(
             lr_reference_batch=cfg.stage1_batch,
             max_lr=cfg.stage1_lr,
             pretrained_lr_scale=1.0,
+            router_lr_scale=cfg.router_lr_scale,
             warmup_epochs=0.1 * epochs,
         ),
     )
@@ -183,10 +202,12 @@ def stage2_config(
     steps: int | None = None,
     task_contexts: str = "own",
     distill: bool = True,
+    router_lr_scale: float = 1.0,
 ) -> Stage2Config:
     """Stage 2 at demo size: every task (or ``tasks``) for ``steps`` (default ``cfg.stage2_steps``), the
     distillation regulariser on unless ``distill`` is false, no held-out validation (the demo evaluates the
-    val split once at the end). ``task_contexts="shuffled"`` is the control run."""
+    val split once at the end). ``task_contexts="shuffled"`` is the control run; ``router_lr_scale`` speeds
+    up the routers and context tables."""
     steps = steps or cfg.stage2_steps
     return Stage2Config(
         dataset=DATASET,
@@ -201,6 +222,7 @@ def stage2_config(
         seed=seed,
         amp="fp32",
         lr=cfg.stage2_lr,
+        router_lr_scale=router_lr_scale,
         task_contexts=cast(Literal["own", "shuffled"], task_contexts),
         holdout=0.0,
         ckpt_every=steps,
@@ -399,7 +421,14 @@ def training_jobs(
     jobs = [stage1("assigned", seed), stage2("stage2", seed)]
     jobs += [stage1(c, s) for s in seeds for c in ("assigned", CONTROL) if (c, s) != ("assigned", seed)]
     jobs += [
-        stage2(f"stage2_routing/{run_name(c, s)}", s, steps=cfg.routing_steps, task_contexts=c)
+        stage2(
+            f"stage2_routing/{run_name(c, s)}",
+            s,
+            steps=cfg.routing_steps,
+            task_contexts=c,
+            router_lr_scale=cfg.routing_router_lr_scale,
+            distill=cfg.routing_distill,
+        )
         for s in seeds
         for c in ("own", CONTROL)
     ]

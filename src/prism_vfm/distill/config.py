@@ -55,6 +55,9 @@ class OptimConfig:
     lr_reference_batch: int = 128
     max_lr: float = 1e-3
     pretrained_lr_scale: float = 0.01  # patch/pos embedding, attention, norms, dense MLPs and anchors
+    # Routers (FiLM included) and context tables learn at lr·router_lr_scale: a short run from random
+    # weights otherwise leaves the context nearly without effect on the routing (FiLM starts at zero).
+    router_lr_scale: float = 1.0
     weight_decay: float = 0.01  # on ≥2-D parameters only
     warmup_epochs: float = 2.0
     warmup_start_lr: float = 1e-7
@@ -168,7 +171,14 @@ def validate_stage1(cfg: Stage1Config) -> None:
     o = cfg.optim
     for key in ("lr", "max_lr", "clip_grad"):
         require(getattr(o, key) > 0, f"optim.{key}", "a number > 0", getattr(o, key))
-    for key in ("pretrained_lr_scale", "weight_decay", "warmup_epochs", "warmup_start_lr", "min_lr"):
+    for key in (
+        "pretrained_lr_scale",
+        "router_lr_scale",
+        "weight_decay",
+        "warmup_epochs",
+        "warmup_start_lr",
+        "min_lr",
+    ):
         require(getattr(o, key) >= 0, f"optim.{key}", "a number >= 0", getattr(o, key))
     require(o.lr_reference_batch >= 1, "optim.lr_reference_batch", "an integer >= 1", o.lr_reference_batch)
     for i, beta in enumerate(o.betas):

@@ -30,7 +30,7 @@ from prism_vfm.models.prism_vit import PrismViT
 from prism_vfm.teachers import build_teacher
 from prism_vfm.train.distributed import all_reduce_sum, wrap_model
 from prism_vfm.train.loop import Loop, fit
-from prism_vfm.train.optim import decay_split
+from prism_vfm.train.optim import decay_split, scale_lr
 from prism_vfm.train.run import start_run
 from prism_vfm.train.schedule import warmup_cosine
 
@@ -158,6 +158,8 @@ def train_stage1(
     # optimiser and per-iteration schedule (built after sharding: FSDP replaces the parameters)
     lr = min(cfg.optim.lr * global_batch / cfg.optim.lr_reference_batch, cfg.optim.max_lr)
     groups = param_groups(model, lr, cfg.optim.pretrained_lr_scale, cfg.optim.weight_decay)
+    if cfg.optim.router_lr_scale != 1.0:
+        groups = scale_lr(groups, model.routing_parameters(), cfg.optim.router_lr_scale, lr)
     optimizer = torch.optim.AdamW(groups, lr=lr, betas=cfg.optim.betas)
     warmup = int(cfg.optim.warmup_epochs * steps_per_epoch)
     o = cfg.optim

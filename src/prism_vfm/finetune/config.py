@@ -45,6 +45,9 @@ class Stage2Config:
     seed: int = 42
     amp: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: from the device (train/precision.py)
     lr: float = 2e-5
+    # Routers (FiLM included) and context tables learn at lr·router_lr_scale: the task table starts fresh,
+    # and a short run at the backbone's rate barely moves it.
+    router_lr_scale: float = 1.0
     weight_decay: float = 1e-6
     poly_power: float = 0.9
     clip_grad: float = 10.0
@@ -121,6 +124,7 @@ def validate_stage2(cfg: Stage2Config) -> None:
         require(getattr(cfg, key) >= 1, key, "an integer >= 1", getattr(cfg, key))
     for key in ("workers", "seed", "max_steps", "val_every", "ckpt_every", "keep_last"):
         require(getattr(cfg, key) >= 0, key, "an integer >= 0", getattr(cfg, key))
+    require(cfg.router_lr_scale >= 0, "router_lr_scale", "a number >= 0", cfg.router_lr_scale)
     for key in ("lr", "poly_power", "clip_grad"):
         require(getattr(cfg, key) > 0, key, "a number > 0", getattr(cfg, key))
     require(cfg.weight_decay >= 0, "weight_decay", "a number >= 0", cfg.weight_decay)

@@ -38,7 +38,7 @@ from prism_vfm.train.distributed import (
     wrap_model,
 )
 from prism_vfm.train.loop import Loop, fit
-from prism_vfm.train.optim import weight_decay_groups
+from prism_vfm.train.optim import scale_lr, weight_decay_groups
 from prism_vfm.train.precision import autocast
 from prism_vfm.train.run import start_run
 from prism_vfm.train.schedule import poly
@@ -169,7 +169,10 @@ def train_stage2(
         )
     net = wrap_model(MultiTaskStep(model), env, fsdp=False)
 
-    optimizer = torch.optim.AdamW(weight_decay_groups(model, cfg.weight_decay), lr=cfg.lr)
+    groups = weight_decay_groups(model, cfg.weight_decay)
+    if cfg.router_lr_scale != 1.0:
+        groups = scale_lr(groups, model.student.routing_parameters(), cfg.router_lr_scale, cfg.lr)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: poly(s, cfg.iters, 1.0, cfg.poly_power)
     )

@@ -60,7 +60,8 @@ class DualStreamBlock(nn.Module):
         mlp = cast(Mlp, block.mlp)
         self.anchor: Mlp | None = mlp if anchor else None
         self.moe = ConditionedMoE(dim, moe)
-        self.moe.init_from_mlp(mlp)
+        if moe.expert_init == "copy":
+            self.moe.init_from_mlp(mlp)
         self.lambda_gate = nn.Linear(dim, 1) if anchor else None
         if self.lambda_gate is not None:
             nn.init.constant_(self.lambda_gate.bias, lambda_bias_init)

@@ -31,6 +31,13 @@ class MoEConfig:
     double_weighting: bool = True
     lb_coef: float = 0.01
     backend: str = "auto"
+    # "copy": every expert starts as the block's dense MLP (the released models, which start from pretrained
+    # weights); "random": independently initialised experts, so that from a random student the routing has
+    # a difference between experts to learn from.
+    expert_init: str = "copy"
+
+
+EXPERT_INITS = ("copy", "random")
 
 
 class ConditionedMoE(nn.Module):
@@ -38,6 +45,8 @@ class ConditionedMoE(nn.Module):
 
     def __init__(self, dim: int, cfg: MoEConfig) -> None:
         super().__init__()
+        if cfg.expert_init not in EXPERT_INITS:
+            raise ValueError(f"expert_init must be one of {EXPERT_INITS}, got {cfg.expert_init!r}")
         self.cfg = cfg
         hidden = int(dim * cfg.expert_mlp_ratio)
         self.router = ConditionedRouter(

@@ -58,6 +58,10 @@ class PrismViT(
     ``shared_expert``, ``num_experts``, ``top_k``, ``expert_mlp_ratio`` size the MoE; ``moe_layers=()``
     gives a dense student (``tap_layers`` then required); ``wide_layers`` are dense blocks whose MLP has
     ``wide_hidden`` hidden units, Net2Net-tiled from the block's own (or a loaded pretrained) MLP.
+
+    Initialisation (defaults: as released): ``expert_init="copy"`` starts every routed and shared expert as
+    the block's MLP, ``"random"`` initialises them independently (a student trained from random weights);
+    ``context_init_std`` is the std of the teacher and task tables' trunc-normal initialisation (cut at ±2).
     """
 
     #: Range-check context ids that arrive already on an accelerator. Off by default: it reads them back,
@@ -95,6 +99,8 @@ class PrismViT(
         conditioning: str = "film",
         wide_layers: Sequence[int] = (),
         wide_hidden: int = 0,
+        expert_init: str = "copy",
+        context_init_std: float = 0.02,
     ) -> None:
         img_size = (
             (img_size, img_size) if isinstance(img_size, int) else cast("tuple[int, int]", tuple(img_size))
@@ -151,6 +157,7 @@ class PrismViT(
             lb_coef=lb_coef,
             backend=dispatch,
             conditioning=conditioning,
+            expert_init=expert_init,
         )
         for i in self.moe_layers:
             self.blocks[i] = DualStreamBlock(
@@ -168,7 +175,7 @@ class PrismViT(
         self.task_embed = nn.Embedding(self.num_tasks, embed_dim) if self.num_tasks else None
         for table in (self.teacher_embed, self.task_embed):
             if table is not None:
-                trunc_normal_(table.weight, std=0.02)
+                trunc_normal_(table.weight, std=context_init_std)
                 # Without a context-conditioned router nothing reads the tables: frozen, so that no
                 # parameter goes without a gradient (DDP) and the optimiser leaves them alone.
                 table.requires_grad_(self.uses_context)
@@ -597,6 +604,15 @@ class PrismViT(
             is_new = name.startswith(new_prefixes) or ".moe." in name or ".lambda_gate." in name
             groups["new" if is_new else "pretrained"].append(p)
         return groups
+
+    def routing_parameters(self) -> list[nn.Parameter]:
+        """The parameters that carry the context into the routing: the context tables and every MoE router
+        (FiLM, input gate, gate, noise) — what the ``router_lr_scale`` options speed up."""
+        return [
+            p
+            for name, p in self.named_parameters()
+            if name.startswith(("teacher_embed", "task_embed")) or ".moe.router." in name
+        ]
 
     def count_parameters(self, active: bool = False, backbone_only: bool = False) -> int:
         """Parameters in total, or active for one token (only top-k of the routed experts run).

@@ -51,3 +51,21 @@ def weight_decay_groups(model: nn.Module, weight_decay: float, **extra: Any) -> 
         for decay, name in ((True, "decay"), (False, "no_decay"))
         if split[decay]
     ]
+
+
+def scale_lr(
+    groups: list[dict[str, Any]], params: Iterable[nn.Parameter], scale: float, lr: float
+) -> list[dict]:
+    """``groups`` with ``params`` moved to groups of their own (named ``<name>_scaled``) whose learning rate
+    is ``lr·scale`` (``lr``: the rate of groups that name none)."""
+    chosen = {id(p) for p in params}
+    out = []
+    for group in groups:
+        kept = [p for p in group["params"] if id(p) not in chosen]
+        moved = [p for p in group["params"] if id(p) in chosen]
+        if kept:
+            out.append({**group, "params": kept})
+        if moved:
+            rate = group.get("lr", lr) * scale
+            out.append({**group, "params": moved, "lr": rate, "name": f"{group.get('name', 'group')}_scaled"})
+    return out
