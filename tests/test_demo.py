@@ -242,22 +242,28 @@ def test_routing_settings_reach_the_student_and_both_optimisers(tmp_path):
     from prism_vfm.demo.pipeline import stage1_config, training_jobs
     from prism_vfm.distill.student import build_student
 
-    released = demo_config()
+    released = dataclasses.replace(
+        demo_config(),
+        expert_init="copy",
+        expert_dropout=0.1,
+        noisy_gating=True,
+        lambda_bias_init=2.0,
+        router_lr_scale=1.0,
+        routing_router_lr_scale=1.0,
+        routing_distill=True,
+    )
     s1 = stage1_config(released, tmp_path, tmp_path / "s1", tmp_path, 0)
     assert s1.optim.router_lr_scale == 1.0
     model = build_student(s1.student, teacher_dims=(8, 8, 8))
     assert model.moe_config.expert_init == "copy" and model.moe_config.noisy_gating
-    cfg = dataclasses.replace(
-        released,
-        expert_init="random",
-        expert_dropout=0.0,
-        noisy_gating=False,
-        lambda_bias_init=0.0,
-        context_init_std=0.05,
-        router_lr_scale=10.0,
-        routing_router_lr_scale=20.0,
-        routing_distill=False,
-    )
+    jobs = {
+        j.name: j.args[1]
+        for j in training_jobs(released, tmp_path, tmp_path, tmp_path, tmp_path, tmp_path, 0)
+    }
+    assert jobs["stage2_routing/seed0"].router_lr_scale == 1.0
+    assert jobs["stage2_routing/seed0"].distill.alpha == 1.0
+
+    cfg = dataclasses.replace(demo_config(), context_init_std=0.05)  # the demo's own routing settings
     s1 = stage1_config(cfg, tmp_path, tmp_path / "s1", tmp_path, 0)
     assert s1.optim.router_lr_scale == 10.0
     model = build_student(s1.student, teacher_dims=(8, 8, 8))

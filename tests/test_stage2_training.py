@@ -185,3 +185,22 @@ def test_shuffled_task_contexts_route_each_task_pass_under_random_task_ids(setup
     ids = torch.tensor(training)  # (steps, tasks, batch): one random id per sample and pass
     assert ids.shape == (2, 5, 2) and set(ids.flatten().tolist()) <= set(range(5))
     assert not torch.equal(ids, torch.arange(5)[None, :, None].expand_as(ids))
+
+
+def test_augmentation_settings_reach_the_training_transform(setup, tmp_path, monkeypatch):
+    from prism_vfm.finetune import trainer
+
+    seen = []
+    original = trainer.DenseTrainTransform
+
+    def spy(*args, **kwargs):
+        transform = original(*args, **kwargs)
+        seen.append(transform)
+        return transform
+
+    monkeypatch.setattr(trainer, "DenseTrainTransform", spy)
+    cfg = cfg_for(setup, tmp_path / "run", ("scale_range", [0.9, 1.1]), ("photometric", False), ("iters", 1))
+    train_stage2(cfg)
+    assert [(t.scale_range, t.photometric) for t in seen] == [((0.9, 1.1), False)]
+    released = preset("tiny")
+    assert (released.scale_range, released.photometric) == ((0.5, 2.0), True)

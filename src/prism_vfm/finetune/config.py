@@ -48,6 +48,10 @@ class Stage2Config:
     # Routers (FiLM included) and context tables learn at lr·router_lr_scale: the task table starts fresh,
     # and a short run at the backbone's rate barely moves it.
     router_lr_scale: float = 1.0
+    # Training augmentation (SPEC §8): random rescale by s ~ U[scale_range) before the crop, and photometric
+    # distortion. Released: (0.5, 2.0) and on; a short run on small images learns faster with less of both.
+    scale_range: tuple[float, float] = (0.5, 2.0)
+    photometric: bool = True
     weight_decay: float = 1e-6
     poly_power: float = 0.9
     clip_grad: float = 10.0
@@ -124,6 +128,12 @@ def validate_stage2(cfg: Stage2Config) -> None:
         require(getattr(cfg, key) >= 1, key, "an integer >= 1", getattr(cfg, key))
     for key in ("workers", "seed", "max_steps", "val_every", "ckpt_every", "keep_last"):
         require(getattr(cfg, key) >= 0, key, "an integer >= 0", getattr(cfg, key))
+    require(
+        len(cfg.scale_range) == 2 and 0 < cfg.scale_range[0] <= cfg.scale_range[1],
+        "scale_range",
+        "[low, high] with 0 < low <= high",
+        list(cfg.scale_range),
+    )
     require(cfg.router_lr_scale >= 0, "router_lr_scale", "a number >= 0", cfg.router_lr_scale)
     for key in ("lr", "poly_power", "clip_grad"):
         require(getattr(cfg, key) > 0, key, "a number > 0", getattr(cfg, key))

@@ -183,7 +183,11 @@ def train_stage2(
         len(train_set), cfg.batch_size, end_step, cfg.seed, env.rank, env.world_size, cfg.accum, start
     )
     loader = DataLoader(
-        SeededAugmentation(train_set, DenseTrainTransform(img_size), cfg.seed),
+        SeededAugmentation(
+            train_set,
+            DenseTrainTransform(img_size, tuple(cfg.scale_range), photometric=cfg.photometric),
+            cfg.seed,
+        ),
         batch_sampler=sampler,
         num_workers=cfg.workers,
         pin_memory=env.device.type == "cuda",
