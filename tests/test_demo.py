@@ -278,3 +278,17 @@ def test_routing_settings_reach_the_student_and_both_optimisers(tmp_path):
     assert jobs["stage2_routing/seed2"].distill.alpha == 0.0
     assert jobs["stage2"].router_lr_scale == 1.0  # the multi-task run keeps the released rate
     assert jobs["stage2"].distill.alpha == 1.0
+
+
+def test_the_report_names_every_departure_from_the_released_recipe():
+    import dataclasses
+
+    from prism_vfm.demo.report import RELEASED, departures_text
+
+    released = dataclasses.replace(demo_config(), **{key: value for key, value, _ in RELEASED})
+    assert departures_text(released) == ""
+    changed = dataclasses.replace(released, expert_init="random", stage2_scale_range=(0.8, 1.25))
+    text = departures_text(changed)
+    assert "expert initialisation random (released: copy)" in text
+    assert "Stage-2 random rescale range 0.8–1.25 (released: 0.5–2)" in text
+    assert "noisy gating" not in text

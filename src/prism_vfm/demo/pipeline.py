@@ -71,6 +71,11 @@ class DemoConfig:
     stage2_steps: int = 300
     stage2_batch: int = 8
     stage2_lr: float = 1e-3
+    # Stage-2 augmentation (``Stage2Config.scale_range`` / ``photometric``; released (0.5, 2.0) and on) and
+    # the distillation regulariser of the multi-task run (released: on).
+    stage2_scale_range: tuple[float, float] = (0.5, 2.0)
+    stage2_photometric: bool = True
+    stage2_distill: bool = True
     routing_steps: int = 30  # the short Stage-2 runs that test expert specialisation by task
     single_task_steps: int = 120  # each single-task baseline (Δm)
     single_task_distill: bool = False  # baselines without the distillation regulariser: 3× cheaper
@@ -232,6 +237,8 @@ def stage2_config(
         keep_last=1,
         log_every=10,
         distill=DistillConfig(alpha=1.0 if distill else 0.0, teachers=DEMO_TEACHERS, weights=str(weights)),
+        scale_range=cfg.stage2_scale_range,
+        photometric=cfg.stage2_photometric,
     )
 
 
@@ -421,7 +428,7 @@ def training_jobs(
         config = stage2_config(cfg, pascal, student, out / name, weights, s, **kwargs)
         return job(name, "stage2", config, after=(first,))
 
-    jobs = [stage1("assigned", seed), stage2("stage2", seed)]
+    jobs = [stage1("assigned", seed), stage2("stage2", seed, distill=cfg.stage2_distill)]
     jobs += [stage1(c, s) for s in seeds for c in ("assigned", CONTROL) if (c, s) != ("assigned", seed)]
     jobs += [
         stage2(

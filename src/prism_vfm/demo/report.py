@@ -314,6 +314,45 @@ def _small(value: float) -> str:
     return f"{value:.3f}" if value >= 0.01 or value == 0 else f"{value:.1e}"
 
 
+# The demo settings that have a released value, and how the report names them.
+RELEASED: tuple[tuple[str, Any, str], ...] = (
+    ("expert_init", "copy", "expert initialisation"),
+    ("expert_dropout", 0.1, "expert dropout"),
+    ("noisy_gating", True, "noisy gating"),
+    ("lambda_bias_init", 2.0, "λ gate bias at start"),
+    ("router_lr_scale", 1.0, "Stage-1 router learning-rate multiplier"),
+    ("routing_router_lr_scale", 1.0, "router learning-rate multiplier of the short Stage-2 runs"),
+    ("routing_distill", True, "distillation regulariser in the short Stage-2 runs"),
+    ("stage2_distill", True, "distillation regulariser in the multi-task Stage 2"),
+    ("stage2_scale_range", (0.5, 2.0), "Stage-2 random rescale range"),
+    ("stage2_photometric", True, "Stage-2 photometric distortion"),
+)
+
+
+def departures_text(cfg: Any) -> str:
+    """One sentence listing where ``cfg`` departs from the released recipe ("" when it does not)."""
+
+    def shown(value: Any) -> str:
+        if isinstance(value, bool):
+            return "on" if value else "off"
+        if isinstance(value, tuple):
+            return "–".join(f"{v:g}" for v in value)
+        return f"{value:g}" if isinstance(value, float) else str(value)
+
+    changed = []
+    for key, released, label in RELEASED:
+        value = getattr(cfg, key)
+        if (tuple(value) if isinstance(released, tuple) else value) != released:
+            changed.append(f"{label} {shown(value)} (released: {shown(released)})")
+    if not changed:
+        return ""
+    return (
+        "- Where this run departs from the released recipe, so that minutes of training from random weights "
+        "can show what the method does (what each setting changes is measured in `benchmarks/README.md`, "
+        "section `prism demo`): " + "; ".join(changed) + "."
+    )
+
+
 def specialisation_text(spec: Mapping[str, Any], kind: str, runs_text: str) -> list[str]:
     """The table of every run's separation and a verdict against the shuffled-context control, both from
     the numbers of :func:`specialisation_runs`."""
@@ -397,7 +436,9 @@ def write_markdown(
         "## Metrics",
         "",
         f"Multi-task PRISM model against one single-task model per task from the same Stage-1 student "
-        f"({single}; the multi-task model: {cfg.stage2_steps} steps with it). Δm is computed against those "
+        f"({single}; the multi-task model: {cfg.stage2_steps} steps "
+        + ("with" if cfg.stage2_distill else "without")
+        + " it). Δm is computed against those "
         "single-task models (SPEC §9).",
         "",
         "| task | metric | multi-task | single-task | relative gain |",
@@ -507,6 +548,7 @@ def write_markdown(
         "before reading anything into one difference.",
         "- Whether expert specialisation and the λ profile appear at this scale is what the numbers above "
         "report, not a claim about the full-size model.",
+        *([departures_text(cfg)] if departures_text(cfg) else []),
         "",
         "## Time per stage (the analysis and this report come after, see `summary.json`)",
         "",
