@@ -185,7 +185,9 @@ def train_stage2(
     loader = DataLoader(
         SeededAugmentation(
             train_set,
-            DenseTrainTransform(img_size, tuple(cfg.scale_range), photometric=cfg.photometric),
+            DenseTrainTransform(
+                img_size, (float(cfg.scale_range[0]), float(cfg.scale_range[1])), photometric=cfg.photometric
+            ),
             cfg.seed,
         ),
         batch_sampler=sampler,
