@@ -204,8 +204,8 @@ def test_demo_refuses_a_negative_seed(tmp_path, capsys):
 
 def test_demo_refuses_teachers_pretrained_on_other_framing(tmp_path):
     cfg = demo_config(quick=True)
-    cfg.zoom = 1.5
-    with pytest.raises(ValueError, match="zoom 1.0 .* zoom 1.5"):
+    cfg.zoom = cfg.teachers.zoom + 0.5
+    with pytest.raises(ValueError, match=f"zoom {cfg.teachers.zoom} .* zoom {cfg.zoom}"):
         run_demo(tmp_path / "run", config=cfg, cache_dir=tmp_path / "cache")
     assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()  # refused before any work
 
@@ -277,7 +277,32 @@ def test_routing_settings_reach_the_student_and_both_optimisers(tmp_path):
     assert jobs["stage2_routing/seed1_shuffled"].router_lr_scale == 20.0
     assert jobs["stage2_routing/seed2"].distill.alpha == 0.0
     assert jobs["stage2"].router_lr_scale == 1.0  # the multi-task run keeps the released rate
-    assert jobs["stage2"].distill.alpha == 1.0
+
+
+@pytest.mark.parametrize("distill", [True, False])
+def test_each_kind_of_stage2_run_has_its_own_length_and_batch(tmp_path, distill):
+    import dataclasses
+
+    from prism_vfm.demo.pipeline import training_jobs
+
+    cfg = dataclasses.replace(
+        demo_config(),
+        stage2_steps=7,
+        stage2_batch=2,
+        stage2_distill=distill,
+        routing_steps=5,
+        routing_batch=3,
+        single_task_steps=4,
+        single_task_batch=6,
+    )
+    jobs = {
+        j.name: j.args[1] for j in training_jobs(cfg, tmp_path, tmp_path, tmp_path, tmp_path, tmp_path, 0)
+    }
+    assert (jobs["stage2"].iters, jobs["stage2"].batch_size) == (7, 2)
+    assert jobs["stage2"].distill.alpha == (1.0 if distill else 0.0)
+    assert {(c.iters, c.batch_size) for n, c in jobs.items() if n.startswith("stage2_routing/")} == {(5, 3)}
+    baselines = {n: c for n, c in jobs.items() if n.startswith("single_task/")}
+    assert len(baselines) == 5 and {(c.iters, c.batch_size) for c in baselines.values()} == {(4, 6)}
 
 
 def test_the_report_names_every_departure_from_the_released_recipe():

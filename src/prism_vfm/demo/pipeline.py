@@ -57,7 +57,9 @@ class DemoConfig:
     """Sizes and lengths of every stage of the demo."""
 
     img_size: int = 64
-    zoom: float = 1.0  # focal length in image widths (``render_scene``): larger frames the objects closer
+    # Focal length in image widths (``render_scene``): 1.6 frames the objects closer than 1.0, so bottles,
+    # plants and limbs cover more than a patch or two at 64 pixels (benchmarks/README.md, "prism demo").
+    zoom: float = 1.6
     # Patch 4 gives a 16×16 token grid: boundaries, parts and thin objects need it more than width.
     patch_size: int = 4
     stage1_images: int = 512
@@ -77,7 +79,9 @@ class DemoConfig:
     stage2_photometric: bool = True
     stage2_distill: bool = True
     routing_steps: int = 30  # the short Stage-2 runs that test expert specialisation by task
+    routing_batch: int = 8
     single_task_steps: int = 120  # each single-task baseline (Δm)
+    single_task_batch: int = 8
     single_task_distill: bool = False  # baselines without the distillation regulariser: 3× cheaper
     width: int = 64
     depth: int = 6
@@ -124,7 +128,9 @@ def demo_config(quick: bool = False, seed: int = 0) -> DemoConfig:
         stage2_batch=4,
         stage2_lr=2e-3,
         routing_steps=3,
+        routing_batch=4,
         single_task_steps=4,
+        single_task_batch=4,
         width=32,
         depth=4,
         moe_layers=(1, 2, 3),
@@ -211,8 +217,10 @@ def stage2_config(
     task_contexts: str = "own",
     distill: bool = True,
     router_lr_scale: float = 1.0,
+    batch: int | None = None,
 ) -> Stage2Config:
-    """Stage 2 at demo size: every task (or ``tasks``) for ``steps`` (default ``cfg.stage2_steps``), the
+    """Stage 2 at demo size: every task (or ``tasks``) for ``steps`` of ``batch`` (default
+    ``cfg.stage2_steps`` of ``cfg.stage2_batch``), the
     distillation regulariser on unless ``distill`` is false, no held-out validation (the demo evaluates the
     val split once at the end). ``task_contexts="shuffled"`` is the control run; ``router_lr_scale`` speeds
     up the routers and context tables."""
@@ -225,7 +233,7 @@ def stage2_config(
         tasks=tasks,
         img_size=(cfg.img_size, cfg.img_size),
         iters=steps,
-        batch_size=cfg.stage2_batch,
+        batch_size=batch or cfg.stage2_batch,
         workers=0,
         seed=seed,
         amp="fp32",
@@ -435,6 +443,7 @@ def training_jobs(
             f"stage2_routing/{run_name(c, s)}",
             s,
             steps=cfg.routing_steps,
+            batch=cfg.routing_batch,
             task_contexts=c,
             router_lr_scale=cfg.routing_router_lr_scale,
             distill=cfg.routing_distill,
@@ -448,6 +457,7 @@ def training_jobs(
             seed,
             tasks=(task,),
             steps=cfg.single_task_steps,
+            batch=cfg.single_task_batch,
             distill=cfg.single_task_distill,
         )
         for task in dataset_tasks(DATASET)

@@ -416,7 +416,7 @@ def write_markdown(
     present = analysis["present_classes"]
     seeds = cfg.seeds(seed)
     single = (
-        f"{cfg.single_task_steps} steps each, "
+        f"{cfg.single_task_steps} steps of batch {cfg.single_task_batch} each, "
         + ("with" if cfg.single_task_distill else "without")
         + " the distillation regulariser"
     )
@@ -429,14 +429,15 @@ def write_markdown(
         f"Stage 1: {cfg.stage1_steps} steps of batch {cfg.stage1_batch} on {cfg.stage1_images} unlabelled "
         f"images, for seeds {seeds}, each also with shuffled teacher contexts; Stage 2: {cfg.stage2_steps} "
         f"steps of batch {cfg.stage2_batch} on {cfg.train_images} PASCAL-Context-layout images from the "
-        f"seed-{seed} student, plus {cfg.routing_steps}-step runs for seeds {seeds} with task and with "
+        f"seed-{seed} student, plus runs of {cfg.routing_steps} steps of batch {cfg.routing_batch} for seeds "
+        f"{seeds} with task and with "
         f"shuffled contexts; evaluation on {metrics['images']} val images. The NYUD-v2 layout is written too "
         "(`data/NYUDv2`, for `prism finetune --dataset nyud`).",
         "",
         "## Metrics",
         "",
         f"Multi-task PRISM model against one single-task model per task from the same Stage-1 student "
-        f"({single}; the multi-task model: {cfg.stage2_steps} steps "
+        f"({single}; the multi-task model: {cfg.stage2_steps} steps of batch {cfg.stage2_batch} "
         + ("with" if cfg.stage2_distill else "without")
         + " it). Δm is computed against those "
         "single-task models (SPEC §9).",
@@ -511,7 +512,8 @@ def write_markdown(
         *specialisation_text(
             spec["task"],
             "task",
-            f"Stage-2 runs of {cfg.routing_steps} steps from the seed-{seed} student for seeds {seeds}.",
+            f"Stage-2 runs of {cfg.routing_steps} steps of batch {cfg.routing_batch} from the seed-{seed} "
+            f"student for seeds {seeds}.",
         ),
         "",
         _separation_text(analysis["separation_tasks"], "task") + f" (the {cfg.stage2_steps}-step model)",
