@@ -29,6 +29,19 @@ def cfg_for(setup, out, *overrides):
     return apply_overrides(preset("tiny"), base + list(overrides))
 
 
+def spy_on(monkeypatch, module, name):
+    """Wrap ``module.name`` so that every object it returns is also appended to the returned list."""
+    made = []
+    real = getattr(module, name)
+
+    def spy(*args, **kwargs):
+        made.append(real(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(module, name, spy)
+    return made
+
+
 def test_tiny_finetune_trains_validates_and_checkpoints(setup, tmp_path):
     run = train_stage2(cfg_for(setup, tmp_path / "run"))
     records = read_scalars(run)
@@ -87,15 +100,7 @@ def test_sam_teacher_alignment_on_non_square_inputs(setup, tmp_path, monkeypatch
     from tests.test_teachers import TINY_SAM
 
     register_teacher(TINY_SAM, overwrite=True)
-    built = []
-    real = stage2.build_teacher
-
-    def spy(*args, **kwargs):
-        teacher = real(*args, **kwargs)
-        built.append(teacher)
-        return teacher
-
-    monkeypatch.setattr(stage2, "build_teacher", spy)
+    built = spy_on(monkeypatch, stage2, "build_teacher")
     overrides = [("distill.teachers", ["tiny_a", "tiny_b", "tiny_sam"]), ("distill.sam_alignment", alignment)]
     # tiny_sam is wider than the Stage-1 third teacher: its projector heads start fresh, by request.
     overrides.append(("init_fresh", ["projectors.2.*"]))
@@ -190,15 +195,7 @@ def test_shuffled_task_contexts_route_each_task_pass_under_random_task_ids(setup
 def test_augmentation_settings_reach_the_training_transform(setup, tmp_path, monkeypatch):
     from prism_vfm.finetune import trainer
 
-    seen = []
-    original = trainer.DenseTrainTransform
-
-    def spy(*args, **kwargs):
-        transform = original(*args, **kwargs)
-        seen.append(transform)
-        return transform
-
-    monkeypatch.setattr(trainer, "DenseTrainTransform", spy)
+    seen = spy_on(monkeypatch, trainer, "DenseTrainTransform")
     cfg = cfg_for(setup, tmp_path / "run", ("scale_range", [0.9, 1.1]), ("photometric", False), ("iters", 1))
     train_stage2(cfg)
     assert [(t.scale_range, t.photometric) for t in seen] == [((0.9, 1.1), False)]
