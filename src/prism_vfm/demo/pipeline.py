@@ -224,10 +224,10 @@ def stage2_config(
     batch: int | None = None,
 ) -> Stage2Config:
     """Stage 2 at demo size: every task (or ``tasks``) for ``steps`` of ``batch`` (default
-    ``cfg.stage2_steps`` of ``cfg.stage2_batch``), the
-    distillation regulariser on unless ``distill`` is false, no held-out validation (the demo evaluates the
-    val split once at the end). ``task_contexts="shuffled"`` is the control run; ``router_lr_scale`` speeds
-    up the routers and context tables."""
+    ``cfg.stage2_steps`` of ``cfg.stage2_batch``), the distillation regulariser on unless ``distill`` is
+    false, no held-out validation (the demo evaluates the val split once at the end).
+    ``task_contexts="shuffled"`` is the control run; ``router_lr_scale`` speeds up the routers and context
+    tables."""
     steps = steps or cfg.stage2_steps
     return Stage2Config(
         dataset=DATASET,
@@ -237,7 +237,7 @@ def stage2_config(
         tasks=tasks,
         img_size=(cfg.img_size, cfg.img_size),
         iters=steps,
-        batch_size=batch or cfg.stage2_batch,
+        batch_size=cfg.stage2_batch if batch is None else batch,
         workers=0,
         seed=seed,
         amp="fp32",
