@@ -9,6 +9,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from prism_vfm.train.distributed import shutdown_distributed
 from tests.tiny import tiny_student
 
 
@@ -32,7 +33,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         loss.backward()
         opt.step()
     torch.save({k: v.detach() for k, v in model.module.state_dict().items()}, f"{out}/rank{rank}.pt")
-    dist.destroy_process_group()
+    shutdown_distributed()
 
 
 def test_ddp_trains_without_find_unused_parameters(tmp_path):
@@ -72,11 +73,16 @@ def _toy_batch(rank: int) -> torch.Tensor:
 
 
 def _partly_sharded_worker(rank: int, port: int, out: str) -> None:
-    from prism_vfm.train.distributed import DistEnv, clip_grad_norm, gradient_sync, wrap_model
-
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     torch.set_num_threads(1)
+    _partly_sharded_steps(rank, out)
+    shutdown_distributed()
+
+
+def _partly_sharded_steps(rank: int, out: str) -> None:
+    from prism_vfm.train.distributed import DistEnv, clip_grad_norm, gradient_sync, wrap_model
+
     torch.manual_seed(0)
     model = _Toy()
     env = DistEnv(rank=rank, world_size=2, local_rank=rank, device=torch.device("cpu"))
@@ -94,8 +100,6 @@ def _partly_sharded_worker(rank: int, port: int, out: str) -> None:
             {"grads": grads, "norm": norm, "sharded": [type(m.weight).__name__ for m in (*model.a, model.b)]},
             f"{out}/grads.pt",
         )
-    dist.barrier()  # both ranks leave together: a rank torn down while the other still talks aborts gloo
-    dist.destroy_process_group()
 
 
 def test_partly_sharded_units_average_gradients_as_ddp_does_with_unused_parameters(tmp_path):
@@ -123,3 +127,46 @@ def test_partly_sharded_units_average_gradients_as_ddp_does_with_unused_paramete
             assert saved["grads"][name] is None and p.grad is None
         else:
             torch.testing.assert_close(saved["grads"][name], p.grad, msg=name)
+
+
+def _one_process_group(tmp_path) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+
+
+def test_leaving_the_group_frees_what_fsdp_keeps_in_reference_cycles_first(tmp_path):
+    """A sharded module lives in reference cycles after its last reference goes; left to interpreter shutdown
+    it outlives the process group, and gloo can abort a finished process there."""
+    import weakref
+
+    from torch.distributed.fsdp import fully_shard
+
+    _one_process_group(tmp_path)
+    module = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    fully_shard(module)
+    module(torch.randn(2, 4)).sum().backward()
+    alive = weakref.ref(module)
+    del module
+    assert alive() is not None  # the cycles the helper has to collect
+    shutdown_distributed()
+    assert alive() is None and not dist.is_initialized()
+    shutdown_distributed()  # without a group: nothing to do
+
+
+def test_a_command_run_under_torchrun_leaves_its_process_group(tmp_path, monkeypatch):
+    import argparse
+
+    from prism_vfm import cli
+
+    ran = []
+
+    def command(args: argparse.Namespace) -> None:
+        _one_process_group(tmp_path)
+        ran.append(args.command)
+
+    class Parser:
+        def parse_args(self, argv):
+            return argparse.Namespace(command="evaluate", func=command)
+
+    monkeypatch.setattr(cli, "build_parser", Parser)
+    cli.main([])
+    assert ran == ["evaluate"] and not dist.is_initialized()

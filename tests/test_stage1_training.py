@@ -20,6 +20,7 @@ from prism_vfm.data.synthetic import write_tiny_image_folder
 from prism_vfm.distill.config import preset
 from prism_vfm.distill.trainer import train_stage1
 from prism_vfm.train.checkpoint import latest_checkpoint
+from prism_vfm.train.distributed import shutdown_distributed
 from prism_vfm.train.logging import read_scalars
 
 
@@ -73,7 +74,7 @@ def _ddp_worker(rank: int, port: int, images: str, out: str, fsdp: bool) -> None
     if fsdp:  # the sharded run also stops halfway and resumes (sharded optimiser state round trip)
         train_stage1(tiny_cfg(Path(images), Path(out), *common, ("max_steps", 2)))
     train_stage1(tiny_cfg(Path(images), Path(out), *common, ("max_steps", 4)), resume=fsdp)
-    torch.distributed.destroy_process_group()
+    shutdown_distributed()
 
 
 @pytest.mark.parametrize("engine", ["ddp", "fsdp"])

@@ -12,6 +12,7 @@ from prism_vfm.data.tiny_dense import write_tiny_pascal
 from prism_vfm.finetune.config import preset
 from prism_vfm.finetune.trainer import build_multitask, train_stage2
 from prism_vfm.train.checkpoint import latest_checkpoint
+from prism_vfm.train.distributed import shutdown_distributed
 from prism_vfm.train.logging import read_scalars
 from tests.tiny import tiny_student
 
@@ -134,7 +135,7 @@ def _ddp_worker(rank: int, port: int, root: str, out: str) -> None:
     Path(out).mkdir(parents=True, exist_ok=True)
     setup = Path(root)
     stage2.train_stage2(cfg_for(setup, Path(out) / "run", ("max_steps", 3), ("workers", 0)))
-    torch.distributed.destroy_process_group()
+    shutdown_distributed()
 
 
 def test_two_process_ddp_keeps_ranks_in_sync(setup, tmp_path):

@@ -15,6 +15,7 @@ import torch.multiprocessing as mp
 import yaml
 
 from prism_vfm.config import apply_overrides
+from prism_vfm.train.distributed import shutdown_distributed
 from prism_vfm.video.data.dataset import VideoDataset
 from prism_vfm.video.data.lists import VideoSample, read_video_list
 from prism_vfm.video.data.synthetic import write_tiny_video_dataset
@@ -100,7 +101,7 @@ def _worker(rank: int, port: int, root: str, out: str) -> None:
     torch.set_num_threads(1)
     result = _evaluate(Path(root), Path(out))
     Path(out, f"scores{rank}.json").write_text(json.dumps(result["scores"]))
-    torch.distributed.destroy_process_group()
+    shutdown_distributed()
 
 
 def test_two_processes_score_the_list_as_one(trained, tmp_path):

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from prism_vfm.config import ConfigError, apply_overrides
 from prism_vfm.train.checkpoint import latest_checkpoint
-from prism_vfm.train.distributed import DistEnv, wrap_model
+from prism_vfm.train.distributed import DistEnv, shutdown_distributed, wrap_model
 from prism_vfm.train.logging import read_scalars
 from prism_vfm.train.schedule import warmup_cosine_epochs
 from prism_vfm.video.data.dataset import VideoDataset
@@ -153,7 +153,7 @@ def _ddp_worker(rank: int, port: int, data: str, out: str) -> None:
     )
     torch.set_num_threads(1)
     train_video(tiny_cfg(Path(data), Path(out), ("batch_size", 2), ("epochs", 2)))
-    torch.distributed.destroy_process_group()
+    shutdown_distributed()
 
 
 def test_two_process_run_matches_one_process_with_the_same_global_batch(data, tmp_path):
@@ -186,16 +186,20 @@ def _fsdp_worker(rank: int, port: int, data: str, out: str) -> None:
     train_video(
         tiny_cfg(Path(data), Path(out) / "single_half", *common), resume=True, allow_config_change=True
     )
-    # Sharded validation, one clip per batch: rank 0 has two of the three videos, rank 1 one (it repeats a
-    # forward so that the blocks' gathers pair up).
-    cfg = tiny_cfg(Path(data), fsdp, ("batch_size", 1))
-    model = _trained(fsdp)
+    _sharded_validation(rank, data, fsdp, out)
+    shutdown_distributed()
+
+
+def _sharded_validation(rank: int, data: str, run: Path, out: str) -> None:
+    """One clip per batch: rank 0 has two of the three videos, rank 1 one (it repeats a forward so that the
+    blocks' gathers pair up)."""
+    cfg = tiny_cfg(Path(data), run, ("batch_size", 1))
+    model = _trained(run)
     env = DistEnv(rank=rank, world_size=2, local_rank=rank, device=torch.device("cpu"))
     wrap_model(model, env, True, model.backbone.tower.blocks, find_unused=True, shard_root=model.backbone)
     scores = validate(model, _val_set(cfg), cfg, env.device, sharded=True)
     if rank == 0:
         (Path(out) / "sharded_val.json").write_text(json.dumps(scores))
-    torch.distributed.destroy_process_group()
 
 
 def _trained(run: Path):

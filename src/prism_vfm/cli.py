@@ -965,6 +965,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         )
     try:
         args.func(args)
+        if torch.distributed.is_initialized():  # a torchrun process leaves its group before exiting
+            from prism_vfm.train.distributed import shutdown_distributed
+
+            shutdown_distributed()
     except USER_ERRORS as exc:
         if os.environ.get("PRISM_DEBUG", "") not in ("", "0"):
             raise

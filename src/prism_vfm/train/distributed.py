@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -44,6 +45,9 @@ def init_distributed() -> DistEnv:
     needs gloo's TCP transport to work on every GPU cluster's network as well (GLOO_SOCKET_IFNAME and
     friends) and would hide the host copies it makes; the states reduced here (loss terms, metric meters,
     BatchNorm buffers) already live on the device, so reducing them there costs nothing.
+
+    The ``prism`` commands leave the group when they finish; a script that trains through the Python API
+    under torchrun ends with :func:`shutdown_distributed`.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -148,6 +152,21 @@ def barrier() -> None:
     """
     if dist.is_initialized():
         dist.barrier()
+
+
+def shutdown_distributed() -> None:
+    """Leave the process group at the end of a command that ran under it (no-op without one).
+
+    The processes first wait for each other (gloo aborts a process whose peer tears down while it still
+    talks), then the objects that FSDP2 keeps in reference cycles (sharded modules, their device meshes)
+    are collected, so that none of them outlives the group into interpreter shutdown, where their gloo
+    threads can end a finished run with ``terminate called without an active exception`` (SIGABRT).
+    """
+    if not dist.is_initialized():
+        return
+    dist.barrier()
+    gc.collect()
+    dist.destroy_process_group()
 
 
 def average_floating_buffers(module: torch.nn.Module) -> None:
