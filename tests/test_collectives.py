@@ -32,7 +32,6 @@ from prism_vfm.finetune.config import preset, resolved
 from prism_vfm.finetune.trainer import validate
 from prism_vfm.models.multitask import PrismMultiTask
 from prism_vfm.train import distributed
-from prism_vfm.train.distributed import shutdown_distributed
 from tests.tiny import TINY
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "prism_vfm"
@@ -162,7 +161,7 @@ def _worker(rank: int, port: int, root: str, out: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=2)
     torch.set_num_threads(1)
     _score(Path(root), Path(out), rank)
-    shutdown_distributed()
+    distributed.shutdown_distributed()
 
 
 def test_two_processes_validate_and_evaluate_like_one_and_only_rank_0_writes_results(pascal, tmp_path):

@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from prism_vfm.train.distributed import shutdown_distributed
+from prism_vfm.train.distributed import (
+    DistEnv,
+    clip_grad_norm,
+    gradient_sync,
+    shutdown_distributed,
+    wrap_model,
+)
 from tests.tiny import tiny_student
 
 
@@ -81,8 +88,6 @@ def _partly_sharded_worker(rank: int, port: int, out: str) -> None:
 
 
 def _partly_sharded_steps(rank: int, out: str) -> None:
-    from prism_vfm.train.distributed import DistEnv, clip_grad_norm, gradient_sync, wrap_model
-
     torch.manual_seed(0)
     model = _Toy()
     env = DistEnv(rank=rank, world_size=2, local_rank=rank, device=torch.device("cpu"))
@@ -133,7 +138,15 @@ def _one_process_group(tmp_path) -> None:
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
 
 
-def test_leaving_the_group_frees_what_fsdp_keeps_in_reference_cycles_first(tmp_path):
+@pytest.fixture
+def no_group_left():
+    """A group the code under test fails to leave is not handed on to the tests after it."""
+    yield
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def test_leaving_the_group_frees_what_fsdp_keeps_in_reference_cycles_first(tmp_path, no_group_left):
     """A sharded module lives in reference cycles after its last reference goes; left to interpreter shutdown
     it outlives the process group, and gloo can abort a finished process there."""
     import weakref
@@ -152,7 +165,7 @@ def test_leaving_the_group_frees_what_fsdp_keeps_in_reference_cycles_first(tmp_p
     shutdown_distributed()  # without a group: nothing to do
 
 
-def test_a_command_run_under_torchrun_leaves_its_process_group(tmp_path, monkeypatch):
+def test_a_command_run_under_torchrun_leaves_its_process_group(tmp_path, monkeypatch, no_group_left):
     import argparse
 
     from prism_vfm import cli
