@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from prism_vfm.data.synthetic import write_tiny_image_folder
@@ -56,6 +57,11 @@ EXPECTED = {
         "rate training step",
         "ratio loader/step h264 pyav decode+augment vs the step on this CPU:",
     ],
+    "demo_edge_ceiling.py": [
+        "odsF ceiling 64 px (tolerance 0.68 px) boundaries:",
+        "odsF ceiling 64 px (tolerance 0.68 px) training label:",
+        "odsF ceiling 64 px (tolerance 0.68 px) head grid (16x16):",
+    ],
     "bench_vidprism_head.py": [
         "agreement: max |logits(head) - logits(reference)|",
         "ratio train released loops / head (speed-up):",
@@ -92,6 +98,14 @@ def test_benchmark_quick_run_prints_its_ratios(script, tmp_path):
             "train (d)/(c) separate experts vs the floor",
         ):
             assert abs(flop_ratios[label] - 1) < 0.01, (label, flop_ratios[label])
+    if script == "demo_edge_ceiling.py":  # each stand-in loses to the one it approximates, the grid most
+        values = dict(
+            re.findall(
+                r"^odsF ceiling 64 px \(tolerance 0.68 px\) ([a-z ]+)[^:]*: ([.0-9]+)$", result.stdout, re.M
+            )
+        )
+        scores = {kind.strip(): float(v) for kind, v in values.items()}
+        assert scores["boundaries"] > scores["training label"] > scores["head grid"] > 0, scores
     if script == "bench_stage2.py":  # the shared passes compute what the per-task passes compute
         gaps = [float(v) for v in re.findall(r"max \|shared - per task\| ([-+.e0-9]+)\)", result.stdout)]
         assert len(gaps) == 2 and max(gaps) < 1e-4, result.stdout
@@ -182,3 +196,21 @@ def test_run_all_plans_the_gpu_settings_of_the_readme():
     assert runs["vidprism_head"][2:] == ["--device", "cuda", "--dtype", "bf16"]
     assert runs["vidprism_model"][2:] == ["--device", "cuda", "--dtype", "bf16"]
     assert "boundary" not in runs
+
+
+def test_edge_ceiling_head_grid_puts_edge_maxima_only_at_cell_centres():
+    """A bilinear upsampling peaks at its cells' centres: a vertical edge anywhere in a 4-pixel cell comes
+    out on the cell's middle columns (1 or 2 of 0-3), which is why the 64-pixel demo cannot hit most
+    boundary pixels exactly."""
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+    try:
+        import demo_edge_ceiling
+    finally:
+        sys.path.remove(str(REPO_ROOT / "benchmarks"))
+    for column in range(16, 20):  # every offset in the fifth cell
+        label = np.zeros((32, 32), dtype=bool)
+        label[:, column] = True
+        edge = demo_edge_ceiling.head_grid(label)
+        peak = int(edge[16].argmax())
+        assert peak // 4 == 4 and peak % 4 in (1, 2), (column, edge[16])
+        assert edge[16, peak] == edge[16].max() and edge[16, 18 if peak == 17 else 17] == edge[16, peak]

@@ -151,6 +151,22 @@ def test_quick_demo_reports_targets_on_the_classes_the_scenes_hold_as_found(quic
     report = quick.report.read_text()
     met = sum(r["met"] for r in rows.values())
     assert f"met {met} of {len(rows)}" in report
+    # the quick model misses the boundary target: the report says what bounds it at 64 pixels
+    assert not rows["edge"]["met"]
+    assert "matched within 0.68 px at 64 pixels (below a pixel only exact hits count)" in report
+    assert "from a 16×16 grid upsampled bilinearly" in report
+
+
+def test_the_report_explains_a_missed_boundary_target_by_the_size_and_only_then():
+    import dataclasses
+
+    from prism_vfm.demo.report import _edge_ceiling_text
+
+    missed = [{"task": "edge", "met": False}, {"task": "sal", "met": True}]
+    text = " ".join(_edge_ceiling_text(missed, dataclasses.replace(demo_config(), img_size=128)))
+    assert "matched within 1.36 px at 128 pixels," in text and "exact hits" not in text
+    assert "from a 32×32 grid" in text and "benchmarks/demo_edge_ceiling.py" in text
+    assert _edge_ceiling_text([{"task": "edge", "met": True}], demo_config()) == []
 
 
 def test_quick_demo_predicts_foreground_where_the_scenes_have_it(quick):

@@ -18,12 +18,13 @@ from prism_vfm.analysis import gate_statistics, plot_affinity, plot_gates, routi
 from prism_vfm.analysis.common import student_of
 from prism_vfm.data.dense_transforms import DenseTestTransform
 from prism_vfm.data.pascal_context import PascalContext
-from prism_vfm.data.registry import HEADLINE_METRICS, LOWER_IS_BETTER, dataset_tasks
+from prism_vfm.data.registry import HEADLINE_METRICS, LOWER_IS_BETTER, dataset_tasks, get_dataset
 from prism_vfm.demo.pipeline import CONTROL, DATASET
 from prism_vfm.demo.teachers import DEMO_TEACHERS, ROLES, teacher_probe
 from prism_vfm.errors import MissingExtraError
 from prism_vfm.metrics.dense import SegmentationMeter
 from prism_vfm.metrics.multitask import prediction_for_metric
+from prism_vfm.models.dense_head import HEAD_DOWN_RATIO
 from prism_vfm.models.multitask import PrismMultiTask
 from prism_vfm.models.prism_vit import ContextKind, PrismViT
 
@@ -156,6 +157,24 @@ def target_rows(
             {"task": task, "metric": metric, "target": target, "value": float(value), "met": bool(met)}
         )
     return rows
+
+
+def _edge_ceiling_text(targets: list[dict[str, Any]], cfg: Any) -> list[str]:
+    """Why a missed boundary target is missed at this size: the matching tolerance in pixels and the
+    head's output grid (measured in ``benchmarks/demo_edge_ceiling.py``)."""
+    if all(r["met"] for r in targets if r["task"] == "edge"):
+        return []
+    tolerance = get_dataset(DATASET).boundary_max_dist_ratio * cfg.img_size * np.sqrt(2)
+    grid = cfg.img_size // HEAD_DOWN_RATIO
+    return [
+        "",
+        f"Boundaries are matched within {tolerance:.2f} px at {cfg.img_size} pixels"
+        + (" (below a pixel only exact hits count)" if tolerance < 1 else "")
+        + f", and the decoder head draws them from a {grid}×{grid} grid upsampled bilinearly, whose maxima "
+        "sit at the cell centres: `benchmarks/demo_edge_ceiling.py` measures how high odsF can go at a "
+        "size, for a perfect prediction, for a perfect copy of the training label and for that label "
+        'on the head\'s grid (benchmarks/README.md, "`prism demo`").',
+    ]
 
 
 def specialisation_runs(
@@ -480,6 +499,7 @@ def write_markdown(
             f"| {r['value']:.2f} | {'yes' if r['met'] else 'no'} |"
             for r in analysis["targets"]
         ],
+        *_edge_ceiling_text(analysis["targets"], cfg),
         "",
         "![metrics](figures/metrics.png)",
         "",

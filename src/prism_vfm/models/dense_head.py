@@ -8,6 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+HEAD_DOWN_RATIO = 4
+"""The fused maps and the last convolution of ``DenseHead`` run at 1 / ``HEAD_DOWN_RATIO`` of the input size
+(released); the logits are then upsampled bilinearly to the input size."""
+
 
 class DenseHead(nn.Module):
     """Multi-level linear decoder: per tap Linear(D→D/4) on patch tokens, upsample to 1/4 of the input,
@@ -17,7 +21,9 @@ class DenseHead(nn.Module):
     BatchNorm becomes SyncBatchNorm under DDP through ``nn.SyncBatchNorm.convert_sync_batchnorm``.
     """
 
-    def __init__(self, dim: int, out_channels: int, num_levels: int = 4, down_ratio: int = 4) -> None:
+    def __init__(
+        self, dim: int, out_channels: int, num_levels: int = 4, down_ratio: int = HEAD_DOWN_RATIO
+    ) -> None:
         super().__init__()
         reduced = dim // 4
         self.down_ratio = down_ratio
