@@ -25,7 +25,13 @@ from typing import Any, Final, Literal, cast
 
 from prism_vfm.data.registry import HEADLINE_METRICS, dataset_tasks
 from prism_vfm.data.scene_sets import write_scene_images, write_scene_nyud, write_scene_pascal
-from prism_vfm.demo.teachers import DEMO_TEACHERS, DemoTeacherConfig, prepare_teachers
+from prism_vfm.demo.teachers import (
+    DEMO_TEACHERS,
+    DemoTeacherConfig,
+    prepare_teachers,
+    teacher_jobs,
+    teacher_probe,
+)
 from prism_vfm.distill.config import OptimConfig, Stage1Config, StudentConfig, TeacherConfig
 from prism_vfm.finetune.config import DistillConfig, Stage2Config
 from prism_vfm.train.checkpoint import latest_checkpoint
@@ -254,6 +260,19 @@ def stage2_config(
     )
 
 
+def write_data(root: Path, cfg: DemoConfig, seed: int) -> tuple[Path, Path]:
+    """Write the demo's data sets under ``root``: the Stage-1 image folder, PASCAL-Context and NYUD-v2 in
+    their release layouts; returns the image folder and the PASCAL-Context root."""
+    size = (cfg.img_size, cfg.img_size)
+    images = write_scene_images(root / "images", cfg.stage1_images, size, seed, zoom=cfg.zoom)
+    pascal = write_scene_pascal(
+        root / "PASCALContext", cfg.train_images, cfg.val_images, size, seed, cfg.zoom
+    )
+    nyud_val = max(1, cfg.nyud_images // 4)
+    write_scene_nyud(root / "NYUDv2", cfg.nyud_images, nyud_val, size, seed, cfg.zoom)
+    return images, pascal.root
+
+
 @dataclass
 class DemoResult:
     """Where everything went and the headline numbers."""
@@ -314,21 +333,19 @@ def run_demo(
     size = (cfg.img_size, cfg.img_size)
     start, cpu_start = time.perf_counter(), _cpu_time()
 
-    with _stage(timings, "data", cpu):
-        images = write_scene_images(
-            out / "data" / "images", cfg.stage1_images, size, seed, progress=True, zoom=cfg.zoom
-        )
-        pascal = write_scene_pascal(
-            out / "data" / "PASCALContext", cfg.train_images, cfg.val_images, size, seed, cfg.zoom
-        )
-        nyud_val = max(1, cfg.nyud_images // 4)
-        write_scene_nyud(out / "data" / "NYUDv2", cfg.nyud_images, nyud_val, size, seed, cfg.zoom)
-    with _stage(timings, "teachers", cpu):
-        weights = prepare_teachers(cfg.teachers, cache, workers=workers)
-    seeds = cfg.seeds(seed)
+    # The three teachers leave one of two workers idle for a teacher's time: the data sets are written
+    # then. The scenes the teachers pretrain on are rendered here first (when a teacher is missing).
+    with _stage(timings, "data and teachers", cpu):
+        jobs = [*teacher_jobs(cfg.teachers, cache), Job("data", write_data, (out / "data", cfg, seed))]
+        first = run_jobs(jobs, workers, log=lambda line: print(f"[demo] {line}", flush=True))
+    weights = cache
+    images, pascal_root = first["data"].value
+    cpu["data"] = first["data"].cpu_s  # in a worker: not in this process's time
+    cpu["teachers"] = sum(r.cpu_s for n, r in first.items() if n != "data")
     tasks = tuple(dataset_tasks(DATASET))
-    jobs = training_jobs(cfg, images, pascal.root, out, weights, cache, seed)
-    with _stage(timings, f"training ({len(jobs)} runs)", cpu):
+    jobs = training_jobs(cfg, images, pascal_root, out, weights, cache, seed)
+    runs = sum(j.name.split("/")[0] in TRAININGS for j in jobs)
+    with _stage(timings, f"training ({runs} runs)", cpu):
         results = run_jobs(jobs, workers, log=lambda line: print(f"[demo] {line}", flush=True))
     for group, names in job_groups(jobs).items():
         cpu[group] = sum(results[n].cpu_s for n in names)  # in the workers: not in this process's time
@@ -337,47 +354,26 @@ def run_demo(
         "critical_path_cpu_s": critical_path(results),
         "runs": {n: {"cpu_s": r.cpu_s, "wall_s": r.wall_s, "worker": r.worker} for n, r in results.items()},
     }
-    stage1_runs = {
-        (c, s): results[f"stage1/{run_name(c, s)}"].value for s in seeds for c in ("assigned", CONTROL)
-    }
-    multi = _last(results["stage2"].value)
-    routing_runs = {
-        (c, s): _last(results[f"stage2_routing/{run_name(c, s)}"].value)
-        for s in seeds
-        for c in ("own", CONTROL)
-    }
-    singles = {task: _last(results[f"single_task/{task}"].value) for task in tasks}
+    multi = run_checkpoint(results["stage2"].value)
+    baselines = {task: results[f"evaluation/single_task/{task}"].value for task in tasks}
     with _stage(timings, "evaluation", cpu):
-        baselines = {}
-        for task, ckpt in singles.items():
-            result = evaluate(
-                ckpt,
-                DATASET,
-                pascal.root,
-                out=out / "single_task" / task / "eval",
-                workers=0,
-                baselines={},  # these scores are the baselines: no Δm
-                img_size=size,
-            )
-            baselines[task] = result["scores"][task][HEADLINE_METRICS[task]]
         metrics = evaluate(
-            multi, DATASET, pascal.root, out=out / "eval", workers=0, baselines=baselines, img_size=size
+            multi, DATASET, pascal_root, out=out / "eval", workers=0, baselines=baselines, img_size=size
         )
     with _stage(timings, "analysis and report", cpu):
         from prism_vfm.demo.report import write_report
 
-        stage1_ckpts = {k: _last(v) for k, v in stage1_runs.items()}
         figures, analysis = write_report(
             out,
             cfg,
-            stage1_ckpts,
-            routing_runs,
+            run_checkpoint(results[f"stage1/{run_name('assigned', seed)}"].value),
             multi,
-            pascal.root,
+            pascal_root,
             metrics,
             baselines,
             timings,
-            weights,
+            {kind: results[f"analysis/specialisation by {kind}"].value for kind in ("teacher", "task")},
+            results["analysis/teacher probes"].value,
             seed,
             cpu,
         )
@@ -412,7 +408,7 @@ def train_run(
     prepare_teachers(teachers, cache, progress=False)  # cached by now: only registers them
     if stage == "stage1":
         return train_stage1(config)
-    return train_stage2(dataclasses.replace(config, init=str(_last(Path(config.init)))))
+    return train_stage2(dataclasses.replace(config, init=str(run_checkpoint(Path(config.init)))))
 
 
 def training_jobs(
@@ -466,16 +462,66 @@ def training_jobs(
         )
         for task in dataset_tasks(DATASET)
     ]
+    # What only needs finished runs is done in the workers too, by the one that is not on the critical
+    # path (the demo seed's Stage 1 and the multi-task Stage 2): the baselines' scores, the specialisation
+    # of every seed and control run, and the teachers' probes.
+    from prism_vfm.demo.report import specialisation_of
+
+    size = (cfg.img_size, cfg.img_size)
+    jobs += [
+        Job(
+            f"evaluation/single_task/{task}",
+            evaluate_baseline,
+            (out / "single_task" / task, task, pascal, size),
+            after=(f"single_task/{task}",),
+        )
+        for task in dataset_tasks(DATASET)
+    ]
+    for kind, stage, contexts in (("teacher", "stage1", "assigned"), ("task", "stage2_routing", "own")):
+        runs = {(c, s): out / stage / run_name(c, s) for s in seeds for c in (contexts, CONTROL)}
+        after = tuple(f"{stage}/{run_name(c, s)}" for c, s in runs)
+        jobs.append(
+            Job(
+                f"analysis/specialisation by {kind}",
+                specialisation_of,
+                (kind, runs, pascal, size),
+                after=after,
+            )
+        )
+    jobs.append(Job("analysis/teacher probes", teacher_probe, (cfg.teachers, cache)))
     return jobs
 
 
+def evaluate_baseline(run: Path, task: str, data: Path, img_size: tuple[int, int]) -> float:
+    """The headline score of the single-task baseline trained in ``run`` (its latest checkpoint) on the
+    val split; everything ``evaluate`` writes goes to ``run/eval``."""
+    from prism_vfm.evaluate import evaluate
+
+    result = evaluate(
+        run_checkpoint(run),
+        DATASET,
+        data,
+        out=run / "eval",
+        workers=0,
+        baselines={},  # these scores are the baselines: no Δm
+        img_size=img_size,
+    )
+    return float(result["scores"][task][HEADLINE_METRICS[task]])
+
+
+TRAININGS: Final = ("stage1", "stage2", "stage2_routing", "single_task")
+"""The first parts of the names of the demo's training jobs (the others evaluate and analyse)."""
+
+
 def job_groups(jobs: list[Job]) -> dict[str, list[str]]:
-    """The demo's training jobs by stage, for the CPU seconds per stage."""
+    """The demo's jobs by stage, for the CPU seconds per stage."""
     labels = {
         "stage1": "stage 1 (seeds × teacher and shuffled contexts)",
         "stage2": "stage 2 (multi-task)",
         "stage2_routing": "stage 2 (seeds × task and shuffled contexts, short)",
         "single_task": "stage 2 (single-task baselines)",
+        "evaluation": "evaluation of the baselines",
+        "analysis": "specialisation of every run, teacher probes",
     }
     groups: dict[str, list[str]] = {}
     for j in jobs:
@@ -483,7 +529,9 @@ def job_groups(jobs: list[Job]) -> dict[str, list[str]]:
     return groups
 
 
-def _last(run: Path) -> Path:
+def run_checkpoint(run: Path) -> Path:
+    """The latest checkpoint of the demo run folder ``run`` (every stage saves one at its last step)."""
     ckpt = latest_checkpoint(run)
-    assert ckpt is not None  # every stage saves a checkpoint at its last step
+    if ckpt is None:
+        raise FileNotFoundError(f"{run} holds no checkpoint: its training did not finish")
     return ckpt

@@ -19,8 +19,8 @@ from prism_vfm.analysis.common import student_of
 from prism_vfm.data.dense_transforms import DenseTestTransform
 from prism_vfm.data.pascal_context import PascalContext
 from prism_vfm.data.registry import HEADLINE_METRICS, LOWER_IS_BETTER, dataset_tasks, get_dataset
-from prism_vfm.demo.pipeline import CONTROL, DATASET
-from prism_vfm.demo.teachers import DEMO_TEACHERS, ROLES, teacher_probe
+from prism_vfm.demo.pipeline import CONTROL, DATASET, run_checkpoint
+from prism_vfm.demo.teachers import DEMO_TEACHERS, ROLES
 from prism_vfm.errors import MissingExtraError
 from prism_vfm.metrics.dense import SegmentationMeter
 from prism_vfm.metrics.multitask import prediction_for_metric
@@ -55,13 +55,13 @@ def analyse(
     stage2: Path,
     data: Path,
     img_size: int,
-    stage1_runs: Mapping[tuple[str, int], Path],
-    stage2_runs: Mapping[tuple[str, int], Path],
+    specialisation: Mapping[str, dict[str, Any]],
     scores: Mapping[str, Mapping[str, float]],
 ) -> tuple[dict[str, Path], dict[str, Any]]:
     """Routing affinity and λ statistics of the Stage-1 student (teacher contexts) and the Stage-2 model
-    (task contexts) on the val images, expert specialisation of every seed and control run, the scores on
-    the classes present, a prediction grid and their figures under ``out/figures``."""
+    (task contexts) on the val images, the scores on the classes present, a prediction grid and their
+    figures under ``out/figures``; ``specialisation`` (``specialisation_of`` by kind of context) joins
+    the analysis."""
     from prism_vfm.models.load import load
 
     figures_dir = out / "figures"
@@ -90,14 +90,6 @@ def analyse(
         "predictions": _plot_predictions(multi, reader, figures_dir / "predictions.png"),
     }
     present = present_class_scores(multi, reader)
-    specialisation = {
-        "teacher": specialisation_runs(
-            {k: PrismViT.from_pretrained(v).eval() for k, v in stage1_runs.items()}, batches, "teacher"
-        ),
-        "task": specialisation_runs(
-            {k: load(v, img_size=size, multitask=True)[0] for k, v in stage2_runs.items()}, batches, "task"
-        ),
-    }
     analysis = {
         "routing_teachers": aff_teacher.to_dict(),
         "routing_tasks": aff_task.to_dict(),
@@ -109,7 +101,7 @@ def analyse(
         "lambda_mean_teachers": {b: float(gates_teacher.mean[b].mean()) for b in gates_teacher.layers},
         "lambda_mean_tasks": {b: float(gates_task.mean[b].mean()) for b in gates_task.layers},
         "present_classes": present,
-        "specialisation": specialisation,
+        "specialisation": dict(specialisation),
         "targets": target_rows(scores, present),
     }
     (out / "analysis.json").write_text(json.dumps(analysis, indent=2, default=float))
@@ -175,6 +167,22 @@ def _edge_ceiling_text(targets: list[dict[str, Any]], cfg: Any) -> list[str]:
         "size, for a perfect prediction, for a perfect copy of the training label and for that label "
         'on the head\'s grid (benchmarks/README.md, "`prism demo`").',
     ]
+
+
+def specialisation_of(
+    kind: ContextKind, runs: Mapping[tuple[str, int], Path], data: Path, img_size: tuple[int, int]
+) -> dict[str, Any]:
+    """``specialisation_runs`` of the latest checkpoints of the run folders ``runs`` (by ``(contexts,
+    seed)``; Stage 1 for ``kind="teacher"``, Stage 2 for ``"task"``) on the val images of ``data``."""
+    from prism_vfm.models.load import load
+
+    reader = PascalContext(data, "val", tuple(dataset_tasks(DATASET)), DenseTestTransform(img_size))
+    models: dict[tuple[str, int], Any]
+    if kind == "teacher":
+        models = {k: PrismViT.from_pretrained(run_checkpoint(v)).eval() for k, v in runs.items()}
+    else:
+        models = {k: load(run_checkpoint(v), img_size=img_size, multitask=True)[0] for k, v in runs.items()}
+    return specialisation_runs(models, _val_batches(reader), kind)
 
 
 def specialisation_runs(
@@ -592,33 +600,24 @@ def write_markdown(
 def write_report(
     out: Path,
     cfg: Any,
-    stage1_runs: Mapping[tuple[str, int], Path],
-    stage2_runs: Mapping[tuple[str, int], Path],
+    stage1: Path,
     stage2: Path,
     data: Path,
     metrics: dict[str, Any],
     baselines: dict[str, float],
     timings: dict[str, float],
-    weights: Path,
+    specialisation: Mapping[str, dict[str, Any]],
+    probe: dict[str, dict[str, float]],
     seed: int,
     cpu: Mapping[str, float] | None = None,
 ) -> tuple[dict[str, Path], dict[str, Any]]:
     """Analysis, figures and ``report.md``; returns the figure paths by name and the analysis.
 
-    ``stage1_runs`` and ``stage2_runs`` hold the checkpoints of the specialisation runs by
-    ``(contexts, seed)``; the Stage-1 one of ``("assigned", seed)`` is the student ``stage2`` started from.
+    ``stage1`` is the checkpoint of the demo seed's Stage-1 student, which ``stage2`` (the multi-task
+    model) started from; ``specialisation`` holds ``specialisation_of`` of the seed and control runs by
+    kind of context (``"teacher"``, ``"task"``), ``probe`` the teachers' ``teacher_probe``.
     """
-    figures, analysis = analyse(
-        out,
-        stage1_runs[("assigned", seed)],
-        stage2,
-        data,
-        cfg.img_size,
-        stage1_runs,
-        stage2_runs,
-        metrics["scores"],
-    )
+    figures, analysis = analyse(out, stage1, stage2, data, cfg.img_size, specialisation, metrics["scores"])
     figures["metrics"] = plot_metrics(metrics["scores"], baselines, out / "figures" / "metrics.png")
-    probe = teacher_probe(cfg.teachers, weights)
     write_markdown(out, cfg, metrics, baselines, analysis, figures, probe, timings, seed, cpu)
     return figures, analysis

@@ -34,6 +34,7 @@ from prism_vfm.data.tiny_dense import boundaries
 from prism_vfm.teachers.registry import register_teacher
 from prism_vfm.teachers.spec import CheckpointFilter, TeacherSpec, TimmBuilder
 from prism_vfm.utils.io import atomic_save_safetensors
+from prism_vfm.utils.parallel import Job, run_jobs
 
 logger = logging.getLogger(__name__)
 
@@ -202,13 +203,10 @@ def pretrain_cached(
     return save_cached(path, pretrain_teacher(name, cfg, data, progress), cfg, teacher=name)
 
 
-def prepare_teachers(
-    cfg: DemoTeacherConfig, cache_dir: str | Path, progress: bool = True, workers: int | None = 1
-) -> Path:
-    """Register the three demo teachers and make sure their weights are in ``cache_dir``, pretraining the
-    missing ones (side by side in ``workers`` one-thread processes, default one per usable core; each
-    teacher is seeded by its own name, so its weights do not depend on ``workers``); returns the folder to
-    pass as the teachers' ``weights``."""
+def teacher_jobs(cfg: DemoTeacherConfig, cache_dir: str | Path, progress: bool = False) -> list[Job]:
+    """Register the three demo teachers and return one job per teacher missing from ``cache_dir``, each
+    pretraining it (``pretrain_cached``; seeded by its name, so its weights do not depend on where it
+    runs). The pretraining scenes are rendered here, once, when any teacher is missing."""
     cache = Path(cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
     for name in DEMO_TEACHERS:
@@ -216,28 +214,26 @@ def prepare_teachers(
     missing = [n for n in DEMO_TEACHERS if not (cache / cfg.file_name(n)).is_file()]
     if not missing:
         logger.info("demo teachers found in %s", cache)
-        return cache
+        return []
     size = (cfg.img_size, cfg.img_size)
     scenes = [render_scene(cfg.seed, i, size, _TEACHER_STREAM, cfg.zoom) for i in range(cfg.scenes)]
     data = scene_targets(scenes)
-    if workers == 1:
-        # One thread, as in the worker processes: a teacher's weights must not depend on ``workers``
-        # (sums split over threads round differently).
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            for name in missing:
-                pretrain_cached(name, cfg, data, cache / cfg.file_name(name), progress)
-        finally:
-            torch.set_num_threads(threads)
-        return cache
-    from prism_vfm.utils.parallel import Job, run_jobs
-
-    jobs = [
-        Job(f"teacher {n}", pretrain_cached, (n, cfg, data, cache / cfg.file_name(n), False)) for n in missing
+    return [
+        Job(f"teacher {n}", pretrain_cached, (n, cfg, data, cache / cfg.file_name(n), progress))
+        for n in missing
     ]
-    run_jobs(jobs, workers, log=(lambda line: print(f"[demo] {line}", flush=True)) if progress else None)
-    return cache
+
+
+def prepare_teachers(
+    cfg: DemoTeacherConfig, cache_dir: str | Path, progress: bool = True, workers: int | None = 1
+) -> Path:
+    """Register the three demo teachers and make sure their weights are in ``cache_dir``, pretraining the
+    missing ones (``teacher_jobs``) side by side in ``workers`` one-thread processes (default one per
+    usable core; ``1``: here, one after another); returns the folder to pass as the teachers' ``weights``."""
+    jobs = teacher_jobs(cfg, cache_dir, progress=progress and workers == 1)
+    if jobs:
+        run_jobs(jobs, workers, log=(lambda line: print(f"[demo] {line}", flush=True)) if progress else None)
+    return Path(cache_dir)
 
 
 def teacher_probe(
