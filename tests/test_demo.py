@@ -333,3 +333,27 @@ def test_the_report_names_every_departure_from_the_released_recipe():
     assert "expert initialisation random (released: copy)" in text
     assert "Stage-2 random rescale range 0.8–1.25 (released: 0.5–2)" in text
     assert "noisy gating" not in text
+
+
+def test_the_evaluation_and_analysis_jobs_wait_for_exactly_the_runs_they_read(tmp_path):
+    from prism_vfm.demo.pipeline import TRAININGS, training_jobs
+
+    cfg = demo_config(quick=True)
+    jobs = {
+        j.name: j for j in training_jobs(cfg, tmp_path, tmp_path, tmp_path / "out", tmp_path, tmp_path, 0)
+    }
+    for task in dataset_tasks("pascalcontext"):
+        job = jobs[f"evaluation/single_task/{task}"]
+        assert (
+            job.after == (f"single_task/{task}",) and job.args[0] == tmp_path / "out" / "single_task" / task
+        )
+    for kind, stage in (("teacher", "stage1"), ("task", "stage2_routing")):
+        job = jobs[f"analysis/specialisation by {kind}"]
+        runs = job.args[1]
+        assert sorted(job.after) == sorted(n for n in jobs if n.startswith(f"{stage}/"))
+        assert {f"{stage}/{path.name}" for path in runs.values()} == set(job.after)
+        assert all(path.parent == tmp_path / "out" / stage for path in runs.values())
+    order = list(jobs)  # a worker takes the first ready job: the analysis never delays a training
+    trainings = [n for n in order if n.split("/")[0] in TRAININGS]
+    assert len(trainings) == len(order) - 8  # five baselines' scores, two specialisations, the probes
+    assert order[: len(trainings)] == trainings
