@@ -357,3 +357,31 @@ def test_the_evaluation_and_analysis_jobs_wait_for_exactly_the_runs_they_read(tm
     trainings = [n for n in order if n.split("/")[0] in TRAININGS]
     assert len(trainings) == len(order) - 8  # five baselines' scores, two specialisations, the probes
     assert order[: len(trainings)] == trainings
+
+
+def test_teacher_scenes_rendered_in_parts_equal_those_rendered_at_once_layout_included(tmp_path):
+    """The teachers' pretraining sums follow the memory layout, so the parts must keep it (some targets are
+    channels-last views)."""
+    from safetensors.torch import load_file
+
+    from prism_vfm.data.scenes import render_scene
+    from prism_vfm.demo.teachers import (
+        _TEACHER_STREAM,
+        pretrain_from_parts,
+        pretrain_teacher,
+        render_targets,
+        scene_targets,
+    )
+
+    cfg = DemoTeacherConfig(scenes=5, steps=2, batch_size=4, width=32, depth=1)
+    parts = [render_targets(cfg, 0, 3, tmp_path / "a.pt"), render_targets(cfg, 3, 2, tmp_path / "b.pt")]
+    size = (cfg.img_size, cfg.img_size)
+    whole = scene_targets([render_scene(cfg.seed, i, size, _TEACHER_STREAM, cfg.zoom) for i in range(5)])
+    pieces = [torch.load(p, weights_only=True) for p in parts]
+    for key, value in whole.items():
+        joined = torch.cat([piece[key] for piece in pieces])
+        assert torch.equal(joined, value) and joined.stride() == value.stride(), key
+    from_parts = pretrain_from_parts("demo_geometry", cfg, parts, tmp_path / "geometry.safetensors", False)
+    expected = pretrain_teacher("demo_geometry", cfg, whole, False)
+    got = load_file(from_parts)
+    assert all(torch.equal(got[k], v) for k, v in expected.items())

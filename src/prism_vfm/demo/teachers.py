@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import logging
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -33,8 +35,8 @@ from prism_vfm.data.scenes import BACKGROUND_CLASSES, SCENE_CLASSES, TEXTURES, S
 from prism_vfm.data.tiny_dense import boundaries
 from prism_vfm.teachers.registry import register_teacher
 from prism_vfm.teachers.spec import CheckpointFilter, TeacherSpec, TimmBuilder
-from prism_vfm.utils.io import atomic_save_safetensors
-from prism_vfm.utils.parallel import Job, run_jobs
+from prism_vfm.utils.io import atomic_save_safetensors, atomic_torch_save, read_torch_file
+from prism_vfm.utils.parallel import Job, run_jobs, usable_cores
 
 logger = logging.getLogger(__name__)
 
@@ -203,10 +205,32 @@ def pretrain_cached(
     return save_cached(path, pretrain_teacher(name, cfg, data, progress), cfg, teacher=name)
 
 
-def teacher_jobs(cfg: DemoTeacherConfig, cache_dir: str | Path, progress: bool = False) -> list[Job]:
-    """Register the three demo teachers and return one job per teacher missing from ``cache_dir``, each
-    pretraining it (``pretrain_cached``; seeded by its name, so its weights do not depend on where it
-    runs). The pretraining scenes are rendered here, once, when any teacher is missing."""
+def render_targets(cfg: DemoTeacherConfig, first: int, count: int, path: Path) -> Path:
+    """``scene_targets`` of the pretraining scenes ``first`` … ``first + count - 1``, written to ``path``
+    with ``torch.save``, which keeps each tensor's memory layout (some are channels-last views, and the
+    pretraining's sums follow the layout); returns ``path``."""
+    size = (cfg.img_size, cfg.img_size)
+    scenes = [render_scene(cfg.seed, i, size, _TEACHER_STREAM, cfg.zoom) for i in range(first, first + count)]
+    return atomic_torch_save(scene_targets(scenes), path)
+
+
+def pretrain_from_parts(
+    name: str, cfg: DemoTeacherConfig, parts: list[Path], path: Path, progress: bool
+) -> Path:
+    """``pretrain_cached`` on the pretraining scenes that ``render_targets`` wrote to ``parts``, in order."""
+    pieces = [read_torch_file(p) for p in parts]
+    data = {key: torch.cat([piece[key] for piece in pieces]) for key in pieces[0]}
+    return pretrain_cached(name, cfg, data, path, progress)
+
+
+def teacher_jobs(
+    cfg: DemoTeacherConfig, cache_dir: str | Path, scratch: Path, chunks: int = 2, progress: bool = False
+) -> list[Job]:
+    """Register the three demo teachers and return the jobs that pretrain the ones missing from
+    ``cache_dir``: ``chunks`` jobs rendering the pretraining scenes into ``scratch`` (a folder the caller
+    removes afterwards), then one job per missing teacher after them (``pretrain_from_parts``; each seeded
+    by its name, so its weights do not depend on where or beside what it runs). No job when none is
+    missing."""
     cache = Path(cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
     for name in DEMO_TEACHERS:
@@ -215,11 +239,24 @@ def teacher_jobs(cfg: DemoTeacherConfig, cache_dir: str | Path, progress: bool =
     if not missing:
         logger.info("demo teachers found in %s", cache)
         return []
-    size = (cfg.img_size, cfg.img_size)
-    scenes = [render_scene(cfg.seed, i, size, _TEACHER_STREAM, cfg.zoom) for i in range(cfg.scenes)]
-    data = scene_targets(scenes)
-    return [
-        Job(f"teacher {n}", pretrain_cached, (n, cfg, data, cache / cfg.file_name(n), progress))
+    bounds = np.linspace(0, cfg.scenes, max(1, min(chunks, cfg.scenes)) + 1).round().astype(int)
+    renders = [
+        Job(
+            f"teacher scenes {a}-{b - 1}",
+            render_targets,
+            (cfg, int(a), int(b - a), scratch / f"scenes_{a}.pt"),
+        )
+        for a, b in itertools.pairwise(bounds)
+    ]
+    parts = [job.args[3] for job in renders]
+    after = tuple(job.name for job in renders)
+    return renders + [
+        Job(
+            f"teacher {n}",
+            pretrain_from_parts,
+            (n, cfg, parts, cache / cfg.file_name(n), progress),
+            after=after,
+        )
         for n in missing
     ]
 
@@ -230,9 +267,13 @@ def prepare_teachers(
     """Register the three demo teachers and make sure their weights are in ``cache_dir``, pretraining the
     missing ones (``teacher_jobs``) side by side in ``workers`` one-thread processes (default one per
     usable core; ``1``: here, one after another); returns the folder to pass as the teachers' ``weights``."""
-    jobs = teacher_jobs(cfg, cache_dir, progress=progress and workers == 1)
-    if jobs:
-        run_jobs(jobs, workers, log=(lambda line: print(f"[demo] {line}", flush=True)) if progress else None)
+    with tempfile.TemporaryDirectory(prefix="prism_demo_scenes_") as scratch:
+        jobs = teacher_jobs(
+            cfg, cache_dir, Path(scratch), workers or usable_cores(), progress and workers == 1
+        )
+        if jobs:
+            log = (lambda line: print(f"[demo] {line}", flush=True)) if progress else None
+            run_jobs(jobs, workers, log=log)
     return Path(cache_dir)
 
 
