@@ -78,7 +78,8 @@ class DemoConfig:
     val_images: int = 32  # its val split (evaluation)
     nyud_images: int = 16  # the NYUD-v2 layout is written too, for `prism finetune --dataset nyud`
     # Many small steps: at the same CPU time, 2400 steps of batch 2 beat 600 of batch 8 on every task; 1900
-    # keep the whole demo inside ten minutes on two cores on a slow day (benchmarks/README.md, "prism demo").
+    # keep the whole demo near eight minutes on two idle cores, with room for a slower machine within ten
+    # (benchmarks/README.md, "prism demo").
     stage2_steps: int = 1900
     stage2_batch: int = 2
     stage2_lr: float = 1.5e-3
@@ -418,7 +419,10 @@ def training_jobs(
 ) -> list[Job]:
     """Every training of the demo as a job, longest first where it matters: the demo seed's Stage 1,
     which all of Stage 2 starts from; the multi-task Stage 2 (the longest run); the other Stage-1 runs;
-    the short Stage-2 specialisation runs; the single-task baselines."""
+    the short Stage-2 specialisation runs; the single-task baselines. After them come the jobs that read
+    finished runs (``evaluation/single_task/<task>``: a baseline's headline score; ``analysis/...``: the
+    specialisation of the seed and control runs by teacher and by task, the teachers' probes), each
+    waiting for exactly the runs it reads."""
     seeds = cfg.seeds(seed)
     first = f"stage1/{run_name('assigned', seed)}"
     student = out / "stage1" / run_name("assigned", seed)  # a run folder: its checkpoint once it has run
