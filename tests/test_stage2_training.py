@@ -202,3 +202,14 @@ def test_augmentation_settings_reach_the_training_transform(setup, tmp_path, mon
     assert [(t.scale_range, t.photometric) for t in seen] == [((0.9, 1.1), False)]
     released = preset("tiny")
     assert (released.scale_range, released.photometric) == ((0.5, 2.0), True)
+
+
+def test_loss_weights_override_the_released_ones_for_the_named_tasks(setup, tmp_path, monkeypatch):
+    from prism_vfm.finetune import trainer
+
+    seen = spy_on(monkeypatch, trainer, "MultiTaskLoss")
+    train_stage2(cfg_for(setup, tmp_path / "run", ("loss_weights", {"semseg": 3.0}), ("iters", 1)))
+    (loss,) = seen
+    assert loss.weights == {"semseg": 3.0, "human_parts": 2.0, "normals": 10.0, "sal": 5.0, "edge": 50.0}
+    train_stage2(cfg_for(setup, tmp_path / "released", ("iters", 1)))
+    assert seen[1].weights["semseg"] == 1.0

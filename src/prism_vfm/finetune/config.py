@@ -52,6 +52,8 @@ class Stage2Config:
     # distortion. Released: (0.5, 2.0) and on; a short run on small images learns faster with less of both.
     scale_range: tuple[float, float] = (0.5, 2.0)
     photometric: bool = True
+    # Per-task loss weights overriding the data set's (empty: the released ones, the registry's loss_weights).
+    loss_weights: dict[str, float] = field(default_factory=dict)
     weight_decay: float = 1e-6
     poly_power: float = 0.9
     clip_grad: float = 10.0
@@ -138,6 +140,15 @@ def validate_stage2(cfg: Stage2Config) -> None:
     for key in ("lr", "poly_power", "clip_grad"):
         require(getattr(cfg, key) > 0, key, "a number > 0", getattr(cfg, key))
     require(cfg.weight_decay >= 0, "weight_decay", "a number >= 0", cfg.weight_decay)
+    trained = list(cfg.tasks or known)
+    for task, weight in cfg.loss_weights.items():
+        require(task in trained, f"loss_weights.{task}", f"a trained task ({', '.join(trained)})", task)
+        require(
+            isinstance(weight, (int, float)) and not isinstance(weight, bool) and weight >= 0,
+            f"loss_weights.{task}",
+            "a number >= 0",
+            weight,
+        )
     require(0 <= cfg.holdout < 1, "holdout", "a fraction in [0, 1)", cfg.holdout)
     d = cfg.distill
     require(d.alpha >= 0, "distill.alpha", "a number >= 0 (0: no distillation)", d.alpha)

@@ -195,7 +195,7 @@ def train_stage2(
         pin_memory=env.device.type == "cuda",
         persistent_workers=cfg.workers > 0,
     )
-    task_loss = MultiTaskLoss(cfg.dataset, cfg.tasks)
+    task_loss = MultiTaskLoss(cfg.dataset, cfg.tasks, weights=cfg.loss_weights)
     distill = distillation_criterion(
         cfg.distill.decorrelation, decorrelation_taps=cfg.distill.decorrelation_taps
     )
