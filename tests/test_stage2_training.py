@@ -213,3 +213,21 @@ def test_loss_weights_override_the_released_ones_for_the_named_tasks(setup, tmp_
     assert loss.weights == {"semseg": 3.0, "human_parts": 2.0, "normals": 10.0, "sal": 5.0, "edge": 50.0}
     train_stage2(cfg_for(setup, tmp_path / "released", ("iters", 1)))
     assert seen[1].weights["semseg"] == 1.0
+
+
+def test_class_balance_weights_the_losses_by_the_training_images_class_counts(setup, tmp_path, monkeypatch):
+    from prism_vfm.data.labels import class_pixel_counts
+    from prism_vfm.data.pascal_context import PascalContext
+    from prism_vfm.finetune import trainer
+    from prism_vfm.losses.tasks import class_balance_weights
+
+    seen = spy_on(monkeypatch, trainer, "MultiTaskLoss")
+    balance = {"semseg": 0.5, "human_parts": 1.0}
+    train_stage2(cfg_for(setup, tmp_path / "run", ("class_balance", balance), ("holdout", 0.0), ("iters", 1)))
+    reader = PascalContext(setup / "PASCALContext", "train", ("semseg", "human_parts"), None)
+    counts = class_pixel_counts((reader[i] for i in range(len(reader))), {"semseg": 21, "human_parts": 7})
+    assert counts["human_parts"][1:].sum() > 0  # the tiny data set has parts to balance
+    for task, exponent in balance.items():
+        torch.testing.assert_close(seen[0].class_weights[task], class_balance_weights(counts[task], exponent))
+    train_stage2(cfg_for(setup, tmp_path / "released", ("iters", 1)))
+    assert seen[1].class_weights == {}

@@ -10,12 +10,13 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from prism_vfm.data.labels import add_ignore_regions
+from prism_vfm.data.labels import add_ignore_regions, class_pixel_counts
 from prism_vfm.data.registry import get_dataset
 from prism_vfm.losses.tasks import (
     MultiTaskLoss,
     balanced_bce_loss,
     balanced_cross_entropy_loss,
+    class_balance_weights,
     cross_entropy_loss,
     depth_l1_loss,
     normals_l1_loss,
@@ -288,3 +289,67 @@ def test_label_check_never_reads_a_device_label_back_unless_asked(monkeypatch):
     assert reads == []
     with pytest.raises(ValueError, match="semseg: label value 30"):
         labels.check_label_values("semseg", device_label, 21, check=True)
+
+
+def test_class_balance_weights_follow_the_frequency_power_with_pixel_mean_one():
+    counts = torch.tensor([0, 10, 30])  # shares 0, 1/4, 3/4; class 0 absent
+    inverse = class_balance_weights(counts, 1.0)  # ∝ 4, 4/3; pixel mean 1/4·4 + 3/4·4/3 = 2
+    torch.testing.assert_close(inverse, torch.tensor([1.0, 2.0, 2.0 / 3.0]))
+    root = class_balance_weights(counts, 0.5)  # ∝ 2, (4/3)^0.5
+    assert root[1] / root[2] == pytest.approx(3**0.5) and float(root[1:] @ torch.tensor([0.25, 0.75])) == 1
+    torch.testing.assert_close(class_balance_weights(counts, 0.0), torch.ones(3))
+    with pytest.raises(ValueError, match="exponent must be >= 0"):
+        class_balance_weights(counts, -1.0)
+    with pytest.raises(ValueError, match="not all 0"):
+        class_balance_weights(torch.zeros(3), 1.0)
+
+
+def test_class_weighted_cross_entropy_weights_each_pixel_by_its_true_class():
+    torch.manual_seed(0)
+    pred = torch.randn(2, 3, 4, 5)
+    label = torch.randint(0, 3, (2, 1, 4, 5)).float()
+    label[0, 0, 0, :2] = 255
+    target = label[:, 0].long()
+    weight = torch.tensor([0.5, 2.0, 1.0])
+    per_pixel = F.cross_entropy(pred, target, ignore_index=255, reduction="none")
+    expected = (per_pixel * weight[target.clamp(max=2)]).sum() / (target != 255).sum()
+    torch.testing.assert_close(cross_entropy_loss("semseg", pred, label, class_weight=weight), expected)
+    released = cross_entropy_loss("semseg", pred, label)
+    assert torch.equal(cross_entropy_loss("semseg", pred, label, class_weight=torch.ones(3)), released)
+    with pytest.raises(ValueError, match=r"semseg: class weights of shape \(2,\), expected \(3,\)"):
+        cross_entropy_loss("semseg", pred, label, class_weight=torch.ones(2))
+    with pytest.raises(ValueError, match="class weights apply to"):
+        task_loss("sal", pred[:, :2], label.clamp(max=1), class_weight=torch.ones(2))
+
+
+def test_multitask_loss_applies_class_weights_to_class_map_tasks_only():
+    torch.manual_seed(0)
+    preds = {"semseg": torch.randn(2, 21, 4, 4), "sal": torch.randn(2, 2, 4, 4)}
+    labels = {
+        "semseg": torch.randint(0, 21, (2, 1, 4, 4)).float(),
+        "sal": torch.randint(0, 2, (2, 1, 4, 4)).float(),
+    }
+    weight = torch.linspace(0.1, 3.0, 21)
+    loss = MultiTaskLoss("pascalcontext", ["semseg", "sal"], class_weights={"semseg": weight})
+    out = loss(preds, labels)
+    expected = cross_entropy_loss("semseg", preds["semseg"], labels["semseg"], class_weight=weight)
+    torch.testing.assert_close(out.unweighted["semseg"], expected)
+    assert not torch.allclose(
+        out.unweighted["semseg"], cross_entropy_loss("semseg", preds["semseg"], labels["semseg"])
+    )
+    torch.testing.assert_close(out.unweighted["sal"], task_loss("sal", preds["sal"], labels["sal"]))
+    with pytest.raises(ValueError, match="class weights given for 'sal'"):
+        MultiTaskLoss("pascalcontext", ["semseg", "sal"], class_weights={"sal": torch.ones(2)})
+    with pytest.raises(ValueError, match=r"semseg: class weights of shape \(3,\), expected \(21,\)"):
+        MultiTaskLoss("pascalcontext", ["semseg"], class_weights={"semseg": torch.ones(3)})
+
+
+def test_class_pixel_counts_count_each_class_and_skip_ignored_pixels():
+    samples = [
+        {"semseg": torch.tensor([[[0.0, 2.0], [255.0, 2.0]]])},
+        {"semseg": torch.tensor([[[1.0, 255.0], [255.0, 255.0]]])},
+    ]
+    counts = class_pixel_counts(samples, {"semseg": 4})
+    assert counts["semseg"].tolist() == [1, 1, 2, 0]
+    with pytest.raises(ValueError, match=r"semseg: a class-map value outside \[0, 2\)"):
+        class_pixel_counts(samples, {"semseg": 2})

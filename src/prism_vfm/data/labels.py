@@ -7,8 +7,12 @@ make them on the host; the losses and meters consume them.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
+from typing import Any
+
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
 IGNORE_INDEX = 255
 
@@ -78,3 +82,27 @@ def add_ignore_regions(task: str, label: Tensor) -> Tensor:
     if task == "depth":
         return label.masked_fill(label == 0, IGNORE_INDEX)
     return label
+
+
+def class_pixel_counts(
+    samples: Iterable[Mapping[str, Any]],
+    classes: Mapping[str, int],
+    total: int | None = None,
+    progress: bool = False,
+) -> dict[str, Tensor]:
+    """Pixels of each class in the class maps of ``samples`` (reader samples: task → ``(1, H, W)``
+    labels), per task of ``classes`` (task → number of classes); ignored pixels are not counted. ``total``:
+    the number of samples, for the progress bar. What class-balanced losses are weighted by
+    (``losses.tasks.class_balance_weights``)."""
+    counts = {task: torch.zeros(n, dtype=torch.long) for task, n in classes.items()}
+    items = tqdm(samples, "class pixel counts", total, unit="image", disable=not progress, leave=False)
+    for sample in items:
+        for task, n in classes.items():
+            label = torch.as_tensor(sample[task]).long().flatten()
+            label = label[label != IGNORE_INDEX]
+            if label.numel() and (int(label.min()) < 0 or int(label.max()) >= n):
+                raise ValueError(
+                    f"{task}: a class-map value outside [0, {n}) or {IGNORE_INDEX} while counting"
+                )
+            counts[task] += torch.bincount(label, minlength=n)
+    return counts

@@ -10,6 +10,7 @@ from typing import Literal
 
 from prism_vfm.config import require, require_weights
 from prism_vfm.data.registry import dataset_tasks, get_dataset
+from prism_vfm.losses.tasks import CLASS_MAP_TASKS
 from prism_vfm.teachers import list_teachers
 
 
@@ -54,6 +55,10 @@ class Stage2Config:
     photometric: bool = True
     # Per-task loss weights overriding the data set's (empty: the released ones, the registry's loss_weights).
     loss_weights: dict[str, float] = field(default_factory=dict)
+    # Class-balanced cross-entropy (not released: {}), per class-map task an exponent p: each class's term is
+    # weighted by its share of the training split's labelled pixels to the power -p (0.5: inverse square root,
+    # 1: inverse frequency), scaled to a pixel-weighted mean of 1 (``losses.tasks.class_balance_weights``).
+    class_balance: dict[str, float] = field(default_factory=dict)
     weight_decay: float = 1e-6
     poly_power: float = 0.9
     clip_grad: float = 10.0
@@ -148,6 +153,16 @@ def validate_stage2(cfg: Stage2Config) -> None:
             f"loss_weights.{task}",
             "a number >= 0",
             weight,
+        )
+    for task, exponent in cfg.class_balance.items():
+        balanced = [t for t in trained if t in CLASS_MAP_TASKS]
+        expected = f"a trained class-map task ({', '.join(balanced) or 'none trained'})"
+        require(task in balanced, f"class_balance.{task}", expected, task)
+        require(
+            isinstance(exponent, (int, float)) and not isinstance(exponent, bool) and exponent >= 0,
+            f"class_balance.{task}",
+            "an exponent >= 0",
+            exponent,
         )
     require(0 <= cfg.holdout < 1, "holdout", "a fraction in [0, 1)", cfg.holdout)
     d = cfg.distill

@@ -20,12 +20,13 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Subset
 
 from prism_vfm.data.dense_transforms import DenseTestTransform, DenseTrainTransform
+from prism_vfm.data.labels import class_pixel_counts
 from prism_vfm.data.registry import dataset_tasks, get_dataset
 from prism_vfm.data.sampling import SeededAugmentation, ShardedBatchSampler, mix_seed
 from prism_vfm.distill.assignment import balanced_teacher_split
 from prism_vfm.finetune.config import Stage2Config, resolved, validate_stage2
 from prism_vfm.losses.distill import distillation_criterion
-from prism_vfm.losses.tasks import MultiTaskLoss
+from prism_vfm.losses.tasks import MultiTaskLoss, class_balance_weights
 from prism_vfm.metrics.multitask import MultiTaskMeter
 from prism_vfm.models.load import load_into, student_args
 from prism_vfm.models.multitask import PrismMultiTask
@@ -195,7 +196,12 @@ def train_stage2(
         pin_memory=env.device.type == "cuda",
         persistent_workers=cfg.workers > 0,
     )
-    task_loss = MultiTaskLoss(cfg.dataset, cfg.tasks, weights=cfg.loss_weights)
+    task_loss = MultiTaskLoss(
+        cfg.dataset,
+        cfg.tasks,
+        weights=cfg.loss_weights,
+        class_weights=_class_weights(cfg, dataset_cls, train_ids, env.is_main),
+    )
     distill = distillation_criterion(
         cfg.distill.decorrelation, decorrelation_taps=cfg.distill.decorrelation_taps
     )
@@ -252,6 +258,30 @@ def train_stage2(
     )
     fit(run, model, net, optimizer, scheduler, iter(loader), loop, env)
     return run.path
+
+
+def _class_weights(cfg: Stage2Config, dataset_cls: Any, train_ids: list[int], log: bool) -> dict[str, Tensor]:
+    """``cfg.class_balance``'s class weights, from the class maps of the training images (every process
+    counts the same images, so they agree without a collective)."""
+    if not cfg.class_balance:
+        return {}
+    tasks = tuple(cfg.class_balance)
+    reader = dataset_cls(cfg.data, "train", tasks, transform=None)
+    channels = get_dataset(cfg.dataset).tasks
+    samples = (reader[i] for i in train_ids)
+    counts = class_pixel_counts(samples, {t: channels[t] for t in tasks}, len(train_ids), progress=log)
+    weights = {t: class_balance_weights(counts[t], p) for t, p in cfg.class_balance.items()}
+    if log:
+        for t, w in weights.items():
+            present = (counts[t] > 0).nonzero().flatten().tolist()
+            logger.info(
+                "%s: class-balanced loss (exponent %g) over %d images: %s",
+                t,
+                cfg.class_balance[t],
+                len(train_ids),
+                ", ".join(f"{c}: {float(w[c]):.2f}" for c in present),
+            )
+    return weights
 
 
 @torch.no_grad()

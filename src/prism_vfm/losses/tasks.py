@@ -56,13 +56,47 @@ def _valid_count(mask: Tensor) -> Tensor:
     return mask.sum().clamp_min(1)
 
 
-def cross_entropy_loss(task: str, pred: Tensor, label: Tensor, check: bool | None = None) -> Tensor:
-    """Cross-entropy summed over valid pixels, divided by their number (``semseg``, ``human_parts``)."""
+def cross_entropy_loss(
+    task: str, pred: Tensor, label: Tensor, check: bool | None = None, class_weight: Tensor | None = None
+) -> Tensor:
+    """Cross-entropy summed over valid pixels, divided by their number (``semseg``, ``human_parts``).
+
+    ``class_weight`` (not released; ``class_balance_weights``) scales each pixel's term by the weight of
+    its true class; the sum is still divided by the plain number of valid pixels.
+    """
     check_shapes(task, pred, label, None, 1)
     check_label_values(task, label, pred.shape[1], check)
     target = label[:, 0].long()
-    loss = F.cross_entropy(pred, target, ignore_index=IGNORE_INDEX, reduction="sum")
+    if class_weight is not None:
+        if class_weight.shape != (pred.shape[1],):
+            raise ValueError(
+                f"{task}: class weights of shape {tuple(class_weight.shape)}, expected ({pred.shape[1]},)"
+            )
+        class_weight = class_weight.to(device=pred.device, dtype=pred.dtype)
+    loss = F.cross_entropy(pred, target, weight=class_weight, ignore_index=IGNORE_INDEX, reduction="sum")
     return loss / _valid_count(target != IGNORE_INDEX)
+
+
+CLASS_MAP_TASKS = ("semseg", "human_parts")
+"""The tasks whose loss is a cross-entropy over class maps: what ``class_balance`` applies to."""
+
+
+def class_balance_weights(counts: Tensor, exponent: float) -> Tensor:
+    """Class weights from the classes' pixel counts in the training labels: ``w_c ∝ f_c ** -exponent``
+    (``f_c`` the class's share of the labelled pixels; 0.5 the inverse square root, 1 the inverse
+    frequency), scaled so that their pixel-weighted mean is 1 and the loss keeps its scale. A class absent
+    from the counts gets weight 1 (no pixel of it is ever weighted)."""
+    counts = counts.double()
+    if counts.ndim != 1 or bool((counts < 0).any()) or not counts.sum() > 0:
+        raise ValueError(f"class pixel counts must be a 1-D tensor of counts >= 0, not all 0; got {counts}")
+    if exponent < 0:
+        raise ValueError(f"class balance exponent must be >= 0, got {exponent}")
+    share = counts / counts.sum()
+    present = counts > 0
+    weight = torch.ones_like(share)
+    weight[present] = share[present] ** -exponent
+    weight[present] /= (weight[present] * share[present]).sum()
+    return weight.float()
 
 
 def balanced_cross_entropy_loss(pred: Tensor, label: Tensor, check: bool | None = None) -> Tensor:
@@ -119,14 +153,19 @@ def depth_l1_loss(pred: Tensor, label: Tensor, check: bool | None = None) -> Ten
     return torch.where(valid, (pred - label).abs(), 0.0).sum() / _valid_count(valid)
 
 
-def task_loss(task: str, pred: Tensor, label: Tensor, check: bool | None = None) -> Tensor:
+def task_loss(
+    task: str, pred: Tensor, label: Tensor, check: bool | None = None, class_weight: Tensor | None = None
+) -> Tensor:
     """The unweighted loss of ``task`` for raw head output ``pred`` and label ``label``.
 
     ``check`` decides whether the label values are checked (``check_label_values``): by default only a
-    label in host memory is, so a step on a GPU never waits for a host read.
+    label in host memory is, so a step on a GPU never waits for a host read. ``class_weight``: per-class
+    weights of a class-map task (``CLASS_MAP_TASKS``; ``cross_entropy_loss``).
     """
-    if task in ("semseg", "human_parts"):
-        return cross_entropy_loss(task, pred, label, check)
+    if class_weight is not None and task not in CLASS_MAP_TASKS:
+        raise ValueError(f"class weights apply to {CLASS_MAP_TASKS} only, not {task!r}")
+    if task in CLASS_MAP_TASKS:
+        return cross_entropy_loss(task, pred, label, check, class_weight)
     if task == "sal":
         return balanced_cross_entropy_loss(pred, label, check)
     if task == "normals":
@@ -154,6 +193,7 @@ class MultiTaskLoss(nn.Module):
         dataset: ``"pascalcontext"`` or ``"nyud"``; fixes the default weights.
         tasks: the tasks to train, a subset of the dataset's tasks (default: all of them).
         weights: per-task weights overriding the data set's (``get_dataset(dataset).loss_weights``).
+        class_weights: per-class weights of class-map tasks (``class_balance_weights``); not released.
         check_labels: check the label values in every step: None (default) only labels in host memory
             (on a GPU that check is a host read per task and step; the readers check on the host),
             True everywhere, False never.
@@ -165,6 +205,7 @@ class MultiTaskLoss(nn.Module):
         tasks: Sequence[str] | None = None,
         weights: Mapping[str, float] | None = None,
         check_labels: bool | None = None,
+        class_weights: Mapping[str, Tensor] | None = None,
     ) -> None:
         super().__init__()
         info = get_dataset(dataset)
@@ -180,6 +221,16 @@ class MultiTaskLoss(nn.Module):
             if t not in self.weights:
                 raise ValueError(f"loss weight given for {t!r}, which is not among the tasks {self.tasks}")
             self.weights[t] = float(w)
+        self.class_weights = dict(class_weights or {})
+        for t, cw in self.class_weights.items():
+            if t not in self.tasks or t not in CLASS_MAP_TASKS:
+                raise ValueError(
+                    f"class weights given for {t!r}; they apply to the class-map tasks among {self.tasks}"
+                )
+            if cw.shape != (self.channels[t],):
+                raise ValueError(
+                    f"{t}: class weights of shape {tuple(cw.shape)}, expected ({self.channels[t]},)"
+                )
 
     def forward(self, preds: Mapping[str, Tensor], labels: Mapping[str, Tensor]) -> MultiTaskLossOutput:
         """Losses of every configured task; ``preds`` and ``labels`` map task names to tensors."""
@@ -190,10 +241,14 @@ class MultiTaskLoss(nn.Module):
                 raise ValueError(
                     f"{t}: prediction shape {tuple(preds[t].shape)}, expected (B, {self.channels[t]}, H, W)"
                 )
-        unweighted = {t: task_loss(t, preds[t], labels[t], self.check_labels) for t in self.tasks}
+        unweighted = {
+            t: task_loss(t, preds[t], labels[t], self.check_labels, self.class_weights.get(t))
+            for t in self.tasks
+        }
         weighted = {t: self.weights[t] * unweighted[t] for t in self.tasks}
         total = torch.stack(list(weighted.values())).sum()
         return MultiTaskLossOutput(total=total, weighted=weighted, unweighted=unweighted)
 
     def extra_repr(self) -> str:
-        return f"weights={self.weights}"
+        balanced = f", class_weights for {sorted(self.class_weights)}" if self.class_weights else ""
+        return f"weights={self.weights}{balanced}"
