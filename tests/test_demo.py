@@ -321,6 +321,29 @@ def test_each_kind_of_stage2_run_has_its_own_length_and_batch(tmp_path, distill)
     assert len(baselines) == 5 and {(c.iters, c.batch_size) for c in baselines.values()} == {(4, 6)}
 
 
+def test_the_scored_runs_take_the_demo_losses_for_their_own_tasks_and_the_routing_runs_the_released(tmp_path):
+    import dataclasses
+
+    from prism_vfm.demo.pipeline import training_jobs
+
+    cfg = dataclasses.replace(
+        demo_config(), stage2_loss_weights={"semseg": 3.0, "sal": 2.0}, stage2_class_balance={"semseg": 0.5}
+    )
+    jobs = {
+        j.name: j.args[1] for j in training_jobs(cfg, tmp_path, tmp_path, tmp_path, tmp_path, tmp_path, 0)
+    }
+    assert jobs["stage2"].loss_weights == {"semseg": 3.0, "sal": 2.0}
+    assert jobs["stage2"].class_balance == {"semseg": 0.5}
+    assert (jobs["single_task/semseg"].loss_weights, jobs["single_task/semseg"].class_balance) == (
+        {"semseg": 3.0},
+        {"semseg": 0.5},
+    )
+    assert (jobs["single_task/sal"].loss_weights, jobs["single_task/sal"].class_balance) == ({"sal": 2.0}, {})
+    assert jobs["single_task/normals"].loss_weights == {}
+    routing = [c for n, c in jobs.items() if n.startswith("stage2_routing/")]
+    assert len(routing) == 6 and all(c.loss_weights == {} and c.class_balance == {} for c in routing)
+
+
 def test_the_report_names_every_departure_from_the_released_recipe():
     import dataclasses
 
@@ -328,10 +351,13 @@ def test_the_report_names_every_departure_from_the_released_recipe():
 
     released = dataclasses.replace(demo_config(), **{key: value for key, value, _ in RELEASED})
     assert departures_text(released) == ""
-    changed = dataclasses.replace(released, expert_init="random", stage2_scale_range=(0.8, 1.25))
+    changed = dataclasses.replace(
+        released, expert_init="random", stage2_scale_range=(0.8, 1.25), stage2_class_balance={"semseg": 0.5}
+    )
     text = departures_text(changed)
     assert "expert initialisation random (released: copy)" in text
     assert "Stage-2 random rescale range 0.8–1.25 (released: 0.5–2)" in text
+    assert "class-balance exponents of their cross-entropy semseg 0.5 (released: none)" in text
     assert "noisy gating" not in text
 
 

@@ -347,12 +347,15 @@ RELEASED: tuple[tuple[str, Any, str], ...] = (
     ("expert_dropout", 0.1, "expert dropout"),
     ("noisy_gating", True, "noisy gating"),
     ("lambda_bias_init", 2.0, "λ gate bias at start"),
+    ("context_init_std", 0.02, "initial std of the teacher and task tables"),
     ("router_lr_scale", 1.0, "Stage-1 router learning-rate multiplier"),
     ("routing_router_lr_scale", 1.0, "router learning-rate multiplier of the short Stage-2 runs"),
     ("routing_distill", True, "distillation regulariser in the short Stage-2 runs"),
     ("stage2_distill", True, "distillation regulariser in the multi-task Stage 2"),
     ("stage2_scale_range", (0.5, 2.0), "Stage-2 random rescale range"),
     ("stage2_photometric", True, "Stage-2 photometric distortion"),
+    ("stage2_loss_weights", {}, "loss-weight overrides of the multi-task run and the baselines"),
+    ("stage2_class_balance", {}, "class-balance exponents of their cross-entropy"),
 )
 
 
@@ -364,6 +367,8 @@ def departures_text(cfg: Any) -> str:
             return "on" if value else "off"
         if isinstance(value, tuple):
             return "–".join(f"{v:g}" for v in value)
+        if isinstance(value, dict):
+            return ", ".join(f"{k} {v:g}" for k, v in value.items()) or "none"
         return f"{value:g}" if isinstance(value, float) else str(value)
 
     changed = []
