@@ -576,7 +576,10 @@ def write_markdown(
         "- The teachers are tiny ViTs pretrained for seconds on rendered scenes, not vision foundation "
         "models; they stand in for DINOv2, CLIP and SAM only in that each knows something different "
         "(texture, category, geometry). What the student learns from them says nothing about distilling the "
-        "real ones.",
+        "real ones: at the default settings, Stage 2 from a student given one Stage-1 step instead of the "
+        "full run scored higher on every task (`benchmarks/README.md`, section `prism demo`), so these "
+        "teachers do not make the distilled student a better start; the demo's Stage 1 shows the routing "
+        "by teacher.",
         f"- The student is random-initialised and trained for minutes on {cfg.img_size}-pixel images; the "
         "scores are not comparable with the paper's. The single-task baselines are trained as stated above, "
         "so Δm measures against them only. Δm varies from seed to seed; run with a few `--seed` values "

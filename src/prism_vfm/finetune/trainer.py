@@ -200,7 +200,9 @@ def train_stage2(
         cfg.dataset,
         cfg.tasks,
         weights=cfg.loss_weights,
-        class_weights=_class_weights(cfg, dataset_cls, train_ids, env.is_main),
+        class_weights={
+            t: w.to(env.device) for t, w in _class_weights(cfg, dataset_cls, train_ids, env.is_main).items()
+        },
     )
     distill = distillation_criterion(
         cfg.distill.decorrelation, decorrelation_taps=cfg.distill.decorrelation_taps
