@@ -223,11 +223,18 @@ def test_class_balance_weights_the_losses_by_the_training_images_class_counts(se
 
     seen = spy_on(monkeypatch, trainer, "MultiTaskLoss")
     balance = {"semseg": 0.5, "human_parts": 1.0}
-    train_stage2(cfg_for(setup, tmp_path / "run", ("class_balance", balance), ("holdout", 0.0), ("iters", 1)))
+    cfg = cfg_for(setup, tmp_path / "run", ("class_balance", balance), ("holdout", 0.5), ("iters", 1))
+    train_stage2(cfg)
     reader = PascalContext(setup / "PASCALContext", "train", ("semseg", "human_parts"), None)
-    counts = class_pixel_counts((reader[i] for i in range(len(reader))), {"semseg": 21, "human_parts": 7})
+    trained, held_out = trainer._split(len(reader), cfg.holdout, cfg.seed)
+    assert trained and held_out
+    classes = {"semseg": 21, "human_parts": 7}
+    counts = class_pixel_counts((reader[i] for i in trained), classes)
+    every = class_pixel_counts((reader[i] for i in range(len(reader))), classes)
     assert counts["human_parts"][1:].sum() > 0  # the tiny data set has parts to balance
     for task, exponent in balance.items():
         torch.testing.assert_close(seen[0].class_weights[task], class_balance_weights(counts[task], exponent))
+        # the held-out images are not counted: with them the weights differ
+        assert not torch.allclose(seen[0].class_weights[task], class_balance_weights(every[task], exponent))
     train_stage2(cfg_for(setup, tmp_path / "released", ("iters", 1)))
     assert seen[1].class_weights == {}
