@@ -19,6 +19,10 @@ default matcher). Three 8-bit "predictions" per image:
   maxima at the cell centres, so after NMS the edges can only sit on some pixel rows and columns of each
   cell: this estimates what the head's geometry allows a network that learned the label.
 
+A head with ``output="subpixel"`` (``Stage2Config.subpixel_heads``) can draw any pixel map, so it is
+bounded by its training label alone: the ``training label`` line for the released label, the
+``boundaries`` line for ``edge_label="evaluation"`` (that label is the evaluation's own ground truth).
+
 Sizes: 64 px (the demo: patch 4, a 16 x 16 token grid, 0.68 px of tolerance) and 128 px (patch 8, the same
 token grid; the head at 32 x 32, 1.36 px of tolerance). Prints one line per size and prediction.
 Run ``python benchmarks/demo_edge_ceiling.py --help`` for the options.

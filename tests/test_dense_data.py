@@ -269,6 +269,26 @@ def test_edge_label_is_the_thinned_nonzero_laplacian_of_the_label_map(pascal):
     )
 
 
+def test_the_evaluation_edge_label_is_one_pixel_over_from_the_released_one(pascal):
+    halves = np.ones((8, 10), dtype=np.int64)
+    halves[:, 5:] = 2
+    evaluation = edge_from_label_map(halves, "evaluation")
+    # The pixel whose east neighbour differs (the evaluation's seg2bmap), on every row.
+    expected = np.zeros(halves.shape, dtype=bool)
+    expected[:, 4] = True
+    np.testing.assert_array_equal(evaluation, expected)
+    assert not np.array_equal(evaluation, edge_from_label_map(halves))  # the released label: another pixel
+    with pytest.raises(ValueError, match="unknown edge label 'sobel'"):
+        edge_from_label_map(halves, "sobel")
+
+    dataset = PascalContext(pascal.root, "train", tasks=("edge",), edge_label="evaluation")
+    label_map = dataset.label_map(PERSON_ID)
+    np.testing.assert_array_equal(dataset[0]["edge"][0].numpy(), edge_from_label_map(label_map, "evaluation"))
+    assert not np.array_equal(dataset[0]["edge"][0].numpy(), edge_from_label_map(label_map))
+    with pytest.raises(ValueError, match="unknown edge_label"):
+        PascalContext(pascal.root, "train", tasks=("edge",), edge_label="sobel")
+
+
 def test_saliency_is_binarised_above_half(pascal):
     stored = _png(pascal.root / "sal_distill" / f"{PERSON_ID}.png")
     assert {0, 100, 200, 255} <= set(np.unique(stored))

@@ -149,3 +149,41 @@ def test_save_pretrained_keeps_the_task_order(tmp_path):
         )
     with pytest.raises(ValueError, match="unique"):
         PrismMultiTask(dict(ARGS), [("edge", 1), ("edge", 1)])
+
+
+def test_a_subpixel_head_places_its_output_on_any_pixel_of_a_cell():
+    from prism_vfm.models.dense_head import DenseHead
+
+    torch.manual_seed(0)
+    maps = [torch.randn(1, 16, 4, 4) for _ in range(2)]
+    subpixel = DenseHead(16, 1, num_levels=2, output="subpixel")
+    with torch.no_grad():  # only the sub-position (row 1, column 2) of every 4 x 4 cell responds
+        subpixel.last_conv.weight.zero_()
+        subpixel.last_conv.bias.fill_(-1.0)
+        subpixel.last_conv.bias[1 * 4 + 2] = 1.0
+    out = subpixel.eval()(maps, (16, 16))[0, 0]
+    expected = torch.full((16, 16), -1.0)
+    expected[1::4, 2::4] = 1.0
+    torch.testing.assert_close(out, expected)
+    # The released head upsamples one value per cell bilinearly: nothing peaks off the cell centres.
+    bilinear = DenseHead(16, 1, num_levels=2).eval()
+    assert bilinear.last_conv.out_channels == 1 and subpixel.last_conv.out_channels == 16
+    with pytest.raises(ValueError, match="divisible by 4"):
+        subpixel(maps, (18, 16))
+    with pytest.raises(ValueError, match="unknown head output"):
+        DenseHead(16, 1, output="nearest")
+
+
+def test_subpixel_heads_are_kept_by_saving_and_loading(tmp_path):
+    from prism_vfm.models.load import load
+
+    torch.manual_seed(0)
+    model = PrismMultiTask(dict(ARGS), {"semseg": 21, "edge": 1}, subpixel_heads=["edge"]).eval()
+    assert model.heads["edge"].output == "subpixel" and model.heads["semseg"].output == "bilinear"
+    model.save_pretrained(tmp_path / "mt")
+    x = torch.randn(1, 3, 32, 32)
+    for again in (PrismMultiTask.from_pretrained(tmp_path / "mt"), load(tmp_path / "mt")[0]):
+        assert again.subpixel_heads == ("edge",)
+        torch.testing.assert_close(again(x).predictions["edge"], model(x).predictions["edge"], rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"subpixel_heads names tasks this model lacks: \['sal'\]"):
+        PrismMultiTask(dict(ARGS), {"semseg": 21}, subpixel_heads=["sal"])

@@ -210,6 +210,8 @@ def test_every_stage1_setting_is_checked_up_front(images, tmp_path, no_teachers,
             r"class_balance.sal: expected a trained class-map task \(semseg, human",
         ),
         ("class_balance", {"semseg": -0.5}, "class_balance.semseg: expected an exponent >= 0"),
+        ("subpixel_heads", ["depth"], r"subpixel_heads\[0\]: expected a trained task \(semseg, "),
+        ("edge_label", "sobel", r"edge_label: 'sobel' is not one of \['released', 'evaluation'\]"),
         ("scale_range", [2.0, 0.5], r"scale_range: expected \[low, high\] with 0 < low <= high"),
         ("scale_range", [0.0, 1.0], r"scale_range: expected \[low, high\] with 0 < low <= high"),
         ("init", "/no/such/stage1", "init: expected an existing Stage-1 checkpoint"),
@@ -220,6 +222,25 @@ def test_every_stage1_setting_is_checked_up_front(images, tmp_path, no_teachers,
 def test_every_stage2_setting_is_checked_up_front(pascal, tmp_path, no_teachers, key, value, match):
     with pytest.raises(ConfigError, match=match):
         stage2.train_stage2(stage2_cfg(pascal, tmp_path / "run", (key, value)))
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (
+            [("subpixel_heads", ["edge"]), ("img_size", [50, 64])],
+            r"img_size: expected \[H, W\] divisible by 4",
+        ),
+        (
+            [("dataset", "nyud"), ("tasks", []), ("edge_label", "evaluation")],
+            "edge_label: expected 'released' for nyud",
+        ),
+    ],
+)
+def test_stage2_settings_that_depend_on_each_other_are_checked_up_front(pascal, tmp_path, overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        stage2.train_stage2(stage2_cfg(pascal, tmp_path / "run", *overrides))
     assert not (tmp_path / "run").exists()
 
 

@@ -238,3 +238,27 @@ def test_class_balance_weights_the_losses_by_the_training_images_class_counts(se
         assert not torch.allclose(seen[0].class_weights[task], class_balance_weights(every[task], exponent))
     train_stage2(cfg_for(setup, tmp_path / "released", ("iters", 1)))
     assert seen[1].class_weights == {}
+
+
+def test_subpixel_heads_and_the_edge_label_reach_the_model_and_the_reader(setup, tmp_path, monkeypatch):
+    from prism_vfm.data import pascal_context
+    from prism_vfm.models.load import load
+
+    kinds = []
+    real = pascal_context.edge_from_label_map
+
+    def spy(label_map, kind="released"):
+        kinds.append(kind)
+        return real(label_map, kind)
+
+    monkeypatch.setattr(pascal_context, "edge_from_label_map", spy)
+    cfg = cfg_for(
+        setup, tmp_path / "run", ("subpixel_heads", ["edge"]), ("edge_label", "evaluation"), ("iters", 1)
+    )
+    model = load(train_stage2(cfg))[0]
+    assert model.subpixel_heads == ("edge",)
+    assert [t for t, head in model.heads.items() if head.output == "subpixel"] == ["edge"]
+    assert kinds and set(kinds) == {"evaluation"}
+    kinds.clear()
+    released = load(train_stage2(cfg_for(setup, tmp_path / "released", ("iters", 1))))[0]
+    assert released.subpixel_heads == () and set(kinds) == {"released"}

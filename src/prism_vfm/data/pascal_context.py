@@ -33,6 +33,7 @@ from prism_vfm.data.dense_transforms import Sample
 from prism_vfm.data.image_folder import load_rgb
 from prism_vfm.data.labels import IGNORE_INDEX
 from prism_vfm.data.registry import dataset_tasks, get_dataset
+from prism_vfm.metrics.boundary import boundary_ground_truth
 
 # --- shared by the Stage-2 release readers -----------------------------------------------------------------
 
@@ -228,9 +229,22 @@ _PATTERNS = {
 _LAPLACIAN = np.array([[0, 1, 0], [1, -4, 1], [0, 1, 0]], dtype=np.float64)
 
 
-def edge_from_label_map(label_map: np.ndarray) -> np.ndarray:
-    """The PASCAL-Context edge training label: pixels where the 3x3 Laplacian of the class map is non-zero,
-    thinned to one pixel (``skimage.morphology.thin``). Returns a bool ``(H, W)`` array."""
+EDGE_LABELS = ("released", "evaluation")
+"""The edge training labels ``edge_from_label_map`` draws: ``"released"``, the non-zero Laplacian of the
+class map, thinned; ``"evaluation"`` (not released), the boundaries the evaluation matches predictions
+against (``seg2bmap``: a pixel whose east, south or south-east neighbour has another class, thinned). The
+released label marks both sides of a class change and thinning keeps either, so below a pixel of matching
+tolerance (small images) a network that learns it perfectly is still scored off by one pixel."""
+
+
+def edge_from_label_map(label_map: np.ndarray, kind: str = "released") -> np.ndarray:
+    """The PASCAL-Context edge training label of ``kind`` (``EDGE_LABELS``); by default the released one:
+    pixels where the 3x3 Laplacian of the class map is non-zero, thinned to one pixel
+    (``skimage.morphology.thin``). Returns a bool ``(H, W)`` array."""
+    if kind == "evaluation":
+        return boundary_ground_truth(label_map.astype(np.int64))
+    if kind != "released":
+        raise ValueError(f"unknown edge label {kind!r}; expected one of {EDGE_LABELS}")
     response = ndimage.convolve(label_map.astype(np.float64), _LAPLACIAN, mode="mirror")
     return thin(response != 0)
 
@@ -255,7 +269,8 @@ class PascalContext(DenseReleaseDataset):
     * ``normals``: ``2 v / 255 - 1`` of ``normals_distill/<id>.png``, kept on the LabelMap classes named in
       both ``json/nyu_classes.json`` and ``json/context_classes.json`` (except "unknown") and on
       tvmonitor; (0, 0, 0) elsewhere.
-    * ``edge``: ``edge_from_label_map`` of the LabelMap, 0/1.
+    * ``edge``: ``edge_from_label_map`` of the LabelMap, 0/1 (``edge_label``: which of ``EDGE_LABELS``;
+      the released one by default).
     * ``sal``: ``sal_distill/<id>.png`` (as grayscale) ``/ 255 > 0.5``, 0/1.
     """
 
@@ -268,8 +283,12 @@ class PascalContext(DenseReleaseDataset):
         split: str = "train",
         tasks: Sequence[str] | None = None,
         transform: Callable[[Sample], Any] | None = None,
+        edge_label: str = "released",
     ) -> None:
         super().__init__(root, split, tasks, transform)
+        if edge_label not in EDGE_LABELS:
+            raise ValueError(f"unknown edge_label {edge_label!r}; expected one of {EDGE_LABELS}")
+        self.edge_label = edge_label
         split_file = self.root / "ImageSets" / "Context" / f"{split}.txt"
         self.ids = read_split(split_file, _RELEASE, _PATTERNS["split"])
         self.num_semseg_classes = get_dataset("pascalcontext").tasks["semseg"]
@@ -343,7 +362,7 @@ class PascalContext(DenseReleaseDataset):
                 labels[task] = self._normals(sample_id, size, label_map)
             elif task == "edge":
                 assert label_map is not None
-                labels[task] = edge_from_label_map(label_map).astype(np.float32)
+                labels[task] = edge_from_label_map(label_map, self.edge_label).astype(np.float32)
             elif task == "sal":
                 labels[task] = self._saliency(sample_id, size)
         return labels

@@ -9,8 +9,10 @@ from pathlib import Path
 from typing import Literal
 
 from prism_vfm.config import require, require_weights
+from prism_vfm.data.pascal_context import EDGE_LABELS
 from prism_vfm.data.registry import dataset_tasks, get_dataset
 from prism_vfm.losses.tasks import CLASS_MAP_TASKS
+from prism_vfm.models.dense_head import HEAD_DOWN_RATIO
 from prism_vfm.teachers import list_teachers
 
 
@@ -59,6 +61,13 @@ class Stage2Config:
     # weighted by its share of the training split's labelled pixels to the power -p (0.5: inverse square root,
     # 1: inverse frequency), scaled to a pixel-weighted mean of 1 (``losses.tasks.class_balance_weights``).
     class_balance: dict[str, float] = field(default_factory=dict)
+    # Tasks whose decoder head predicts every pixel of its quarter-size output cells (``DenseHead``'s
+    # "subpixel" output) instead of upsampling its logits bilinearly (released: none). Small inputs need it
+    # for boundaries: the bilinear upsampling keeps an edge near the cell centres.
+    subpixel_heads: tuple[str, ...] = ()
+    # PASCAL-Context's edge training label (``data.pascal_context.EDGE_LABELS``): "released" (the Laplacian
+    # of the class map) or "evaluation" (the boundaries the evaluation matches against, one pixel over).
+    edge_label: Literal["released", "evaluation"] = "released"
     weight_decay: float = 1e-6
     poly_power: float = 0.9
     clip_grad: float = 10.0
@@ -164,6 +173,18 @@ def validate_stage2(cfg: Stage2Config) -> None:
             "an exponent >= 0",
             exponent,
         )
+    for i, task in enumerate(cfg.subpixel_heads):
+        require(task in trained, f"subpixel_heads[{i}]", f"a trained task ({', '.join(trained)})", task)
+    if cfg.subpixel_heads:
+        require(
+            all(v % HEAD_DOWN_RATIO == 0 for v in cfg.img_size),
+            "img_size",
+            f"[H, W] divisible by {HEAD_DOWN_RATIO} when subpixel_heads are set",
+            list(cfg.img_size),
+        )
+    edge_labels = EDGE_LABELS if cfg.dataset == "pascalcontext" else ("released",)
+    expected = " or ".join(repr(k) for k in edge_labels) + f" for {cfg.dataset}"
+    require(cfg.edge_label in edge_labels, "edge_label", expected, cfg.edge_label)
     require(0 <= cfg.holdout < 1, "holdout", "a fraction in [0, 1)", cfg.holdout)
     d = cfg.distill
     require(d.alpha >= 0, "distill.alpha", "a number >= 0 (0: no distillation)", d.alpha)

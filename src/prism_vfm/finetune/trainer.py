@@ -105,7 +105,7 @@ def build_multitask(cfg: Stage2Config, teacher_dims: tuple[int, ...]) -> PrismMu
         projectors=cfg.distill.alpha > 0,
     )
     channels = dataset_tasks(cfg.dataset)
-    model = PrismMultiTask(args, {t: channels[t] for t in cfg.tasks})
+    model = PrismMultiTask(args, {t: channels[t] for t in cfg.tasks}, subpixel_heads=cfg.subpixel_heads)
     # The task table is new (the Stage-1 contexts were teachers); anything else must come from the init.
     report = load_into(
         model.student, cfg.init, allow_fresh=("task_embed.*", *cfg.init_fresh), exclude=("task_embed.*",)
@@ -139,10 +139,13 @@ def train_stage2(
     img_size = cast("tuple[int, int]", cfg.img_size)  # (H, W) after resolved()
 
     dataset_cls = get_dataset(cfg.dataset).reader_class()
-    full = dataset_cls(cfg.data, "train", cfg.tasks, transform=None)
+    # Only PASCAL-Context draws its edge label (NYUD reads it from files); validate_stage2 checked it.
+    options = {"edge_label": cfg.edge_label} if cfg.edge_label != "released" else {}
+    full = dataset_cls(cfg.data, "train", cfg.tasks, transform=None, **options)
     train_ids, val_ids = _split(len(full), cfg.holdout, cfg.seed)
     train_set = Subset(full, train_ids)
-    val_set = Subset(dataset_cls(cfg.data, "train", cfg.tasks, DenseTestTransform(img_size)), val_ids)
+    val_reader = dataset_cls(cfg.data, "train", cfg.tasks, DenseTestTransform(img_size), **options)
+    val_set = Subset(val_reader, val_ids)
 
     alpha = cfg.distill.alpha
     teachers = (

@@ -460,7 +460,12 @@ def _load_folder(
             args = {**config["student_args"], "num_tasks": len(config["tasks"]), **extra}
             build = partial(PrismViT, **args)
         else:
-            build = partial(PrismMultiTask, {**config["student_args"], **extra}, config["tasks"])
+            build = partial(
+                PrismMultiTask,
+                {**config["student_args"], **extra},
+                config["tasks"],
+                subpixel_heads=config.get("subpixel_heads", ()),
+            )
     else:
         if multitask:
             raise ValueError(f"{folder} holds a Stage-1 student, not a multi-task model (no decoder heads)")

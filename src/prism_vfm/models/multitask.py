@@ -28,9 +28,16 @@ class PrismMultiTask(
     ``student`` holds the backbone, the context tables and (optionally, for the distillation regulariser)
     the projector heads; ``tasks`` maps task names, in task-id order, to their output channels (a dict or
     a sequence of (name, channels) pairs; ``config.json`` stores the pairs, as JSON objects lose their order).
+    ``subpixel_heads`` names the tasks whose head predicts every pixel of its output cells instead of
+    upsampling bilinearly (``DenseHead``'s ``output="subpixel"``; not released, default none).
     """
 
-    def __init__(self, student_args: dict[str, Any], tasks: dict[str, int] | Sequence[Sequence[Any]]) -> None:
+    def __init__(
+        self,
+        student_args: dict[str, Any],
+        tasks: dict[str, int] | Sequence[Sequence[Any]],
+        subpixel_heads: Sequence[str] = (),
+    ) -> None:
         super().__init__()
         pairs = list(tasks.items()) if isinstance(tasks, dict) else [(str(t), int(c)) for t, c in tasks]
         self.tasks = dict(pairs)
@@ -40,10 +47,24 @@ class PrismMultiTask(
         if isinstance(config, dict) and "tasks" in config:
             # huggingface_hub writes config.json with sorted keys: keep the task-id order as a list.
             config["tasks"] = [[t, c] for t, c in pairs]
+        unknown = sorted(set(subpixel_heads) - set(self.tasks))
+        if unknown:
+            raise ValueError(
+                f"subpixel_heads names tasks this model lacks: {unknown}; it has {list(self.tasks)}"
+            )
+        self.subpixel_heads = tuple(t for t in self.tasks if t in subpixel_heads)
         self.student = PrismViT(**{**student_args, "num_tasks": len(self.tasks)})
         n_levels = len(self.student.tap_layers)
         self.heads = nn.ModuleDict(
-            {t: DenseHead(self.student.embed_dim, c, num_levels=n_levels) for t, c in self.tasks.items()}
+            {
+                t: DenseHead(
+                    self.student.embed_dim,
+                    c,
+                    num_levels=n_levels,
+                    output="subpixel" if t in self.subpixel_heads else "bilinear",
+                )
+                for t, c in self.tasks.items()
+            }
         )
 
     def load_state_dict_resampled(
