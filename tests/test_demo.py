@@ -154,7 +154,7 @@ def test_quick_demo_reports_targets_on_the_classes_the_scenes_hold_as_found(quic
     # the quick model misses the boundary target: the report says what bounds it at 64 pixels
     assert not rows["edge"]["met"]
     assert "matched within 0.68 px at 64 pixels (below a pixel only exact hits count)" in report
-    assert "from a 16×16 grid upsampled bilinearly" in report
+    assert "the edge head predicts every pixel of its output cells" in report
 
 
 def test_the_report_explains_a_missed_boundary_target_by_the_size_and_only_then():
@@ -163,9 +163,14 @@ def test_the_report_explains_a_missed_boundary_target_by_the_size_and_only_then(
     from prism_vfm.demo.report import _edge_ceiling_text
 
     missed = [{"task": "edge", "met": False}, {"task": "sal", "met": True}]
-    text = " ".join(_edge_ceiling_text(missed, dataclasses.replace(demo_config(), img_size=128)))
+    released_head = dataclasses.replace(demo_config(), img_size=128, stage2_subpixel_heads=())
+    text = " ".join(_edge_ceiling_text(missed, released_head))
     assert "matched within 1.36 px at 128 pixels," in text and "exact hits" not in text
     assert "from a 32×32 grid" in text and "benchmarks/demo_edge_ceiling.py" in text
+    text = " ".join(_edge_ceiling_text(missed, demo_config()))
+    assert (
+        "the edge head predicts every pixel of its output cells" in text and "grid" not in text.split(":")[0]
+    )
     assert _edge_ceiling_text([{"task": "edge", "met": True}], demo_config()) == []
 
 
@@ -342,6 +347,14 @@ def test_the_scored_runs_take_the_demo_losses_for_their_own_tasks_and_the_routin
     assert jobs["single_task/normals"].loss_weights == {}
     routing = [c for n, c in jobs.items() if n.startswith("stage2_routing/")]
     assert len(routing) == 6 and all(c.loss_weights == {} and c.class_balance == {} for c in routing)
+    # The boundary settings likewise: the multi-task run and the edge baseline, not the routing runs.
+    assert (jobs["stage2"].subpixel_heads, jobs["stage2"].edge_label) == (("edge",), "evaluation")
+    assert (jobs["single_task/edge"].subpixel_heads, jobs["single_task/edge"].edge_label) == (
+        ("edge",),
+        "evaluation",
+    )
+    assert jobs["single_task/semseg"].subpixel_heads == ()
+    assert all(c.subpixel_heads == () and c.edge_label == "released" for c in routing)
 
 
 def test_the_report_names_every_departure_from_the_released_recipe():
@@ -358,6 +371,10 @@ def test_the_report_names_every_departure_from_the_released_recipe():
     assert "expert initialisation random (released: copy)" in text
     assert "Stage-2 random rescale range 0.8–1.25 (released: 0.5–2)" in text
     assert "class-balance exponents of their cross-entropy semseg 0.5 (released: none)" in text
+    heads = departures_text(dataclasses.replace(released, stage2_subpixel_heads=("edge",)))
+    assert "sub-pixel decoder heads of those runs edge (released: none)" in heads
+    label = departures_text(dataclasses.replace(released, stage2_edge_label="evaluation"))
+    assert "their edge training label the boundaries the evaluation matches (released: the class map" in label
     assert "noisy gating" not in text
 
 

@@ -162,10 +162,15 @@ def _edge_ceiling_text(targets: list[dict[str, Any]], cfg: Any) -> list[str]:
         "",
         f"Boundaries are matched within {tolerance:.2f} px at {cfg.img_size} pixels"
         + (" (below a pixel only exact hits count)" if tolerance < 1 else "")
-        + f", and the decoder head draws them from a {grid}×{grid} grid upsampled bilinearly, whose maxima "
-        "sit at the cell centres: `benchmarks/demo_edge_ceiling.py` measures how high odsF can go at a "
-        "size, for a perfect prediction, for a perfect copy of the training label and for that label "
-        'on the head\'s grid (benchmarks/README.md, "`prism demo`").',
+        + (
+            ", and the edge head predicts every pixel of its output cells"
+            if "edge" in getattr(cfg, "stage2_subpixel_heads", ())
+            else f", and the decoder head draws them from a {grid}×{grid} grid upsampled bilinearly, whose "
+            "maxima sit at the cell centres"
+        )
+        + ": `benchmarks/demo_edge_ceiling.py` measures how high odsF can go at a size, for a perfect "
+        "prediction, for a perfect copy of the released training label and for that label on the "
+        'released head\'s grid (benchmarks/README.md, "`prism demo`").',
     ]
 
 
@@ -356,15 +361,25 @@ RELEASED: tuple[tuple[str, Any, str], ...] = (
     ("stage2_photometric", True, "Stage-2 photometric distortion"),
     ("stage2_loss_weights", {}, "loss-weight overrides of the multi-task run and the baselines"),
     ("stage2_class_balance", {}, "class-balance exponents of their cross-entropy"),
+    ("stage2_subpixel_heads", (), "sub-pixel decoder heads of those runs"),
+    ("stage2_edge_label", "released", "their edge training label"),
 )
+_EDGE_LABEL_SHOWN = {
+    "released": "the class map's Laplacian",
+    "evaluation": "the boundaries the evaluation matches",
+}
 
 
 def departures_text(cfg: Any) -> str:
     """One sentence listing where ``cfg`` departs from the released recipe ("" when it does not)."""
 
-    def shown(value: Any) -> str:
+    def shown(key: str, value: Any) -> str:
         if isinstance(value, bool):
             return "on" if value else "off"
+        if key == "stage2_edge_label":
+            return _EDGE_LABEL_SHOWN[value]
+        if isinstance(value, tuple) and all(isinstance(v, str) for v in value):
+            return ", ".join(value) or "none"
         if isinstance(value, tuple):
             return "–".join(f"{v:g}" for v in value)
         if isinstance(value, dict):
@@ -375,7 +390,7 @@ def departures_text(cfg: Any) -> str:
     for key, released, label in RELEASED:
         value = getattr(cfg, key)
         if (tuple(value) if isinstance(released, tuple) else value) != released:
-            changed.append(f"{label} {shown(value)} (released: {shown(released)})")
+            changed.append(f"{label} {shown(key, value)} (released: {shown(key, released)})")
     if not changed:
         return ""
     return (
