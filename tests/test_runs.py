@@ -19,6 +19,7 @@ from prism_vfm.finetune import trainer as stage2
 from prism_vfm.finetune.config import preset as stage2_preset
 from prism_vfm.train.checkpoint import latest_checkpoint, save_checkpoint
 from prism_vfm.train.logging import read_scalars
+from prism_vfm.train.run import ConfigChangedError
 from tests.tiny import tiny_student
 
 
@@ -261,3 +262,23 @@ def test_cli_resume_with_a_changed_setting_needs_allow_config_change(pascal, tmp
     assert latest_checkpoint(run).name == "step_00000002"
     (record,) = yaml.safe_load((run / "config_changes.yaml").read_text())
     assert record["changes"]["lr"] == {"old": 1e-3, "new": 5e-4}
+
+
+def test_a_run_started_before_a_setting_existed_resumes_while_the_setting_keeps_its_default(pascal, tmp_path):
+    run = tmp_path / "run"
+    stage2.train_stage2(stage2_cfg(pascal, run, ("max_steps", 1), ("holdout", 0.0)))
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    for key in ("subpixel_heads", "edge_label", "class_balance"):  # settings an older version did not have
+        del saved[key]
+    (run / "config.yaml").write_text(yaml.safe_dump(saved))
+    with pytest.raises(ConfigChangedError, match=r"subpixel_heads: None → \['edge'\]"):
+        stage2.train_stage2(
+            stage2_cfg(pascal, run, ("max_steps", 2), ("holdout", 0.0), ("subpixel_heads", ["edge"])),
+            resume=True,
+        )
+    stage2.train_stage2(stage2_cfg(pascal, run, ("max_steps", 2), ("holdout", 0.0)), resume=True)
+    assert latest_checkpoint(run).name == "step_00000002"
+    assert (
+        not (run / "config_changes.yaml").exists()
+        or "subpixel" not in (run / "config_changes.yaml").read_text()
+    )

@@ -11,6 +11,7 @@ unless ``allow_config_change``.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import logging
 import shutil
@@ -67,9 +68,27 @@ def flat_config(config: Any) -> dict[str, Any]:
 
 
 def config_differences(old: Any, new: Any) -> dict[str, tuple[Any, Any]]:
-    """``{key: (old, new)}`` for every setting that differs (a key absent on one side reads as ``None``)."""
+    """``{key: (old, new)}`` for every setting that differs (a key absent on one side reads as ``None``).
+
+    A setting ``old`` lacks (one added since that run was started) is no difference while ``new`` keeps
+    its default (``new`` a config dataclass): that default is what the older version did."""
     a, b = flat_config(old), flat_config(new)
-    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+    defaults = _defaults(new)
+    return {
+        k: (a.get(k), b.get(k))
+        for k in sorted(set(a) | set(b))
+        if a.get(k) != b.get(k) and not (k not in a and k in defaults and b[k] == defaults[k])
+    }
+
+
+def _defaults(config: Any) -> dict[str, Any]:
+    """The flat defaults of a config dataclass instance (``{}`` for anything else)."""
+    if not dataclasses.is_dataclass(config) or isinstance(config, type):
+        return {}
+    try:
+        return flat_config(type(config)())
+    except TypeError:  # a dataclass with required fields has no defaults to fall back on
+        return {}
 
 
 def _describe(changes: Mapping[str, tuple[Any, Any]]) -> str:
