@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 from tqdm import tqdm
@@ -106,3 +107,18 @@ def class_pixel_counts(
                 )
             counts[task] += torch.bincount(label, minlength=n)
     return counts
+
+
+def seg2bmap(labels: np.ndarray) -> np.ndarray:
+    """Boundary map of a label map ``(H, W)``: pixels whose label differs from the east, south or
+    south-east neighbour (the last row compares east only, the last column south only).
+
+    SEISM first relabels PASCAL-Context label maps into 4-connected regions; that cannot change this map
+    (two same-class pixels in different regions touch diagonally only, and then the pixel's east
+    neighbour already differs), so the relabelling is left out.
+    """
+    boundary = np.zeros(labels.shape, dtype=bool)
+    boundary[:, :-1] |= labels[:, :-1] != labels[:, 1:]
+    boundary[:-1, :] |= labels[:-1, :] != labels[1:, :]
+    boundary[:-1, :-1] |= labels[:-1, :-1] != labels[1:, 1:]
+    return boundary

@@ -46,6 +46,7 @@ from skimage.morphology import thin
 from torch import Tensor
 from tqdm import tqdm
 
+from prism_vfm.data.labels import seg2bmap
 from prism_vfm.data.registry import get_dataset
 from prism_vfm.errors import MissingExtraError
 from prism_vfm.metrics.boundary_matching import (
@@ -152,21 +153,6 @@ def edge_nms(edge: np.ndarray, radius: int = 4, border: int = 5, multiplier: flo
     suppressed = pyedgeeval().nms(smoothed, _edge_orientation(smoothed), r=radius, s=border, m=multiplier)
     # MATLAB's uint8() rounds half away from zero (np.round would round half to even).
     return np.clip(np.floor(suppressed * 255 + 0.5), 0, 255).astype(np.uint8)
-
-
-def seg2bmap(labels: np.ndarray) -> np.ndarray:
-    """Boundary map of a label map ``(H, W)``: pixels whose label differs from the east, south or
-    south-east neighbour (the last row compares east only, the last column south only).
-
-    SEISM first relabels PASCAL-Context label maps into 4-connected regions; that cannot change this map
-    (two same-class pixels in different regions touch diagonally only, and then the pixel's east
-    neighbour already differs), so the relabelling is left out.
-    """
-    boundary = np.zeros(labels.shape, dtype=bool)
-    boundary[:, :-1] |= labels[:, :-1] != labels[:, 1:]
-    boundary[:-1, :] |= labels[:-1, :] != labels[1:, :]
-    boundary[:-1, :-1] |= labels[:-1, :-1] != labels[1:, 1:]
-    return boundary
 
 
 def boundary_ground_truth(ground_truth: np.ndarray) -> np.ndarray:
