@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from skimage.morphology import thin
 from torch import Tensor
 from tqdm import tqdm
 
@@ -122,3 +123,8 @@ def seg2bmap(labels: np.ndarray) -> np.ndarray:
     boundary[:-1, :] |= labels[:-1, :] != labels[1:, :]
     boundary[:-1, :-1] |= labels[:-1, :-1] != labels[1:, 1:]
     return boundary
+
+
+def label_boundaries(labels: np.ndarray) -> np.ndarray:
+    """``seg2bmap`` of a label map thinned to one pixel: the boundaries the evaluation matches against."""
+    return thin(seg2bmap(labels))

@@ -31,7 +31,7 @@ from torch.utils.data import Dataset
 
 from prism_vfm.data.dense_transforms import Sample
 from prism_vfm.data.image_folder import load_rgb
-from prism_vfm.data.labels import IGNORE_INDEX, seg2bmap
+from prism_vfm.data.labels import IGNORE_INDEX, label_boundaries
 from prism_vfm.data.registry import dataset_tasks, get_dataset
 
 # --- shared by the Stage-2 release readers -----------------------------------------------------------------
@@ -240,8 +240,8 @@ def edge_from_label_map(label_map: np.ndarray, kind: str = "released") -> np.nda
     """The PASCAL-Context edge training label of ``kind`` (``EDGE_LABELS``); by default the released one:
     pixels where the 3x3 Laplacian of the class map is non-zero, thinned to one pixel
     (``skimage.morphology.thin``). Returns a bool ``(H, W)`` array."""
-    if kind == "evaluation":  # as ``metrics.boundary.boundary_ground_truth`` draws it from a label map
-        return thin(seg2bmap(label_map))
+    if kind == "evaluation":
+        return label_boundaries(label_map)
     if kind != "released":
         raise ValueError(f"unknown edge label {kind!r}; expected one of {EDGE_LABELS}")
     response = ndimage.convolve(label_map.astype(np.float64), _LAPLACIAN, mode="mirror")

@@ -46,7 +46,8 @@ from skimage.morphology import thin
 from torch import Tensor
 from tqdm import tqdm
 
-from prism_vfm.data.labels import seg2bmap
+from prism_vfm.data.labels import label_boundaries
+from prism_vfm.data.labels import seg2bmap as seg2bmap  # still offered here
 from prism_vfm.data.registry import get_dataset
 from prism_vfm.errors import MissingExtraError
 from prism_vfm.metrics.boundary_matching import (
@@ -164,8 +165,7 @@ def boundary_ground_truth(ground_truth: np.ndarray) -> np.ndarray:
     """
     if ground_truth.ndim != 2:
         raise ValueError(f"ground truth must be 2-D, got shape {ground_truth.shape}")
-    boundaries = ground_truth if ground_truth.dtype == bool else seg2bmap(ground_truth)
-    return thin(boundaries)
+    return thin(ground_truth) if ground_truth.dtype == bool else label_boundaries(ground_truth)
 
 
 def image_counts(
