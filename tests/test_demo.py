@@ -294,8 +294,8 @@ def test_routing_settings_reach_the_student_and_both_optimisers(tmp_path):
     jobs = {
         j.name: j.args[1] for j in training_jobs(cfg, tmp_path, tmp_path, tmp_path, tmp_path, tmp_path, 0)
     }
-    assert jobs["stage2_routing/seed0"].router_lr_scale == 20.0
-    assert jobs["stage2_routing/seed1_shuffled"].router_lr_scale == 20.0
+    assert jobs["stage2_routing/seed0"].router_lr_scale == cfg.routing_router_lr_scale == 5.0
+    assert jobs["stage2_routing/seed1_shuffled"].router_lr_scale == cfg.routing_router_lr_scale == 5.0
     assert jobs["stage2_routing/seed2"].distill.alpha == 0.0
     assert jobs["stage2"].router_lr_scale == 1.0  # the multi-task run keeps the released rate
 

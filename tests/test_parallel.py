@@ -17,23 +17,38 @@ def test_jobs_run_in_worker_processes_on_one_thread_each():
     jobs = [
         Job("root", math.sqrt, (16.0,)),
         Job("threads", torch.get_num_threads),
+        Job("onednn", torch._C._get_mkldnn_enabled),
         Job("sum", operator.add, (2, 3), after=("root",)),
     ]
     lines: list[str] = []
     results = run_jobs(jobs, workers=2, log=lines.append)
-    assert {n: r.value for n, r in results.items()} == {"root": 4.0, "threads": 1, "sum": 5}
+    values = {n: r.value for n, r in results.items()}
+    assert values == {"root": 4.0, "threads": 1, "onednn": False, "sum": 5}
     assert all(r.worker != os.getpid() and r.cpu_s >= 0 and r.wall_s > 0 for r in results.values())
-    assert sorted(line.split()[0] for line in lines) == ["root", "sum", "threads"]  # each finished job logged
+    assert sorted(line.split()[0] for line in lines) == [
+        "onednn",
+        "root",
+        "sum",
+        "threads",
+    ]  # each finished job logged
 
 
 def test_one_worker_runs_the_jobs_here_on_one_thread_and_restores_the_threads():
     torch.set_num_threads(2)
     try:
-        results = run_jobs([Job("threads", torch.get_num_threads)], workers=1, log=None)
+        jobs = [Job("threads", torch.get_num_threads), Job("onednn", torch._C._get_mkldnn_enabled)]
+        results = run_jobs(jobs, workers=1, log=None)
         assert results["threads"].value == 1 and results["threads"].worker == os.getpid()
-        assert torch.get_num_threads() == 2
+        assert results["onednn"].value is False  # the jobs run on ATen's own kernels
+        assert torch.get_num_threads() == 2 and torch.backends.mkldnn.enabled  # both restored
     finally:
         torch.set_num_threads(1)
+
+
+def test_a_failing_job_still_restores_onednn():
+    with pytest.raises(JobError):
+        run_jobs([Job("bad", math.sqrt, (-1.0,))], workers=1, log=None)
+    assert torch.backends.mkldnn.enabled
 
 
 @pytest.mark.parametrize("workers", [1, 2])

@@ -5,6 +5,11 @@ a picklable call (a module-level function and its arguments) with a name and the
 needs first; ``run_jobs`` starts the jobs in list order as soon as a worker is free and their
 prerequisites are done, so put the long ones first. Every job runs with ``torch.set_num_threads(1)``,
 in a worker or (``workers=1``) in this process, so its result does not depend on how many run at once.
+
+Every job also runs on ATen's own CPU kernels, with oneDNN off (``torch.backends.mkldnn.enabled``). On one
+thread and small tensors, oneDNN's GELU takes twice as long as ATen's and compiles a kernel for each new
+shape, and a mixture-of-experts layer hands its experts a different number of tokens every step: a demo
+training needs 12–20 % less CPU time without it (benchmarks/README.md, "`prism demo`").
 """
 
 from __future__ import annotations
@@ -56,13 +61,16 @@ def usable_cores() -> int:
 def _call(job: Job) -> JobResult:
     import torch
 
-    threads = torch.get_num_threads()
+    threads, onednn = torch.get_num_threads(), torch.backends.mkldnn.enabled
     torch.set_num_threads(1)
+    # A settable module property, which the stubs type as its descriptor.
+    torch.backends.mkldnn.enabled = False  # type: ignore[assignment]
     tic, cpu_tic = time.perf_counter(), time.process_time()
     try:
         value = job.fn(*job.args, **job.kwargs)
     finally:
         torch.set_num_threads(threads)
+        torch.backends.mkldnn.enabled = onednn  # type: ignore[assignment]
     return JobResult(job.name, value, time.process_time() - cpu_tic, time.perf_counter() - tic, os.getpid())
 
 
