@@ -25,12 +25,8 @@ def test_jobs_run_in_worker_processes_on_one_thread_each():
     values = {n: r.value for n, r in results.items()}
     assert values == {"root": 4.0, "threads": 1, "onednn": False, "sum": 5}
     assert all(r.worker != os.getpid() and r.cpu_s >= 0 and r.wall_s > 0 for r in results.values())
-    assert sorted(line.split()[0] for line in lines) == [
-        "onednn",
-        "root",
-        "sum",
-        "threads",
-    ]  # each finished job logged
+    logged = sorted(line.split()[0] for line in lines)
+    assert logged == ["onednn", "root", "sum", "threads"]  # each finished job logged
 
 
 def test_one_worker_runs_the_jobs_here_on_one_thread_and_restores_the_threads():
