@@ -164,7 +164,7 @@ def _edge_ceiling_text(targets: list[dict[str, Any]], cfg: Any) -> list[str]:
         + (" (below a pixel only exact hits count)" if tolerance < 1 else "")
         + (
             ", and the edge head predicts every pixel of its output cells"
-            if "edge" in getattr(cfg, "stage2_subpixel_heads", ())
+            if "edge" in cfg.stage2_subpixel_heads
             else f", and the decoder head draws them from a {grid}×{grid} grid upsampled bilinearly, whose "
             "maxima sit at the cell centres"
         )
